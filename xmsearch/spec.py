@@ -78,3 +78,87 @@ class ModelSpec:
     max_axis: dict[str, int] = field(default_factory=dict)
     opt_axis: dict[str, int] = field(default_factory=dict)
     min_axis: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes that fix every tensor shape of a model set."""
+
+    text_dim: int
+    image_dim: int
+    regions: int = 49
+    image_size: int = 224
+    embed_dim: int = 256
+    max_length: int = 64
+
+
+def member_specs(d: Dims) -> dict[str, ModelSpec]:
+    """The served members with their tensors and batching settings.
+
+    Batch settings are the tuned defaults for 2 CPU cores (see benchmarks/); preferred
+    sizes and the queue delay trade a little latency at concurrency 1 for throughput.
+    """
+    text_in = (TensorSpec(INPUT_IDS, "int64", (-1,), ("sequence",)),
+               TensorSpec(ATTENTION_MASK, "int64", (-1,), ("sequence",)))
+    states = TensorSpec(TOKEN_STATES, "float32", (-1, d.text_dim), ("sequence",))
+    mask = TensorSpec(ATTENTION_MASK, "int64", (-1,), ("sequence",))
+    regions = TensorSpec(IMAGE_REGIONS, "float32", (d.regions, d.image_dim))
+    pixels = TensorSpec(PIXEL_VALUES, "float32", (3, d.image_size, d.image_size))
+    emb = TensorSpec(EMBEDDING, "float32", (d.embed_dim,))
+    text = TensorSpec(TEXT, "object", (1,))
+    image = TensorSpec(IMAGE, "object", (1,))
+    seq = {"min_axis": {"sequence": 1}, "opt_axis": {"sequence": 16},
+           "max_axis": {"sequence": d.max_length}}
+    specs = [
+        ModelSpec(TOKENIZER_QUERY, (text,), text_in, 64, (8, 16), 500),
+        ModelSpec(TOKENIZER_ITEM, (text,), text_in, 64, (16, 32), 500),
+        ModelSpec(IMAGE_PREPROCESS, (image,), (pixels,), 64, (8, 16), 500),
+        ModelSpec(TEXT_ENCODER, text_in, (states,), 64, (8, 16, 32), 2000, **seq),
+        ModelSpec(IMAGE_ENCODER, (pixels,), (regions,), 32, (4, 8, 16), 2000),
+        ModelSpec(FUSION_TEXT, (states, mask), (emb,), 64, (8, 16, 32), 1000, **seq),
+        ModelSpec(FUSION_IMAGE, (regions,), (emb,), 64, (8, 16, 32), 1000),
+        ModelSpec(FUSION_JOINT, (states, mask, regions), (emb,), 64, (8, 16, 32), 1000, **seq),
+    ]
+    return {s.name: s for s in specs}
+
+
+@dataclass(frozen=True)
+class EnsembleStep:
+    model: str
+    input_map: dict[str, str]  # member input -> ensemble tensor
+    output_map: dict[str, str]  # member output -> ensemble tensor
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    name: str
+    inputs: tuple[str, ...]
+    steps: tuple[EnsembleStep, ...]
+    max_batch_size: int = 32
+
+
+def ensemble_specs() -> dict[str, EnsembleSpec]:
+    """Each ensemble runs only the branches its query kind needs."""
+
+    def tok(model: str, text_tensor: str = TEXT) -> EnsembleStep:
+        return EnsembleStep(model, {TEXT: text_tensor},
+                            {INPUT_IDS: "input_ids", ATTENTION_MASK: "attention_mask"})
+
+    text_enc = EnsembleStep(TEXT_ENCODER, {INPUT_IDS: "input_ids", ATTENTION_MASK: "attention_mask"},
+                            {TOKEN_STATES: "token_states"})
+    img_pre = EnsembleStep(IMAGE_PREPROCESS, {IMAGE: IMAGE}, {PIXEL_VALUES: "pixel_values"})
+    img_enc = EnsembleStep(IMAGE_ENCODER, {PIXEL_VALUES: "pixel_values"}, {IMAGE_REGIONS: "image_regions"})
+    f_text = EnsembleStep(FUSION_TEXT, {TOKEN_STATES: "token_states", ATTENTION_MASK: "attention_mask"},
+                          {EMBEDDING: EMBEDDING})
+    f_image = EnsembleStep(FUSION_IMAGE, {IMAGE_REGIONS: "image_regions"}, {EMBEDDING: EMBEDDING})
+    f_joint = EnsembleStep(FUSION_JOINT, {TOKEN_STATES: "token_states",
+                                          ATTENTION_MASK: "attention_mask",
+                                          IMAGE_REGIONS: "image_regions"}, {EMBEDDING: EMBEDDING})
+    ens = [
+        EnsembleSpec(QUERY_TEXT, (TEXT,), (tok(TOKENIZER_QUERY), text_enc, f_text)),
+        EnsembleSpec(QUERY_IMAGE, (IMAGE,), (img_pre, img_enc, f_image)),
+        EnsembleSpec(QUERY_TEXT_IMAGE, (TEXT, IMAGE),
+                     (tok(TOKENIZER_QUERY), text_enc, img_pre, img_enc, f_joint)),
+        EnsembleSpec(ITEM, (TEXT, IMAGE), (tok(TOKENIZER_ITEM), text_enc, img_pre, img_enc, f_joint)),
+    ]
+    return {e.name: e for e in ens}

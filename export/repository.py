@@ -1,0 +1,193 @@
+"""config.pbtxt generation through Triton's own protobuf schema, and its checks.
+
+Configs are built as ``model_config_pb2.ModelConfig`` messages (the schema tritonclient
+ships) and printed with ``text_format``: a misspelt field is an AttributeError here, not
+a model that silently fails to load on the server.  ``check_repository`` re-reads every
+config and verifies the ensemble wiring (each consumed tensor is produced, with the
+same dtype and dims).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from xmsearch import spec as S
+from xmsearch.errors import ConfigError
+
+TARGETS = ("cpu", "onnxruntime", "tensorrt")
+NEURAL = (S.TEXT_ENCODER, S.IMAGE_ENCODER, S.FUSION_TEXT, S.FUSION_IMAGE, S.FUSION_JOINT)
+
+_DTYPES = {"TYPE_INT64": mc.TYPE_INT64, "TYPE_FP32": mc.TYPE_FP32, "TYPE_FP16": mc.TYPE_FP16,
+           "TYPE_STRING": mc.TYPE_STRING, "TYPE_BOOL": mc.TYPE_BOOL}
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    """Instance counts and threads per target (CPU values tuned for 2 cores)."""
+
+    target: str
+    device: str = "auto"  # for onnxruntime: "gpu" or "cpu"; "auto" = gpu
+    ort_threads: int = 2
+    trt_accelerator: bool = False  # onnxruntime target: TensorRT execution provider
+
+    def instances(self, model: str) -> tuple[int, int]:
+        """(count, kind) of the instance group for a member."""
+        gpu = self.target == "tensorrt" or (self.target == "onnxruntime" and self.device != "cpu")
+        if model in NEURAL:
+            return 1, (mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)
+        # Python preprocessing holds the GIL per stub: two stubs decode images in parallel.
+        count = 2 if model == S.IMAGE_PREPROCESS else 1
+        return count, mc.ModelInstanceGroup.KIND_CPU
+
+
+def _io(t: S.TensorSpec, cls):
+    m = cls(name=t.name, data_type=_DTYPES[t.triton_dtype], dims=list(t.dims))
+    if t.optional:
+        m.optional = True
+    return m
+
+
+def _param(cfg: mc.ModelConfig, key: str, value: str) -> None:
+    cfg.parameters[key].string_value = value
+
+
+def member_config(spec: S.ModelSpec, settings: TargetSettings, extra_params: dict[str, str] | None = None
+                  ) -> mc.ModelConfig:
+    """The config of one member model for a target."""
+    cfg = mc.ModelConfig(name=spec.name, max_batch_size=spec.max_batch_size)
+    cfg.input.extend(_io(t, mc.ModelInput) for t in spec.inputs)
+    cfg.output.extend(_io(t, mc.ModelOutput) for t in spec.outputs)
+    neural = spec.name in NEURAL
+    if not neural or settings.target == "cpu":
+        cfg.backend = "python"
+        if neural:
+            _param(cfg, "intra_op_threads", str(settings.ort_threads))
+    elif settings.target == "onnxruntime":
+        cfg.backend = "onnxruntime"
+        cfg.default_model_filename = "model.onnx"
+        if settings.trt_accelerator and settings.device != "cpu":
+            acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+            acc.parameters["precision_mode"] = "FP16"
+            acc.parameters["max_workspace_size_bytes"] = str(1 << 30)
+        if settings.device == "cpu":
+            _param(cfg, "intra_op_thread_count", str(settings.ort_threads))
+    else:
+        cfg.platform = "tensorrt_plan"
+        cfg.default_model_filename = "model.plan"
+    db = cfg.dynamic_batching
+    db.preferred_batch_size.extend(spec.preferred_batch_sizes)
+    db.max_queue_delay_microseconds = spec.max_queue_delay_us
+    # Bounded queue: under overload, fail fast with UNAVAILABLE instead of growing latency.
+    db.default_queue_policy.max_queue_size = 1024
+    count, kind = settings.instances(spec.name)
+    cfg.instance_group.add(count=count, kind=kind)
+    for k, v in (extra_params or {}).items():
+        _param(cfg, k, v)
+    return cfg
+
+
+def ensemble_config(ens: S.EnsembleSpec, members: dict[str, S.ModelSpec],
+                    params: dict[str, str]) -> mc.ModelConfig:
+    """An ensemble wiring members by tensor name; ``params`` carries the fingerprint."""
+    cfg = mc.ModelConfig(name=ens.name, platform="ensemble", max_batch_size=ens.max_batch_size)
+    for name in ens.inputs:
+        producer = next(members[s.model] for s in ens.steps if name in s.input_map.values())
+        t = next(t for t in producer.inputs if t.name == name)
+        cfg.input.append(_io(t, mc.ModelInput))
+    final = members[ens.steps[-1].model]
+    cfg.output.extend(_io(t, mc.ModelOutput) for t in final.outputs)
+    for step in ens.steps:
+        st = cfg.ensemble_scheduling.step.add(model_name=step.model, model_version=-1)
+        for k, v in step.input_map.items():
+            st.input_map[k] = v
+        for k, v in step.output_map.items():
+            st.output_map[k] = v
+    for k, v in params.items():
+        _param(cfg, k, v)
+    return cfg
+
+
+def repository_configs(dims: S.Dims, settings: TargetSettings, fingerprint: str
+                       ) -> dict[str, mc.ModelConfig]:
+    """Every config of a repository: the eight members and the four ensembles."""
+    if settings.target not in TARGETS:
+        raise ConfigError(f"unknown target {settings.target!r}: choose one of {', '.join(TARGETS)}")
+    members = S.member_specs(dims)
+    roles = {S.TOKENIZER_QUERY: {"role": "query"}, S.TOKENIZER_ITEM: {"role": "passage"}}
+    configs = {name: member_config(sp, settings, roles.get(name)) for name, sp in members.items()}
+    params = {S.FINGERPRINT_PARAMETER: fingerprint, S.EMBED_DIM_PARAMETER: str(dims.embed_dim)}
+    for name, ens in S.ensemble_specs().items():
+        configs[name] = ensemble_config(ens, members, params)
+    check_configs(configs)
+    return configs
+
+
+def to_text(cfg: mc.ModelConfig) -> str:
+    return text_format.MessageToString(cfg)
+
+
+def write_config(cfg: mc.ModelConfig, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.pbtxt"
+    path.write_text(to_text(cfg))
+    return path
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    """Parse a config.pbtxt with Triton's schema (raises ConfigError naming the file)."""
+    try:
+        return text_format.Parse(Path(path).read_text(), mc.ModelConfig())
+    except (OSError, text_format.ParseError) as e:
+        raise ConfigError(f"{path}: not a valid Triton model config: {e}") from e
+
+
+def read_repository(root: Path) -> dict[str, mc.ModelConfig]:
+    configs = {}
+    for p in sorted(Path(root).glob("*/config.pbtxt")):
+        cfg = read_config(p)
+        if cfg.name != p.parent.name:
+            raise ConfigError(f"{p}: model name {cfg.name!r} differs from its folder {p.parent.name!r}")
+        configs[cfg.name] = cfg
+    return configs
+
+
+def check_configs(configs: dict[str, mc.ModelConfig]) -> None:
+    """Verify each ensemble's wiring: consumed tensors are produced with equal dtype/dims."""
+    for cfg in configs.values():
+        if cfg.platform != "ensemble":
+            continue
+        where = f"ensemble {cfg.name!r}"
+        available = {i.name: (i.data_type, list(i.dims)) for i in cfg.input}
+        for step in cfg.ensemble_scheduling.step:
+            member = configs.get(step.model_name)
+            if member is None:
+                raise ConfigError(f"{where}: step model {step.model_name!r} is not in the repository")
+            if member.max_batch_size < cfg.max_batch_size:
+                raise ConfigError(f"{where}: max_batch_size {cfg.max_batch_size} exceeds "
+                                  f"{member.name}'s {member.max_batch_size}")
+            m_in = {i.name: i for i in member.input}
+            for m_name, e_name in step.input_map.items():
+                if m_name not in m_in:
+                    raise ConfigError(f"{where}: {member.name} has no input {m_name!r}")
+                if e_name not in available:
+                    raise ConfigError(f"{where}: tensor {e_name!r} feeding {member.name}.{m_name} "
+                                      "is produced by no earlier step")
+                got = available[e_name]
+                want = (m_in[m_name].data_type, list(m_in[m_name].dims))
+                if got != want:
+                    raise ConfigError(f"{where}: {e_name!r} is {got}, {member.name}.{m_name} wants {want}")
+            missing = [n for n, i in m_in.items() if n not in step.input_map and not i.optional]
+            if missing:
+                raise ConfigError(f"{where}: {member.name} inputs {missing} are not wired")
+            m_out = {o.name: o for o in member.output}
+            for m_name, e_name in step.output_map.items():
+                if m_name not in m_out:
+                    raise ConfigError(f"{where}: {member.name} has no output {m_name!r}")
+                available[e_name] = (m_out[m_name].data_type, list(m_out[m_name].dims))
+        for o in cfg.output:
+            if available.get(o.name) != (o.data_type, list(o.dims)):
+                raise ConfigError(f"{where}: output {o.name!r} is not produced as declared")

@@ -1,0 +1,131 @@
+"""Attention fusion: text token states and image regions -> one L2-normalised embedding.
+
+Structure (all trained, encoders frozen):
+
+1. project text tokens (``text_dim``) and image regions (``image_dim``) to ``width``, add a
+   learned modality embedding;
+2. cross-attention both ways when both modalities are present: text tokens attend to
+   image regions (which part of the photo does "red collar" mean) and regions attend to
+   text tokens;
+3. attention pooling: a learned query attends over all (unmasked) tokens of the present
+   modalities, added to their masked mean (a stable start for training);
+4. a projection to ``embed_dim`` and L2 normalisation.
+
+Text-only, image-only and text+image are three entry points over the same weights;
+each is exported as its own graph (``fusion_text``, ``fusion_image``, ``fusion_joint``) so
+a query never pays for, nor needs placeholders for, a modality it does not have.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Multi-head attention written with shape-agnostic reshapes.
+
+    ``nn.MultiheadAttention`` traces the batch size into constants of the exported graph
+    (the parity check with another batch size fails); this version keeps every axis
+    symbolic, and treats ``valid`` (True = attend) as the key mask.
+    """
+
+    def __init__(self, width: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads, self.head_dim = heads, width // heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        h, d = self.heads, self.head_dim
+        q = self.q(x).unflatten(-1, (h, d)).transpose(1, 2)  # [B, h, Lq, d]
+        k, v = self.kv(ctx).unflatten(-1, (2, h, d)).permute(2, 0, 3, 1, 4)  # 2 x [B, h, Lk, d]
+        scores = q @ k.transpose(-1, -2) * (d ** -0.5)
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, None, None, :], -1e4)
+        attn = self.dropout(scores.softmax(-1))
+        return self.out((attn @ v).transpose(1, 2).flatten(2))
+
+
+class AttentionFusion(nn.Module):
+    def __init__(self, text_dim: int, image_dim: int, width: int = 256, heads: int = 4,
+                 embed_dim: int = 256, dropout: float = 0.1):
+        super().__init__()
+        self.text_dim, self.image_dim, self.width, self.embed_dim = text_dim, image_dim, width, embed_dim
+        self.text_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, width))
+        self.image_proj = nn.Sequential(nn.LayerNorm(image_dim), nn.Linear(image_dim, width))
+        self.modality = nn.Parameter(torch.zeros(2, width))
+        self.heads = heads
+        self.t2i = Attention(width, heads, dropout)
+        self.i2t = Attention(width, heads, dropout)
+        self.norm_t = nn.LayerNorm(width)
+        self.norm_i = nn.LayerNorm(width)
+        self.pool_query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
+        self.pool = Attention(width, heads, dropout)
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(),
+                                  nn.Dropout(dropout), nn.Linear(width, embed_dim))
+
+    def config(self) -> dict:
+        return {"text_dim": self.text_dim, "image_dim": self.image_dim, "width": self.width,
+                "heads": self.heads, "embed_dim": self.embed_dim}
+
+    # The three entry points -------------------------------------------------------
+
+    def encode_text(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        t = self._text_tokens(text_states)
+        return self._pool_and_project(t, text_mask.bool())
+
+    def encode_image(self, image_regions: torch.Tensor) -> torch.Tensor:
+        v = self._image_tokens(image_regions)
+        valid = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
+        return self._pool_and_project(v, valid)
+
+    def encode_joint(self, text_states: torch.Tensor, text_mask: torch.Tensor,
+                     image_regions: torch.Tensor) -> torch.Tensor:
+        t = self._text_tokens(text_states)
+        v = self._image_tokens(image_regions)
+        tmask = text_mask.bool()
+        t = self.norm_t(t + self.t2i(t, v))
+        v = self.norm_i(v + self.i2t(v, t, tmask))
+        tokens = torch.cat([t, v], dim=1)
+        valid = torch.cat([tmask, torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)], dim=1)
+        return self._pool_and_project(tokens, valid)
+
+    # ------------------------------------------------------------------------------
+
+    def _text_tokens(self, states: torch.Tensor) -> torch.Tensor:
+        return self.text_proj(states) + self.modality[0]
+
+    def _image_tokens(self, regions: torch.Tensor) -> torch.Tensor:
+        return self.image_proj(regions) + self.modality[1]
+
+    def _pool_and_project(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        # Broadcasting the learned query against tokens[:, :1] keeps the batch axis symbolic.
+        q = self.pool_query + torch.zeros_like(tokens[:, :1])
+        pooled = self.pool(q, tokens, valid)[:, 0]
+        w = valid.unsqueeze(-1).to(tokens.dtype)
+        mean = (tokens * w).sum(1) / w.sum(1).clamp(min=1.0)
+        return F.normalize(self.head(pooled + mean), dim=-1)
+
+
+class FusionEntry(nn.Module):
+    """One entry point of the fusion module as a plain forward() for ONNX export."""
+
+    def __init__(self, fusion: AttentionFusion, kind: str):
+        super().__init__()
+        if kind not in ("text", "image", "joint"):
+            raise ValueError(f"kind must be text, image or joint, got {kind!r}")
+        self.fusion, self.kind = fusion, kind
+
+    def forward(self, *args):
+        f = self.fusion
+        if self.kind == "text":
+            return f.encode_text(args[0], args[1])
+        if self.kind == "image":
+            return f.encode_image(args[0])
+        return f.encode_joint(args[0], args[1], args[2])

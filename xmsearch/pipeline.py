@@ -1,0 +1,85 @@
+"""The in-process reference path: frozen encoders + fusion, loaded once.
+
+Used by training (feature caching), export (parity inputs), tests (what the server must
+reproduce) and the baselines of the benchmarks.  Preprocessing is
+:mod:`xmsearch.preprocess`, the same code the served python-backend models run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from xmsearch.models.fusion import AttentionFusion
+from xmsearch.models.image import DEFAULT_IMAGE_MODEL, ImageEncoder
+from xmsearch.models.text import DEFAULT_TEXT_MODEL, TextEncoder, resolve_text_model
+from xmsearch.preprocess import ImagePreprocessor, TextPreprocessor, decode_text
+from xmsearch.spec import Dims
+
+
+@dataclass
+class Encoders:
+    """Frozen text and image encoders with their preprocessing."""
+
+    text: TextEncoder
+    image: ImageEncoder
+    text_pre: TextPreprocessor
+    image_pre: ImagePreprocessor
+    text_model: str
+    image_model: str
+
+    @classmethod
+    def load(cls, text_model: str = DEFAULT_TEXT_MODEL, image_model: str = DEFAULT_IMAGE_MODEL,
+             image_checkpoint=None, max_length: int = 64) -> "Encoders":
+        source = resolve_text_model(text_model, max_length=max_length)
+        text = TextEncoder(source)
+        image = ImageEncoder(image_model, image_checkpoint)
+        return cls(text, image, TextPreprocessor(text.tokenizer_json(), source.preprocess),
+                   ImagePreprocessor(image.preprocess), text_model, image_model)
+
+    @property
+    def dims(self) -> Dims:
+        size = self.image.preprocess.size
+        regions = (size // 32) ** 2  # both CNN families downsample by 32
+        return Dims(text_dim=self.text.dim, image_dim=self.image.dim, regions=regions,
+                    image_size=size, max_length=self.text_pre.config.max_length)
+
+    @torch.no_grad()
+    def text_states(self, texts: list[str], role: str) -> tuple[torch.Tensor, torch.Tensor]:
+        texts = [decode_text(t, what=f"text[{i}]") for i, t in enumerate(texts)]
+        ids, mask = self.text_pre.encode(texts, role)
+        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        return self.text(ids_t, mask_t), mask_t
+
+    @torch.no_grad()
+    def image_regions(self, images: list[bytes]) -> torch.Tensor:
+        px = np.stack([self.image_pre(b, what=f"image[{i}]") for i, b in enumerate(images)])
+        return self.image(torch.from_numpy(px))
+
+
+class ReferencePipeline:
+    """Encoders + fusion: what every served ensemble computes, in one process."""
+
+    def __init__(self, encoders: Encoders, fusion: AttentionFusion):
+        self.encoders = encoders
+        self.fusion = fusion.eval()
+
+    @torch.no_grad()
+    def embed(self, texts: list[str] | None = None, images: list[bytes] | None = None,
+              role: str = "query") -> np.ndarray:
+        """Embed a batch: texts only, images only, or (text, image) pairs of equal length."""
+        if texts is None and images is None:
+            raise ValueError("give texts, images or both")
+        if texts is not None and images is not None and len(texts) != len(images):
+            raise ValueError(f"{len(texts)} texts but {len(images)} images")
+        if images is None:
+            states, mask = self.encoders.text_states(texts, role)
+            out = self.fusion.encode_text(states, mask)
+        elif texts is None:
+            out = self.fusion.encode_image(self.encoders.image_regions(images))
+        else:
+            states, mask = self.encoders.text_states(texts, role)
+            out = self.fusion.encode_joint(states, mask, self.encoders.image_regions(images))
+        return out.numpy().astype(np.float32)

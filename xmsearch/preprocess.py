@@ -1,0 +1,220 @@
+"""Preprocessing: the one implementation of text tokenisation and image decoding.
+
+Imported by the python-backend models inside Triton *and* by the in-process reference
+path (training, parity tests, baselines), so the served and the reference vectors can
+only differ by the numerics of the engines, never by preprocessing.
+
+Only light dependencies here (numpy, Pillow, tokenizers): this module is imported by
+every tokenizer / image-preprocess stub process, and pulling in torch or transformers
+would cost each stub seconds of start-up and hundreds of MB.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from xmsearch.errors import InputError
+
+# Limits that separate "a product title or query" from abuse.  Over-long *token*
+# sequences are truncated as every BERT pipeline does; over-long *byte strings* are
+# refused so a 10 MB "query" never reaches the tokenizer.
+MAX_TEXT_BYTES = 4096
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_IMAGE_SIDE = 10_000
+MAX_IMAGE_PIXELS = 40_000_000
+SEQUENCE_BUCKET = 16  # pad to a multiple of this so the dynamic batcher can merge requests
+
+
+@dataclass(frozen=True)
+class TextPreprocessConfig:
+    """How a text model wants its input: written next to the tokenizer at export."""
+
+    max_length: int = 64
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    lowercase: bool = False  # handled by the tokenizer.json normaliser; informative only
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TextPreprocessConfig":
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class ImagePreprocessConfig:
+    """Resize/crop/normalise settings of an image encoder (its training recipe)."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ImagePreprocessConfig":
+        d = json.loads(text)
+        return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+
+# --------------------------------------------------------------------------- text
+
+
+def decode_text(raw: bytes | str, *, what: str = "TEXT") -> str:
+    """Validate one raw text input and return it as ``str``.
+
+    Raises InputError for non-UTF-8 bytes, empty/blank text and text over
+    ``MAX_TEXT_BYTES``; the message names ``what`` so the caller can say which input.
+    """
+    if isinstance(raw, str):
+        data = raw.encode("utf-8")
+    elif isinstance(raw, (bytes, bytearray, np.bytes_)):
+        data = bytes(raw)
+    else:
+        raise InputError(f"{what} must be UTF-8 bytes or str, got {type(raw).__name__}")
+    if len(data) > MAX_TEXT_BYTES:
+        raise InputError(
+            f"{what} is {len(data)} bytes, over the limit of {MAX_TEXT_BYTES}: "
+            "send a product title or a search query, not a document")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise InputError(f"{what} is empty: send at least one non-blank character")
+    return text
+
+
+class TextPreprocessor:
+    """UTF-8 text -> (input_ids, attention_mask) with bucketed padding.
+
+    Uses the ``tokenizers`` fast tokenizer straight from ``tokenizer.json``: the same
+    file transformers' AutoTokenizer wraps, without importing transformers.
+    """
+
+    def __init__(self, tokenizer_json: Path, config: TextPreprocessConfig):
+        from tokenizers import Tokenizer
+
+        self.config = config
+        self._tok = Tokenizer.from_file(str(tokenizer_json))
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_length=config.max_length)
+        pad_id = self._tok.token_to_id("[PAD]")
+        if pad_id is None:
+            pad_id = self._tok.token_to_id("<pad>")
+        self.pad_id = 0 if pad_id is None else pad_id
+
+    @classmethod
+    def from_dir(cls, folder: Path) -> "TextPreprocessor":
+        folder = Path(folder)
+        cfg_path = folder / "text_preprocess.json"
+        cfg = TextPreprocessConfig.from_json(cfg_path.read_text()) if cfg_path.exists() \
+            else TextPreprocessConfig()
+        return cls(folder / "tokenizer.json", cfg)
+
+    def prefix(self, role: str) -> str:
+        if role == "query":
+            return self.config.query_prefix
+        if role == "passage":
+            return self.config.passage_prefix
+        raise ValueError(f"role must be 'query' or 'passage', got {role!r}")
+
+    def encode(self, texts: list[str], role: str, bucket: int = SEQUENCE_BUCKET
+               ) -> tuple[np.ndarray, np.ndarray]:
+        """Tokenise already-validated texts; pad to the longest, rounded up to ``bucket``."""
+        prefix = self.prefix(role)
+        encs = self._tok.encode_batch([prefix + t for t in texts])
+        longest = max(len(e.ids) for e in encs)
+        width = min(self.config.max_length, -(-longest // bucket) * bucket)
+        ids = np.full((len(encs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encs), width), dtype=np.int64)
+        for i, e in enumerate(encs):
+            n = min(len(e.ids), width)
+            ids[i, :n] = e.ids[:n]
+            mask[i, :n] = 1
+        return ids, mask
+
+
+# -------------------------------------------------------------------------- image
+
+
+def decode_image(data: bytes, *, what: str = "IMAGE") -> Image.Image:
+    """Decode encoded JPEG/PNG/WebP bytes into an RGB image, refusing abuse early.
+
+    The pixel-count check happens on the header, before any pixel is decoded, so a
+    20000x20000 PNG costs a few bytes of parsing, not 1.2 GB of memory.
+    """
+    if not isinstance(data, (bytes, bytearray, np.bytes_)):
+        raise InputError(f"{what} must be encoded image bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if not data:
+        raise InputError(f"{what} is empty: send the bytes of a JPEG, PNG or WebP file")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise InputError(f"{what} is {len(data)} bytes, over the limit of {MAX_IMAGE_BYTES}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w > MAX_IMAGE_SIDE or h > MAX_IMAGE_SIDE or w * h > MAX_IMAGE_PIXELS:
+                raise InputError(
+                    f"{what} is {w}x{h} pixels, over the limit of {MAX_IMAGE_SIDE} per side "
+                    f"and {MAX_IMAGE_PIXELS} pixels: downscale it before sending")
+            if img.format == "JPEG":
+                # Let libjpeg decode at a reduced scale: we only need ~224 px anyway.
+                img.draft("RGB", (448, 448))
+            img.load()
+    except InputError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
+        raise InputError(f"{what} is not a decodable image ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"{what} is a corrupt or truncated image ({e})") from None
+    if img.mode != "RGB":
+        if img.mode in ("RGBA", "LA", "P"):
+            # Product shots with transparency: composite on white, as shops display them.
+            rgba = img.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(bg, rgba)
+        img = img.convert("RGB")
+    return img
+
+
+class ImagePreprocessor:
+    """RGB image -> normalised float32 pixels [3, size, size] (resize short side, centre crop)."""
+
+    def __init__(self, config: ImagePreprocessConfig):
+        self.config = config
+        self._mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
+        self._std = np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
+
+    @classmethod
+    def from_dir(cls, folder: Path) -> "ImagePreprocessor":
+        cfg_path = Path(folder) / "image_preprocess.json"
+        cfg = ImagePreprocessConfig.from_json(cfg_path.read_text()) if cfg_path.exists() \
+            else ImagePreprocessConfig()
+        return cls(cfg)
+
+    def pixels(self, img: Image.Image) -> np.ndarray:
+        size = self.config.size
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return (x - self._mean) / self._std
+
+    def __call__(self, data: bytes, *, what: str = "IMAGE") -> np.ndarray:
+        return self.pixels(decode_image(data, what=what))

@@ -1,0 +1,166 @@
+"""The python-backend models served by Triton.
+
+Each generated ``<member>/1/model.py`` in the model repository is a two-line shim that
+imports one class from here, so the serving code is ordinary, importable, tested Python.
+
+Contract with Triton's python backend:
+- ``execute`` returns exactly one ``InferenceResponse`` per request, in order;
+- a bad request gets ``InferenceResponse(error=TritonError(..., INVALID_ARG))`` whose
+  message starts with this model's name (an ensemble error otherwise hides which step
+  refused the input), and the other requests in the same batch are answered normally;
+- exceptions leave only ``initialize`` (a model that cannot load must not serve).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from xmsearch.errors import InputError
+from xmsearch.preprocess import ImagePreprocessor, TextPreprocessor, decode_text
+
+
+def _pb():
+    # Only importable inside the python-backend stub.
+    import triton_python_backend_utils as pb_utils
+
+    return pb_utils
+
+
+class _Base:
+    def initialize(self, args: dict) -> None:
+        self.config = json.loads(args["model_config"])
+        self.name = args["model_name"]
+        self.folder = Path(args["model_repository"]) / args["model_version"]
+        self.params = {k: v["string_value"] for k, v in self.config.get("parameters", {}).items()}
+        self.pb = _pb()
+
+    def _error(self, message: str):
+        pb = self.pb
+        return pb.InferenceResponse(error=pb.TritonError(f"{self.name}: {message}",
+                                                         pb.TritonError.INVALID_ARG))
+
+    def _bytes_rows(self, request, name: str) -> list:
+        tensor = self.pb.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            raise InputError(f"input {name} is missing")
+        arr = tensor.as_numpy()
+        if arr.dtype != np.object_ or arr.ndim != 2 or arr.shape[1] != 1:
+            raise InputError(f"{name} must be BYTES of shape [batch, 1], got {arr.dtype} {list(arr.shape)}")
+        return list(arr[:, 0])
+
+
+class TokenizerModel(_Base):
+    """TEXT (UTF-8 bytes) -> INPUT_IDS, ATTENTION_MASK, padded to a 16-token bucket."""
+
+    def initialize(self, args: dict) -> None:
+        super().initialize(args)
+        self.role = self.params.get("role", "query")
+        self.pre = TextPreprocessor.from_dir(self.folder)
+
+    def execute(self, requests):
+        pb = self.pb
+        out = []
+        for request in requests:
+            try:
+                rows = self._bytes_rows(request, "TEXT")
+                texts = [decode_text(r, what=f"TEXT[{i}]") for i, r in enumerate(rows)]
+            except InputError as e:
+                out.append(self._error(str(e)))
+                continue
+            ids, mask = self.pre.encode(texts, self.role)
+            out.append(pb.InferenceResponse(output_tensors=[
+                pb.Tensor("INPUT_IDS", ids), pb.Tensor("ATTENTION_MASK", mask)]))
+        return out
+
+
+class ImagePreprocessModel(_Base):
+    """IMAGE (encoded bytes) -> PIXEL_VALUES [3, H, W] float32."""
+
+    def initialize(self, args: dict) -> None:
+        super().initialize(args)
+        self.pre = ImagePreprocessor.from_dir(self.folder)
+
+    def execute(self, requests):
+        pb = self.pb
+        out = []
+        for request in requests:
+            try:
+                rows = self._bytes_rows(request, "IMAGE")
+                pixels = np.stack([self.pre(r, what=f"IMAGE[{i}]") for i, r in enumerate(rows)])
+            except InputError as e:
+                out.append(self._error(str(e)))
+                continue
+            out.append(pb.InferenceResponse(output_tensors=[pb.Tensor("PIXEL_VALUES", pixels)]))
+        return out
+
+
+class OnnxModel(_Base):
+    """Runs ``model.onnx`` with ONNX Runtime (the cpu target's encoders and fusion).
+
+    Requests in one execute() are concatenated along the batch axis when their other
+    dims agree (the dynamic batcher only groups equal shapes, but be safe) so ONNX
+    Runtime sees the merged batch: that is where dynamic batching pays on CPU.
+    """
+
+    def initialize(self, args: dict) -> None:
+        super().initialize(args)
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = int(self.params.get("intra_op_threads", "0"))
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.folder / "model.onnx"), opts,
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = [(i["name"], i["data_type"]) for i in self.config["input"]]
+        self.outputs = [o["name"] for o in self.config["output"]]
+        self.input_dtypes = {i.name: i.type for i in self.session.get_inputs()}
+
+    def execute(self, requests):
+        pb = self.pb
+        feeds: list[dict[str, np.ndarray] | None] = []
+        for request in requests:
+            feed = {}
+            for name, _ in self.inputs:
+                t = pb.get_input_tensor_by_name(request, name)
+                feed[name] = t.as_numpy()
+            feeds.append(feed)
+        results: list = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, feed in enumerate(feeds):
+            key = tuple((n, a.shape[1:]) for n, a in sorted(feed.items()))
+            groups.setdefault(key, []).append(i)
+        for idx in groups.values():
+            merged = {n: np.concatenate([feeds[i][n] for i in idx]) for n, _ in self.inputs}
+            try:
+                outs = self.session.run(self.outputs, merged)
+            except Exception as e:  # ORT raises its own exception types; answer, do not crash
+                for i in idx:
+                    results[i] = self._error(f"inference failed: {e}")
+                continue
+            start = 0
+            for i in idx:
+                n = feeds[i][self.inputs[0][0]].shape[0]
+                results[i] = pb.InferenceResponse(output_tensors=[
+                    pb.Tensor(name, np.ascontiguousarray(o[start:start + n]))
+                    for name, o in zip(self.outputs, outs)])
+                start += n
+        return results
+
+
+SHIMS = {
+    "tokenizer": "TokenizerModel",
+    "image_preprocess": "ImagePreprocessModel",
+    "onnx": "OnnxModel",
+}
+
+
+def shim_source(kind: str, model_name: str) -> str:
+    """The model.py written into the repository for a python-backend member."""
+    cls = SHIMS[kind]
+    return (f'"""Triton python-backend entry point of {model_name!r} (generated by xmsearch export).\n\n'
+            f'The implementation is xmsearch.triton_models.{cls}; this file only names it.\n"""\n'
+            f"from xmsearch.triton_models import {cls} as TritonPythonModel  # noqa: F401\n")
