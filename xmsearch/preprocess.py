@@ -175,9 +175,11 @@ def decode_image(data: bytes, *, what: str = "IMAGE") -> Image.Image:
             img.load()
     except InputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
-        raise InputError(f"{what} is not a decodable image ({e})") from None
+    except UnidentifiedImageError:
+        raise InputError(f"{what} is not a decodable image: no JPEG, PNG, WebP, GIF or BMP "
+                         f"header in its {len(data)} bytes") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"{what} is refused as a decompression bomb ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{what} is a corrupt or truncated image ({e})") from None
     if img.mode != "RGB":

@@ -1,0 +1,167 @@
+"""The client half of the ``xmsearch`` command line: index, search, delete, eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _embedder(a: argparse.Namespace, retries: int = 3):
+    from xmsearch.client.embed import Embedder
+
+    return Embedder(a.url, timeout_s=a.timeout, retries=retries)
+
+
+def cmd_index(a: argparse.Namespace, bar_factory) -> int:
+    from xmsearch.client.ingest import ingest_catalog
+
+    emb = _embedder(a, retries=a.retries)
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = bar_factory("indexing", total)
+        bar.n = done
+        bar.refresh()
+
+    try:
+        report = ingest_catalog(a.catalog, a.out, emb, factory=a.factory, resume=a.resume, add=a.add,
+                                gpu=a.gpu, chunk_size=a.chunk_size, nprobe=a.nprobe,
+                                ef_search=a.ef_search, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+        emb.close()
+    for b in report.bad:
+        print(f"skipped {b}")
+    print(f"{a.out}: {report.summary()}")
+    return 0
+
+
+def cmd_search(a: argparse.Namespace, _bar) -> int:
+    from xmsearch.client.search import Searcher, parse_filters
+
+    emb = _embedder(a)
+    searcher = Searcher(a.index, emb)
+    try:
+        hits = searcher.search(a.text, a.image, a.k, parse_filters(a.filter) if a.filter else None)
+    finally:
+        searcher.close()
+        emb.close()
+    if a.json:
+        print(json.dumps([{"id": h.id, "score": round(float(h.score), 5), **h.metadata} for h in hits],
+                         ensure_ascii=False, indent=2))
+        return 0
+    for rank, h in enumerate(hits, start=1):
+        attrs = ", ".join(f"{k}={v}" for k, v in h.metadata.items()
+                          if k not in ("title", "image", "alt_titles"))
+        print(f"{rank:3d}. {h.score:6.3f}  {h.id:10s} {h.metadata.get('title', '')}"
+              + (f"  [{attrs}]" if attrs else ""))
+    if not hits:
+        print("no results")
+    return 0
+
+
+def cmd_delete(a: argparse.Namespace, _bar) -> int:
+    from xmsearch.client.index import CatalogIndex
+
+    index = CatalogIndex.open(a.index)
+    try:
+        n = index.delete(a.ids, missing_ok=a.missing_ok)
+        index.save()
+    finally:
+        index.close()
+    print(f"deleted {n} items from {a.index}")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace, bar_factory) -> int:
+    from xmsearch import evaluate as ev
+    from xmsearch.client.search import Searcher
+
+    queries = ev.load_queries(a.queries)
+    emb = _embedder(a)
+    searcher = Searcher(a.index, emb)
+    bar = bar_factory("queries", len(queries))
+    try:
+        served = ev.run_served(searcher, queries, progress=lambda d, t: (setattr(bar, "n", d), bar.refresh()))
+    finally:
+        bar.close()
+        searcher.close()
+        emb.close()
+    baselines = None
+    if a.baselines:
+        catalog = a.catalog or Path(a.queries).parent / "catalog.jsonl"
+        baselines = ev.run_baselines(catalog, queries, a.text_model, a.image_model)
+    table = ev.evaluation_table(served, queries, baselines)
+    print(ev.format_table(table))
+    if a.json:
+        Path(a.json).write_text(json.dumps(table, indent=2))
+        print(f"wrote {a.json}")
+    return 0
+
+
+def add_commands(sub, url_arg, bar_factory) -> None:
+    """Register the client subcommands on the main parser's subparsers."""
+    from xmsearch.models.image import DEFAULT_IMAGE_MODEL
+    from xmsearch.models.text import DEFAULT_TEXT_MODEL
+
+    def bind(fn):
+        return lambda a: fn(a, bar_factory)
+
+    i = sub.add_parser("index", help="embed a catalogue through the server into a FAISS index",
+                       description="Stream a catalogue (JSONL or CSV with id, title, image, attributes) "
+                                   "through the item ensemble and write a FAISS index, the id map and a "
+                                   "SQLite metadata store into OUT. Bad rows are reported and skipped.")
+    i.add_argument("catalog", type=Path)
+    i.add_argument("--out", type=Path, required=True, metavar="INDEX_DIR")
+    i.add_argument("--factory", default="Flat",
+                   help="any FAISS index_factory string: Flat, HNSW32, IVF256,Flat, IVF4096,PQ32 ... "
+                        "(default: Flat)")
+    mode = i.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted ingest into OUT")
+    mode.add_argument("--add", action="store_true", help="add new items to the existing index OUT")
+    i.add_argument("--nprobe", type=int, help="IVF lists probed per search (saved with the index)")
+    i.add_argument("--ef-search", type=int, help="HNSW efSearch (saved with the index)")
+    i.add_argument("--gpu", action="store_true", help="build on the GPU (needs faiss-gpu and a GPU)")
+    i.add_argument("--chunk-size", type=int, default=256, help="rows per save-able chunk (default: 256)")
+    i.add_argument("--retries", type=int, default=8,
+                   help="re-sends after UNAVAILABLE, e.g. while a server restarts (default: 8)")
+    url_arg(i)
+    i.set_defaults(func=bind(cmd_index))
+
+    s = sub.add_parser("search", help="search an index by text, photo or both",
+                       description="Embed the query through the matching ensemble (query_text, "
+                                   "query_image or query_text_image) and return the top-k products.")
+    s.add_argument("--index", type=Path, required=True, metavar="INDEX_DIR")
+    s.add_argument("--text", help="query text, e.g. 'blue down jacket' or '蓝色羽绒服'")
+    s.add_argument("--image", type=Path, help="query photo (JPEG/PNG/WebP)")
+    s.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
+    s.add_argument("--filter", action="append", metavar="FIELD=VALUE",
+                   help="attribute filter; repeat to AND fields / OR values of one field")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    url_arg(s)
+    s.set_defaults(func=bind(cmd_search))
+
+    d = sub.add_parser("delete", help="delete items from an index by id")
+    d.add_argument("--index", type=Path, required=True, metavar="INDEX_DIR")
+    d.add_argument("ids", nargs="+")
+    d.add_argument("--missing-ok", action="store_true", help="ignore ids the index does not hold")
+    d.set_defaults(func=bind(cmd_delete))
+
+    e = sub.add_parser("eval", help="Recall@k / MRR / nDCG@10 of a query set through the server",
+                       description="Run a graded query set (queries.jsonl) through the served ensembles "
+                                   "and the index; print metrics per query kind, optionally next to "
+                                   "the raw-encoder baselines.")
+    e.add_argument("--index", type=Path, required=True, metavar="INDEX_DIR")
+    e.add_argument("--queries", type=Path, required=True)
+    e.add_argument("--json", type=Path, help="also write the metrics as JSON here")
+    e.add_argument("--baselines", action="store_true",
+                   help="also evaluate the raw text and image encoders in-process")
+    e.add_argument("--catalog", type=Path, help="catalogue for --baselines (default: beside the queries)")
+    e.add_argument("--text-model", default=DEFAULT_TEXT_MODEL)
+    e.add_argument("--image-model", default=DEFAULT_IMAGE_MODEL)
+    url_arg(e)
+    e.set_defaults(func=bind(cmd_eval))

@@ -1,0 +1,248 @@
+"""``xmsearch``: the command line, a thin layer over the library.
+
+Every subcommand parses its arguments, calls one library function and prints the result.
+Errors the user can fix (XmsearchError) become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from xmsearch.errors import XmsearchError
+
+DEFAULT_URL = "localhost:8001"
+DEFAULT_REPOSITORY = Path("model_repository")
+
+
+def _progress_bar(desc: str, total: int | None = None):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, leave=False, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------- arguments
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from xmsearch.models.image import DEFAULT_IMAGE_MODEL, IMAGE_MODELS
+    from xmsearch.models.text import DEFAULT_TEXT_MODEL
+
+    g = p.add_argument_group("models")
+    g.add_argument("--text-model", default=DEFAULT_TEXT_MODEL, metavar="NAME_OR_PATH",
+                   help="text encoder: minilm-l6 (offline, English), multilingual-e5-small-q4 "
+                        "(offline, Chinese+English), a Hugging Face name or a local folder "
+                        f"(default: {DEFAULT_TEXT_MODEL})")
+    g.add_argument("--image-model", default=DEFAULT_IMAGE_MODEL, choices=IMAGE_MODELS,
+                   help=f"image encoder (default: {DEFAULT_IMAGE_MODEL})")
+    g.add_argument("--image-checkpoint", type=Path, metavar="PATH",
+                   help="torchvision state_dict for resnet* image models")
+
+
+def _url_arg(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--url", default=DEFAULT_URL, metavar="HOST:PORT",
+                   help=f"Triton gRPC endpoint (default: {DEFAULT_URL})")
+    g.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="per-request timeout (default: 60)")
+
+
+# ----------------------------------------------------------------------- commands
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from xmsearch.export.pipeline import export_repository
+    from xmsearch.export.repository import TargetSettings
+
+    settings = TargetSettings(a.target, device=a.device, ort_threads=a.ort_threads,
+                              trt_accelerator=a.trt_accelerator)
+    t0 = time.time()
+    res = export_repository(a.out, a.target, a.fusion, a.untrained, a.text_model, a.image_model,
+                            a.image_checkpoint, settings, a.precision, step=lambda m: print(m, flush=True))
+    print(f"wrote {a.target} repository {res.out} (fingerprint {res.fingerprint}"
+          f"{', UNTRAINED fusion' if not res.trained else ''}) in {time.time() - t0:.1f}s")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from xmsearch import server
+
+    srv = server.TritonServer(a.repository, grpc_port=a.grpc_port, http_port=a.http_port,
+                              metrics_port=a.metrics_port, log_file=a.log_file)
+    if a.pid_file:
+        srv.start(timeout=a.ready_timeout)
+        server.write_pid_file(a.pid_file, srv.pid)
+        _print_listening(srv)
+        srv.detach() if hasattr(srv, "detach") else None
+        return 0
+    srv.start(timeout=a.ready_timeout)
+    _print_listening(srv)
+    print("press Ctrl-C to stop", flush=True)
+    try:
+        srv.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.stop()
+    return 0
+
+
+def _print_listening(srv) -> None:
+    print(f"tritonserver ready (pid {srv.pid}): gRPC {srv.url}, HTTP {srv.http_url}, "
+          f"metrics {srv.metrics_url}/metrics; models: {', '.join(srv.models)}", flush=True)
+
+
+def cmd_stop(a: argparse.Namespace) -> int:
+    from xmsearch import server
+
+    stopped = server.stop_from_pid_file(a.pid_file)
+    print("stopped tritonserver" if stopped else f"no server running for {a.pid_file}")
+    return 0
+
+
+def cmd_demo_catalog(a: argparse.Namespace) -> int:
+    from xmsearch.demo import generate_demo_catalog
+
+    summary = generate_demo_catalog(a.out, n=a.n, seed=a.seed, n_queries=a.queries, progress=True)
+    print(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from xmsearch.train import TrainConfig, train_catalog
+
+    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                      val_fraction=a.val_fraction)
+    bars: dict = {}
+
+    def progress(label: str, done: int, total: int) -> None:
+        bar = bars.get(label) or bars.setdefault(label, _progress_bar(f"encoding {label}", total))
+        bar.n = done
+        bar.refresh()
+
+    epoch_bar = None
+
+    def on_epoch(rec: dict) -> None:
+        nonlocal epoch_bar
+        for b in bars.values():
+            b.close()
+        bars.clear()
+        if epoch_bar is None:
+            epoch_bar = _progress_bar("training", cfg.epochs)
+        epoch_bar.update(1)
+        epoch_bar.set_postfix(loss=f"{rec['loss']:.3f}", img_r1=f"{rec['val_image_r1']:.2f}",
+                              txt_r10=f"{rec['val_text_r10']:.2f}")
+
+    res = train_catalog(a.catalog, a.out, a.text_model, a.image_model, cfg, progress=progress,
+                        on_epoch=on_epoch, image_checkpoint=a.image_checkpoint)
+    if epoch_bar is not None:
+        epoch_bar.close()
+    last = res.history[-1]
+    print(f"trained fusion on {res.checkpoint.meta['items']} items in {res.seconds:.1f}s: "
+          f"loss {res.history[0]['loss']:.3f} -> {last['loss']:.3f}, held-out photo R@1 "
+          f"{last['val_image_r1']:.3f}, title R@10 {last['val_text_r10']:.3f}; saved {a.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from xmsearch import server
+
+    p = argparse.ArgumentParser(
+        prog="xmsearch",
+        description="Cross-modal product search: export models to Triton, serve them, index a "
+                    "catalogue into FAISS and search it by text, photo or both.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = sub.add_parser("export", help="export encoders + fusion into a Triton model repository",
+                       description="Export the text encoder, image encoder and fusion module to ONNX "
+                                   "(checked against PyTorch) and write a Triton model repository with "
+                                   "ensembles query_text, query_image, query_text_image and item.")
+    e.add_argument("--target", choices=("cpu", "onnxruntime", "tensorrt"), default="cpu",
+                   help="cpu: python backend running ONNX Runtime (works with the bundled server); "
+                        "onnxruntime: native onnxruntime backend (NGC container); tensorrt: TensorRT "
+                        "engines (needs a GPU with TensorRT). Default: cpu")
+    w = e.add_mutually_exclusive_group(required=True)
+    w.add_argument("--fusion", type=Path, metavar="CKPT", help="trained fusion checkpoint (xmsearch train)")
+    w.add_argument("--untrained", action="store_true",
+                   help="random fusion weights: for plumbing tests only, the vectors mean nothing")
+    e.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY, help="repository folder (default: model_repository)")
+    e.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
+                   help="tensorrt target precision (default: fp16)")
+    e.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="onnxruntime target instance kind (default: gpu)")
+    e.add_argument("--ort-threads", type=int, default=2, help="ONNX Runtime intra-op threads per instance")
+    e.add_argument("--trt-accelerator", action="store_true",
+                   help="onnxruntime target: enable the TensorRT execution provider")
+    _model_args(e)
+    e.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="run tritonserver on a model repository",
+                       description="Start the tritonserver bundled with nvidia-pytriton on a repository, "
+                                   "wait until every model is ready and say where it listens.")
+    s.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    s.add_argument("--grpc-port", type=int, default=server.DEFAULT_GRPC_PORT)
+    s.add_argument("--http-port", type=int, default=server.DEFAULT_HTTP_PORT)
+    s.add_argument("--metrics-port", type=int, default=server.DEFAULT_METRICS_PORT)
+    s.add_argument("--log-file", type=Path, help="write the server log here (default: a temp file)")
+    s.add_argument("--pid-file", type=Path,
+                   help="start in the background, write the pid here and return (make serve)")
+    s.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    s.set_defaults(func=cmd_serve)
+
+    st = sub.add_parser("stop", help="stop a background server started with serve --pid-file")
+    st.add_argument("--pid-file", type=Path, required=True)
+    st.set_defaults(func=cmd_stop)
+
+    d = sub.add_parser("demo-catalog", help="generate the demo catalogue and its query set",
+                       description="Render a reproducible product catalogue (photos, English and Chinese "
+                                   "titles, attributes) and a graded query set; nothing is downloaded.")
+    d.add_argument("--out", type=Path, required=True)
+    d.add_argument("--n", type=int, default=1500, help="number of products (default: 1500)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--queries", type=int, default=300, help="number of queries (default: 300)")
+    d.set_defaults(func=cmd_demo_catalog)
+
+    t = sub.add_parser("train", help="train the fusion module on a catalogue",
+                       description="Contrastive (symmetric InfoNCE) training of the fusion module on the "
+                                   "catalogue's own title/photo pairs; encoders frozen, features cached.")
+    t.add_argument("catalog", type=Path, help="catalogue JSONL/CSV (id, title, image, ...)")
+    t.add_argument("--out", type=Path, required=True, metavar="CKPT")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--val-fraction", type=float, default=0.05, help="items held out for validation recall")
+    _model_args(t)
+    t.set_defaults(func=cmd_train)
+
+    from xmsearch.client import cli as client_cli  # index, search, delete, eval
+
+    client_cli.add_commands(sub, _url_arg, _progress_bar)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return a.func(a)
+    except XmsearchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Retrieval evaluation through the served ensembles, next to frozen-encoder baselines.
+
+The fused model is measured end to end (query -> Triton ensemble -> FAISS index).  The
+baselines answer the same queries in-process with the raw encoders: mean-pooled text
+states (query vs titles) and mean-pooled image regions (photo vs photos), each on the
+query kinds it can serve (a text+image query gives the text baseline its text and the
+image baseline its photo).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xmsearch.catalog import read_catalog
+from xmsearch.errors import InputError
+from xmsearch.metrics import evaluate
+
+KINDS = ("text", "image", "text_image")
+
+
+def load_queries(path: Path) -> list[dict]:
+    """Read queries.jsonl; image paths become absolute (relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"query file {path} does not exist")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+        if not q.get("relevant"):
+            raise InputError(f"{path} line {n}: query has no 'relevant' map")
+        if q.get("image"):
+            q["image"] = str((path.parent / q["image"]).resolve()) if not Path(q["image"]).is_absolute() \
+                else q["image"]
+        q.setdefault("kind", "text_image" if q.get("text") and q.get("image")
+                     else "image" if q.get("image") else "text")
+        q.setdefault("qid", f"line{n}")
+        out.append(q)
+    return out
+
+
+def run_served(searcher, queries: list[dict], k: int = 10, batch: int = 32,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, list[str]]:
+    """Ranked ids per query from the served model (queries batched per kind)."""
+    results: dict[str, list[str]] = {}
+    done = 0
+    for kind in KINDS:
+        qs = [q for q in queries if q["kind"] == kind]
+        for i in range(0, len(qs), batch):
+            chunk = qs[i:i + batch]
+            texts = [q["text"] for q in chunk] if kind != "image" else None
+            images = [q["image"] for q in chunk] if kind != "text" else None
+            for q, hits in zip(chunk, searcher.search_many(texts, images, k)):
+                results[q["qid"]] = [h.id for h in hits]
+            done += len(chunk)
+            if progress:
+                progress(done, len(queries))
+    return results
+
+
+def _topk(q: torch.Tensor, z: torch.Tensor, ids: list[str], k: int) -> list[list[str]]:
+    idx = (q @ z.T).topk(min(k, len(ids)), dim=1).indices
+    return [[ids[j] for j in row] for row in idx.tolist()]
+
+
+@torch.no_grad()
+def run_baselines(catalog: Path, queries: list[dict], text_model: str, image_model: str,
+                  k: int = 10, batch: int = 64) -> dict[str, dict[str, list[str]]]:
+    """Rankings of the raw-encoder baselines: {"text_encoder": {...}, "image_encoder": {...}}."""
+    from xmsearch.models.text import mean_pool
+    from xmsearch.pipeline import Encoders
+
+    enc = Encoders.load(text_model, image_model)
+    rows, _ = read_catalog(Path(catalog))
+    ids = [r.id for r in rows]
+
+    def text_vecs(texts, role):
+        out = []
+        for i in range(0, len(texts), batch):
+            s, m = enc.text_states(texts[i:i + batch], role)
+            out.append(F.normalize(mean_pool(s, m), dim=-1))
+        return torch.cat(out)
+
+    def image_vecs(paths):
+        out = []
+        for i in range(0, len(paths), batch):
+            r = enc.image_regions([Path(p).read_bytes() for p in paths[i:i + batch]])
+            out.append(F.normalize(r.mean(1), dim=-1))
+        return torch.cat(out)
+
+    titles = text_vecs([r.title for r in rows], "passage")
+    photos = image_vecs([r.image for r in rows])
+    text_q = [q for q in queries if q.get("text")]
+    image_q = [q for q in queries if q.get("image")]
+    res = {"text_encoder": {}, "image_encoder": {}}
+    if text_q:
+        for q, r in zip(text_q, _topk(text_vecs([q["text"] for q in text_q], "query"), titles, ids, k)):
+            res["text_encoder"][q["qid"]] = r
+    if image_q:
+        for q, r in zip(image_q, _topk(image_vecs([q["image"] for q in image_q]), photos, ids, k)):
+            res["image_encoder"][q["qid"]] = r
+    return res
+
+
+def evaluation_table(served: dict[str, list[str]], queries: list[dict],
+                     baselines: dict[str, dict[str, list[str]]] | None = None) -> dict:
+    """{system: {kind: {metric: value}}} for the served model and each baseline."""
+    table = {"fused (served)": evaluate(served, queries)}
+    for name, ranking in (baselines or {}).items():
+        qs = [q for q in queries if q["qid"] in ranking]
+        table[f"baseline: raw {name.replace('_', ' ')}"] = evaluate(ranking, qs)
+    return table
+
+
+def format_table(table: dict) -> str:
+    """A plain-text table: one row per (system, kind)."""
+    metrics = ["Recall@1", "Recall@5", "Recall@10", "MRR", "nDCG@10"]
+    lines = [f"{'system':34s} {'kind':11s} {'n':>4s} " + " ".join(f"{m:>9s}" for m in metrics)]
+    for system, kinds in table.items():
+        for kind, vals in kinds.items():
+            lines.append(f"{system:34s} {kind:11s} {int(vals.get('count', vals.get('n', 0))):4d} "
+                         + " ".join(f"{vals.get(m, float('nan')):9.3f}" for m in metrics))
+    return "\n".join(lines)

@@ -1,0 +1,324 @@
+"""Contrastive training of the fusion module on a catalogue's own title/photo pairs.
+
+Encoders stay frozen; their outputs are computed once and cached, so an epoch is a few
+small matrix products per batch and takes seconds on 2 cores.
+
+Each item ``i`` is anchored by its *item embedding* (title with the passage role + the
+catalogue photo, the same path ``xmsearch index`` takes).  Four *query views* of the item
+are pulled towards the anchor with a symmetric InfoNCE loss against the other items of
+the batch:
+
+- text: the title, an alternative title, or a partial title (some words, sometimes
+  behind generic shopping filler such as "looking for" / "同款"), with the query role;
+- image: an augmented rendering of the photo (crop, scale, rotation, flip, light);
+- text+image: a text view together with the augmented photo;
+- composed: a partial title of ``i`` with the photo of a *visually similar other item*
+  ``j`` ("like this, but <words of i>"): the anchor is ``i`` and ``j`` is a negative, which
+  teaches the module to let the words override what the photo shows.
+
+Nothing here depends on the demo catalogue: views come from ``title``, optional
+``alt_titles`` and the image of any catalogue in the ingest format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance
+
+from xmsearch.catalog import CatalogRow, read_catalog
+from xmsearch.checkpoint import FusionCheckpoint
+from xmsearch.errors import InputError
+from xmsearch.models.fusion import AttentionFusion
+from xmsearch.pipeline import Encoders
+
+# Generic shopping-query filler, not tied to any catalogue's vocabulary.
+FILLERS = ["like this but", "similar but", "same style in", "looking for", "show me",
+           "something like this in", "this one in", "i want", "同款", "类似的", "想要", "找"]
+TEXT_VIEWS = 6  # query-role text views cached per item
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    temperature: float = 0.05
+    val_fraction: float = 0.05
+    seed: int = 0
+    width: int = 256
+    embed_dim: int = 256
+
+
+@dataclass
+class Features:
+    """Frozen-encoder outputs for every item (fp16 to keep 10k items in a few GB)."""
+
+    ids: list[str]
+    item_states: torch.Tensor  # [N, S, Ht] passage-role title
+    item_mask: torch.Tensor  # [N, S]
+    view_states: torch.Tensor  # [N, V, S, Ht] query-role text views
+    view_mask: torch.Tensor  # [N, V, S]
+    partial: torch.Tensor  # [N, V] bool: view is a partial title (for composed views)
+    regions: torch.Tensor  # [N, 2, R, Hi]: catalogue photo, augmented photo
+
+
+@dataclass
+class TrainResult:
+    checkpoint: FusionCheckpoint
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------- views
+
+
+def _words(title: str) -> list[str]:
+    parts = title.replace(",", " ").replace("，", " ").split()
+    out = []
+    for p in parts:
+        if any("\u4e00" <= ch <= "\u9fff" for ch in p) and len(p) > 3:
+            out.extend(p[k:k + 2] for k in range(0, len(p), 2))  # rough CJK chunks
+        else:
+            out.append(p)
+    return out or [title]
+
+
+def text_views(row: CatalogRow, rng: random.Random, n: int = TEXT_VIEWS) -> tuple[list[str], list[bool]]:
+    """``n`` query-style texts for an item, and which of them are partial titles."""
+    alts = [t for t in row.attributes.get("alt_titles", []) or [] if isinstance(t, str) and t.strip()]
+    full = [row.title] + alts
+    views, partial = [], []
+    words = _words(row.title)
+    while len(views) < n:
+        k = len(views)
+        if k < min(2, len(full)) or (k < len(full) and k < n // 2):
+            views.append(full[k]), partial.append(False)
+            continue
+        src = _words(rng.choice(full)) if rng.random() < 0.5 else words
+        keep = rng.sample(src, k=max(1, min(len(src), rng.randint(1, 2))))
+        text = " ".join(keep)
+        if rng.random() < 0.6:
+            text = f"{rng.choice(FILLERS)} {text}"
+        views.append(text), partial.append(True)
+    return views, partial
+
+
+def augment_photo(data: bytes, rng: random.Random) -> bytes:
+    """A re-shot photo: random crop/scale, small rotation, mirror, light change, JPEG."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    s = rng.uniform(0.75, 1.0)
+    cw, ch = int(w * s), int(h * s)
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    img = img.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BILINEAR)
+    fill = tuple(int(v) for v in np.asarray(img)[0, 0])
+    img = img.rotate(rng.uniform(-12, 12), resample=Image.BILINEAR, fillcolor=fill)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.85, 1.15))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=rng.randint(75, 95))
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------- features
+
+
+def _pad_states(chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(s.shape[1] for s, _ in chunks)
+    states = torch.cat([F.pad(s, (0, 0, 0, width - s.shape[1])) for s, _ in chunks])
+    mask = torch.cat([F.pad(m, (0, width - m.shape[1])) for _, m in chunks])
+    return states.half(), mask.bool()
+
+
+def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch: int = 64,
+                     progress: Callable[[str, int, int], None] | None = None) -> Features:
+    """Run the frozen encoders over every item once (the expensive part of training)."""
+    rng = random.Random(seed)
+    views, partial = zip(*(text_views(r, rng) for r in rows))
+    flat_views = [v for vs in views for v in vs]
+
+    def run_text(texts: list[str], role: str, label: str):
+        out = []
+        for i in range(0, len(texts), batch):
+            out.append(enc.text_states(texts[i:i + batch], role))
+            if progress:
+                progress(label, min(i + batch, len(texts)), len(texts))
+        return _pad_states(out)
+
+    item_states, item_mask = run_text([r.title for r in rows], "passage", "titles")
+    vs, vm = run_text(flat_views, "query", "text views")
+    n = len(rows)
+    regions = []
+    for i in range(0, n, batch // 2):
+        chunk = rows[i:i + batch // 2]
+        photos = [r.image.read_bytes() for r in chunk]
+        augmented = [augment_photo(p, rng) for p in photos]
+        r = enc.image_regions(photos + augmented)
+        k = len(chunk)
+        regions.append(torch.stack([r[:k], r[k:]], dim=1).half())
+        if progress:
+            progress("photos", min(i + batch // 2, n), n)
+    return Features(
+        ids=[r.id for r in rows], item_states=item_states, item_mask=item_mask,
+        view_states=vs.view(n, TEXT_VIEWS, *vs.shape[1:]), view_mask=vm.view(n, TEXT_VIEWS, -1),
+        partial=torch.tensor(partial, dtype=torch.bool), regions=torch.cat(regions))
+
+
+def features_key(catalog: Path, enc: Encoders, seed: int) -> str:
+    h = hashlib.sha256(Path(catalog).read_bytes())
+    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|v1".encode())
+    return h.hexdigest()[:16]
+
+
+def load_or_compute_features(catalog: Path, enc: Encoders, rows: list[CatalogRow], cache_dir: Path,
+                             seed: int, progress=None) -> Features:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"features-{features_key(catalog, enc, seed)}.pt"
+    if path.exists():
+        try:
+            return Features(**torch.load(str(path), weights_only=True))
+        except Exception:  # a stale or damaged cache is recomputed, never trusted
+            path.unlink()
+    feats = compute_features(enc, rows, seed, progress=progress)
+    tmp = path.with_suffix(".tmp")
+    torch.save(feats.__dict__, str(tmp))
+    tmp.replace(path)
+    return feats
+
+
+# ------------------------------------------------------------------------- training
+
+
+def _neighbours(regions: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """For each item, its k most similar *other* photos (mean-pooled frozen features)."""
+    pooled = F.normalize(regions[:, 0].float().mean(1), dim=-1)
+    sims = pooled @ pooled.T
+    sims.fill_diagonal_(-2.0)
+    return sims.topk(min(k, len(pooled) - 1), dim=1).indices
+
+
+def info_nce(q: torch.Tensor, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    logits = scale * q @ z.T
+    target = torch.arange(len(q))
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def _embed_items(fusion: AttentionFusion, f: Features, idx: torch.Tensor) -> torch.Tensor:
+    return fusion.encode_joint(f.item_states[idx].float(), f.item_mask[idx], f.regions[idx, 0].float())
+
+
+@torch.no_grad()
+def evaluate_views(fusion: AttentionFusion, f: Features, eval_idx: torch.Tensor, bs: int = 256) -> dict:
+    """Recall of held-out items: augmented photo -> item (R@1), full title -> item (R@10)."""
+    fusion.eval()
+    all_idx = torch.arange(len(f.ids))
+    z = torch.cat([_embed_items(fusion, f, all_idx[i:i + bs]) for i in range(0, len(all_idx), bs)])
+    qi = fusion.encode_image(f.regions[eval_idx, 1].float())
+    qt = fusion.encode_text(f.view_states[eval_idx, 0].float(), f.view_mask[eval_idx, 0])
+    r1 = (qi @ z.T).argmax(1).eq(eval_idx).float().mean().item()
+    top10 = (qt @ z.T).topk(10, dim=1).indices
+    r10 = top10.eq(eval_idx[:, None]).any(1).float().mean().item()
+    return {"val_image_r1": r1, "val_text_r10": r10}
+
+
+def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfig = TrainConfig(),
+                 on_epoch: Callable[[dict], None] | None = None,
+                 on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train an AttentionFusion on cached features; returns the checkpoint and history."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = len(f.ids)
+    if n < 8:
+        raise InputError(f"training needs at least 8 items, the catalogue has {n}")
+    perm = torch.randperm(n, generator=gen)
+    n_val = int(round(n * cfg.val_fraction)) if n >= 50 else 0
+    val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:]
+    eval_idx = val_idx if n_val else perm[: min(n, 200)]
+    nbrs = _neighbours(f.regions)
+    fusion = AttentionFusion(f.item_states.shape[-1], f.regions.shape[-1], width=cfg.width,
+                             embed_dim=cfg.embed_dim)
+    log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
+    opt = torch.optim.AdamW(list(fusion.parameters()) + [log_scale], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(train_idx) / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                pct_start=0.1)
+    history, t0, step = [], time.time(), 0
+    for epoch in range(1, cfg.epochs + 1):
+        fusion.train()
+        order = train_idx[torch.randperm(len(train_idx), generator=gen)]
+        losses = []
+        for b in range(0, len(order), cfg.batch_size):
+            idx = order[b:b + cfg.batch_size]
+            if len(idx) < 2:
+                continue
+            k = len(idx)
+            z = _embed_items(fusion, f, idx)
+            v = torch.randint(0, f.view_states.shape[1], (k,), generator=gen)
+            vs, vm = f.view_states[idx, v].float(), f.view_mask[idx, v]
+            aug = f.regions[idx, 1].float()
+            # Composed view: a partial title of i over the photo of a neighbour j.
+            pv = _pick_partial(f.partial[idx], gen)
+            ps, pm = f.view_states[idx, pv].float(), f.view_mask[idx, pv]
+            j = nbrs[idx, torch.randint(0, nbrs.shape[1], (k,), generator=gen)]
+            other = f.regions[j, torch.randint(0, 2, (k,), generator=gen)].float()
+            scale = log_scale.exp().clamp(max=100)
+            loss = (info_nce(fusion.encode_text(vs, vm), z, scale)
+                    + info_nce(fusion.encode_image(aug), z, scale)
+                    + info_nce(fusion.encode_image(f.regions[idx, 0].float()), z, scale)
+                    + info_nce(fusion.encode_joint(vs, vm, aug), z, scale)
+                    + info_nce(fusion.encode_joint(ps, pm, other), z, scale))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(fusion.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            losses.append(loss.item())
+            if on_step:
+                on_step(step, loss.item())
+        record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                  **evaluate_views(fusion, f, eval_idx), "seconds": round(time.time() - t0, 2)}
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+    fusion.eval()
+    meta = {"epochs": cfg.epochs, "items": n, "val_items": n_val, "history": history,
+            "config": cfg.__dict__}
+    return TrainResult(FusionCheckpoint(fusion, text_model, image_model, trained=True, meta=meta),
+                       history, time.time() - t0)
+
+
+def _pick_partial(partial: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random partial-title view per row (any view where an item has none)."""
+    weights = partial.float() + 1e-3
+    return torch.multinomial(weights, 1, generator=gen)[:, 0]
+
+
+def train_catalog(catalog: Path, out: Path, text_model: str, image_model: str,
+                  cfg: TrainConfig = TrainConfig(), cache_dir: Path | None = None,
+                  progress=None, on_epoch=None, on_step=None, image_checkpoint=None) -> TrainResult:
+    """Read a catalogue, cache frozen features, train, and save the checkpoint to ``out``."""
+    rows, bad = read_catalog(Path(catalog))
+    if not rows:
+        raise InputError(f"catalogue {catalog} has no usable rows ({len(bad)} bad)")
+    enc = Encoders.load(text_model, image_model, image_checkpoint)
+    cache_dir = cache_dir or Path(out).parent / ".feature-cache"
+    feats = load_or_compute_features(Path(catalog), enc, rows, cache_dir, cfg.seed, progress)
+    result = train_fusion(feats, text_model, image_model, cfg, on_epoch, on_step)
+    result.checkpoint.meta.update({"catalog": str(catalog), "bad_rows": len(bad)})
+    result.checkpoint.save(Path(out))
+    return result
