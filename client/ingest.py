@@ -116,6 +116,11 @@ def ingest_catalog(catalog: Path, index_dir: Path, embedder: Embedder, *, factor
                                       f"the catalogue has {len(sample)} usable rows: use Flat or HNSW32")
             kept, vecs = _embed_rows(embedder, sample, report.bad)
             index.train(vecs)
+            if kept:  # the training sample is embedded already: add it, do not embed it twice
+                index.add([r.id for r in kept], vecs, [r.metadata() for r in kept])
+                report.added += len(kept)
+            index.save()
+            todo = todo[len(sample):]
         if nprobe is not None or ef_search is not None:
             index.set_search_params(nprobe=nprobe, efSearch=ef_search)
         done = 0

@@ -179,7 +179,9 @@ def decode_image(data: bytes, *, what: str = "IMAGE") -> Image.Image:
         raise InputError(f"{what} is not a decodable image: no JPEG, PNG, WebP, GIF or BMP "
                          f"header in its {len(data)} bytes") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InputError(f"{what} is refused as a decompression bomb ({e})") from None
+        # Pillow's own bomb guard fires in open() for really huge headers.
+        raise InputError(f"{what} is refused, too many pixels ({e}): downscale it before "
+                         "sending") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise InputError(f"{what} is a corrupt or truncated image ({e})") from None
     if img.mode != "RGB":

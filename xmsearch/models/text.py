@@ -60,10 +60,15 @@ class TextEncoder(nn.Module):
 
     def __init__(self, source: TextModelSource):
         super().__init__()
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
         try:
-            self.model = AutoModel.from_pretrained(source.path)
+            config = AutoConfig.from_pretrained(source.path)
+            # Token states are what we serve: no pooler (e5's folder has no pooler weights,
+            # and a randomly initialised one would only cost time).
+            kwargs = {"add_pooling_layer": False} if config.model_type in (
+                "bert", "roberta", "xlm-roberta") else {}
+            self.model = AutoModel.from_pretrained(source.path, config=config, **kwargs)
         except OSError as e:
             raise ModelError(
                 f"cannot load text model {source.name!r} from {source.path!r}: {e}. "

@@ -1,0 +1,125 @@
+"""Fixtures shared by the whole test suite.
+
+Triton (real tritonserver from the nvidia-pytriton wheel, on free ports):
+
+* ``start_triton(repository, **options)`` -- fixture returning a context-manager factory:
+  ``with start_triton(repo) as server:`` starts a private server, waits until every
+  model of ``repo`` is ready, and stops it on exit.  For tests that need their own server
+  (a temp repository, a server they stop or restart).
+* ``triton_server(repository)`` -- session fixture returning a factory of *shared*
+  servers: one server per repository for the whole session, stopped at the end.  Use it
+  whenever the test only sends requests.
+* ``echo_repository`` / ``echo_server`` -- the tiny test repository in
+  ``tests/fixtures/echo_repository`` and its shared server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from xmsearch.server import TritonServer, free_ports
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ECHO_REPOSITORY = FIXTURES / "echo_repository"
+
+# Tests stop servers often: Triton polls in-flight work once a second until this runs out.
+TEST_EXIT_TIMEOUT_S = 2
+
+
+# --------------------------------------------------------------------------- Triton
+
+
+@pytest.fixture(scope="session")
+def triton_log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder for the tritonserver logs of this session (kept for post-mortems)."""
+    return tmp_path_factory.mktemp("tritonserver-logs")
+
+
+@pytest.fixture(scope="session")
+def start_triton(triton_log_dir: Path) -> Callable[..., contextlib.AbstractContextManager[TritonServer]]:
+    """Factory: ``with start_triton(repository, **options) as server`` (private server).
+
+    Options go to :class:`xmsearch.server.TritonServer` (e.g. ``extra_args``); ``timeout``
+    bounds the wait for readiness.  A start failure raises ServerError with the log tail.
+    """
+
+    @contextlib.contextmanager
+    def start(repository: Path, *, timeout: float = 120.0, **options: Any) -> Iterator[TritonServer]:
+        grpc_port, http_port, metrics_port = free_ports(3)
+        options.setdefault("exit_timeout_s", TEST_EXIT_TIMEOUT_S)
+        options.setdefault("log_file", triton_log_dir / f"{Path(repository).name}-{grpc_port}.log")
+        # die_with_parent: a test run killed hard must not leave servers behind.
+        server = TritonServer(repository, grpc_port, http_port, metrics_port,
+                              die_with_parent=True, **options)
+        server.start(wait=True, timeout=timeout)
+        try:
+            yield server
+        finally:
+            server.stop()
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def triton_server(start_triton: Callable[..., Any]) -> Iterator[Callable[[Path], TritonServer]]:
+    """Factory: ``triton_server(repository)`` -> a server shared by the whole session."""
+    servers: dict[Path, TritonServer] = {}
+    with contextlib.ExitStack() as stack:
+
+        def get(repository: Path) -> TritonServer:
+            key = Path(repository).resolve()
+            if key not in servers:
+                servers[key] = stack.enter_context(start_triton(key))
+            return servers[key]
+
+        yield get
+
+
+@pytest.fixture(scope="session")
+def echo_repository() -> Path:
+    """The test model repository: ``echo_embed`` (TEXT -> hash EMBEDDING [4])."""
+    return ECHO_REPOSITORY
+
+
+@pytest.fixture(scope="session")
+def echo_server(triton_server: Callable[[Path], TritonServer], echo_repository: Path) -> TritonServer:
+    """Shared tritonserver serving :func:`echo_repository`."""
+    return triton_server(echo_repository)
+
+
+# ------------------------------------------------------------------ xmsearch models
+
+
+@pytest.fixture(scope="session")
+def exported_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cpu-target repository exported once per session (real MiniLM + EfficientNet-Lite0).
+
+    The fusion weights are the seeded untrained ones: plumbing, parity and error tests only
+    need a fixed function; retrieval quality is tested on a trained checkpoint elsewhere.
+    """
+    from xmsearch.export.pipeline import export_repository
+
+    out = tmp_path_factory.mktemp("model_repository")
+    export_repository(out, "cpu", untrained=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def xm_server(triton_server: Callable[[Path], TritonServer], exported_repository: Path) -> TritonServer:
+    """Shared tritonserver serving :func:`exported_repository`."""
+    return triton_server(exported_repository)
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(exported_repository: Path):
+    """The in-process reference of :func:`exported_repository` (same seeded fusion)."""
+    from xmsearch.export.pipeline import load_fusion
+    from xmsearch.pipeline import Encoders, ReferencePipeline
+
+    enc = Encoders.load()
+    return ReferencePipeline(enc, load_fusion(enc, None, untrained=True).fusion)
