@@ -6,9 +6,9 @@ Triton (real tritonserver from the nvidia-pytriton wheel, on free ports):
   ``with start_triton(repo) as server:`` starts a private server, waits until every
   model of ``repo`` is ready, and stops it on exit.  For tests that need their own server
   (a temp repository, a server they stop or restart).
-* ``triton_server(repository)`` -- session fixture returning a factory of *shared*
-  servers: one server per repository for the whole session, stopped at the end.  Use it
-  whenever the test only sends requests.
+* ``triton_server(repository, **options)`` -- session fixture returning a factory of
+  *shared* servers: one server per repository (and options) for the whole session,
+  stopped at the end.  Use it whenever the test only sends requests.
 * ``echo_repository`` / ``echo_server`` -- the tiny test repository in
   ``tests/fixtures/echo_repository`` and its shared server.
 """
@@ -53,9 +53,8 @@ def start_triton(triton_log_dir: Path) -> Callable[..., contextlib.AbstractConte
         grpc_port, http_port, metrics_port = free_ports(3)
         options.setdefault("exit_timeout_s", TEST_EXIT_TIMEOUT_S)
         options.setdefault("log_file", triton_log_dir / f"{Path(repository).name}-{grpc_port}.log")
-        # die_with_parent: a test run killed hard must not leave servers behind.
-        server = TritonServer(repository, grpc_port, http_port, metrics_port,
-                              die_with_parent=True, **options)
+        options.setdefault("die_with_parent", True)  # a killed test run leaves no server behind
+        server = TritonServer(repository, grpc_port, http_port, metrics_port, **options)
         server.start(wait=True, timeout=timeout)
         try:
             yield server
@@ -66,15 +65,19 @@ def start_triton(triton_log_dir: Path) -> Callable[..., contextlib.AbstractConte
 
 
 @pytest.fixture(scope="session")
-def triton_server(start_triton: Callable[..., Any]) -> Iterator[Callable[[Path], TritonServer]]:
-    """Factory: ``triton_server(repository)`` -> a server shared by the whole session."""
-    servers: dict[Path, TritonServer] = {}
+def triton_server(start_triton: Callable[..., Any]) -> Iterator[Callable[..., TritonServer]]:
+    """Factory: ``triton_server(repository, **options)`` -> a server shared by the session.
+
+    Calls with the same repository and options get the same running server; all of them
+    are stopped at the end of the session.
+    """
+    servers: dict[tuple[Path, str], TritonServer] = {}
     with contextlib.ExitStack() as stack:
 
-        def get(repository: Path) -> TritonServer:
-            key = Path(repository).resolve()
+        def get(repository: Path, **options: Any) -> TritonServer:
+            key = (Path(repository).resolve(), repr(sorted(options.items())))
             if key not in servers:
-                servers[key] = stack.enter_context(start_triton(key))
+                servers[key] = stack.enter_context(start_triton(key[0], **options))
             return servers[key]
 
         yield get
