@@ -70,30 +70,37 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from xmsearch import server
+    from xmsearch.errors import ServerError
 
-    srv = server.TritonServer(a.repository, grpc_port=a.grpc_port, http_port=a.http_port,
-                              metrics_port=a.metrics_port, log_file=a.log_file)
     if a.pid_file:
+        # Background mode: no die_with_parent, so tritonserver outlives this process; the
+        # pid file names tritonserver itself, which `xmsearch stop` signals directly.
+        srv = server.TritonServer(a.repository, grpc_port=a.grpc_port, http_port=a.http_port,
+                                  metrics_port=a.metrics_port, log_file=a.log_file)
         srv.start(timeout=a.ready_timeout)
-        server.write_pid_file(a.pid_file, srv.pid)
+        try:
+            server.write_pid_file(a.pid_file, srv.pid)
+        except OSError as e:
+            srv.stop()  # a server nobody can find to stop is worse than none
+            raise ServerError(f"cannot write pid file {a.pid_file} ({e}); server stopped") from e
         _print_listening(srv)
-        srv.detach() if hasattr(srv, "detach") else None
         return 0
-    srv.start(timeout=a.ready_timeout)
-    _print_listening(srv)
-    print("press Ctrl-C to stop", flush=True)
-    try:
-        srv.process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        srv.stop()
+
+    # Foreground: serve_forever stops the server on Ctrl-C *and* SIGTERM, ties its life to
+    # this process (die_with_parent) and raises when tritonserver exits on its own.
+    def on_ready(info: server.ServerInfo) -> None:
+        print(f"tritonserver ready (pid {info.pid}): gRPC {info.grpc_url}, HTTP {info.http_url}, "
+              f"metrics {info.metrics_url}; models: {', '.join(info.models)}", flush=True)
+        print("press Ctrl-C to stop", flush=True)
+
+    server.serve_forever(a.repository, a.grpc_port, a.http_port, a.metrics_port,
+                         log_file=a.log_file, ready_timeout=a.ready_timeout, on_ready=on_ready)
     return 0
 
 
 def _print_listening(srv) -> None:
     print(f"tritonserver ready (pid {srv.pid}): gRPC {srv.url}, HTTP {srv.http_url}, "
-          f"metrics {srv.metrics_url}/metrics; models: {', '.join(srv.models)}", flush=True)
+          f"metrics {srv.metrics_url}; models: {', '.join(srv.models)}", flush=True)
 
 
 def cmd_stop(a: argparse.Namespace) -> int:
@@ -215,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "catalogue's own title/photo pairs; encoders frozen, features cached.")
     t.add_argument("catalog", type=Path, help="catalogue JSONL/CSV (id, title, image, ...)")
     t.add_argument("--out", type=Path, required=True, metavar="CKPT")
-    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)

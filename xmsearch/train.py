@@ -50,7 +50,7 @@ TEXT_VIEWS = 6  # query-role text views cached per item
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -266,21 +266,25 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
             if len(idx) < 2:
                 continue
             k = len(idx)
-            z = _embed_items(fusion, f, idx)
             v = torch.randint(0, f.view_states.shape[1], (k,), generator=gen)
-            vs, vm = f.view_states[idx, v].float(), f.view_mask[idx, v]
-            aug = f.regions[idx, 1].float()
-            # Composed view: a partial title of i over the photo of a neighbour j.
             pv = _pick_partial(f.partial[idx], gen)
-            ps, pm = f.view_states[idx, pv].float(), f.view_mask[idx, pv]
             j = nbrs[idx, torch.randint(0, nbrs.shape[1], (k,), generator=gen)]
-            other = f.regions[j, torch.randint(0, 2, (k,), generator=gen)].float()
+            # Project every feature tensor once; the views below reuse the tokens.
+            title_t = fusion.text_tokens(f.item_states[idx].float())
+            view_t = fusion.text_tokens(f.view_states[idx, v].float())
+            part_t = fusion.text_tokens(f.view_states[idx, pv].float())
+            photo_v = fusion.image_tokens(f.regions[idx, 0].float())
+            aug_v = fusion.image_tokens(f.regions[idx, 1].float())
+            # Composed view: a partial title of i over the photo of a neighbour j.
+            other_v = fusion.image_tokens(f.regions[j, torch.randint(0, 2, (k,), generator=gen)].float())
+            vm, pm = f.view_mask[idx, v], f.view_mask[idx, pv]
+            z = fusion.joint(title_t, f.item_mask[idx], photo_v)
             scale = log_scale.exp().clamp(max=100)
-            loss = (info_nce(fusion.encode_text(vs, vm), z, scale)
-                    + info_nce(fusion.encode_image(aug), z, scale)
-                    + info_nce(fusion.encode_image(f.regions[idx, 0].float()), z, scale)
-                    + info_nce(fusion.encode_joint(vs, vm, aug), z, scale)
-                    + info_nce(fusion.encode_joint(ps, pm, other), z, scale))
+            loss = (info_nce(fusion.text_only(view_t, vm), z, scale)
+                    + info_nce(fusion.image_only(aug_v), z, scale)
+                    + info_nce(fusion.image_only(photo_v), z, scale)
+                    + info_nce(fusion.joint(view_t, vm, aug_v), z, scale)
+                    + info_nce(fusion.joint(part_t, pm, other_v), z, scale))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(fusion.parameters(), 1.0)

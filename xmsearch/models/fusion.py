@@ -77,32 +77,38 @@ class AttentionFusion(nn.Module):
     # The three entry points -------------------------------------------------------
 
     def encode_text(self, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        t = self._text_tokens(text_states)
-        return self._pool_and_project(t, text_mask.bool())
+        return self.text_only(self.text_tokens(text_states), text_mask)
 
     def encode_image(self, image_regions: torch.Tensor) -> torch.Tensor:
-        v = self._image_tokens(image_regions)
-        valid = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
-        return self._pool_and_project(v, valid)
+        return self.image_only(self.image_tokens(image_regions))
 
     def encode_joint(self, text_states: torch.Tensor, text_mask: torch.Tensor,
                      image_regions: torch.Tensor) -> torch.Tensor:
-        t = self._text_tokens(text_states)
-        v = self._image_tokens(image_regions)
-        tmask = text_mask.bool()
-        t = self.norm_t(t + self.t2i(t, v))
-        v = self.norm_i(v + self.i2t(v, t, tmask))
-        tokens = torch.cat([t, v], dim=1)
-        valid = torch.cat([tmask, torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)], dim=1)
-        return self._pool_and_project(tokens, valid)
+        return self.joint(self.text_tokens(text_states), text_mask, self.image_tokens(image_regions))
 
-    # ------------------------------------------------------------------------------
+    # The same on projected tokens: training projects each feature tensor once and
+    # reuses it across views (the 1280-wide region projection dominates its cost).
 
-    def _text_tokens(self, states: torch.Tensor) -> torch.Tensor:
+    def text_tokens(self, states: torch.Tensor) -> torch.Tensor:
         return self.text_proj(states) + self.modality[0]
 
-    def _image_tokens(self, regions: torch.Tensor) -> torch.Tensor:
+    def image_tokens(self, regions: torch.Tensor) -> torch.Tensor:
         return self.image_proj(regions) + self.modality[1]
+
+    def text_only(self, t: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        return self._pool_and_project(t, text_mask.bool())
+
+    def image_only(self, v: torch.Tensor) -> torch.Tensor:
+        valid = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
+        return self._pool_and_project(v, valid)
+
+    def joint(self, t: torch.Tensor, text_mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        tmask = text_mask.bool()
+        t2 = self.norm_t(t + self.t2i(t, v))
+        v2 = self.norm_i(v + self.i2t(v, t, tmask))
+        tokens = torch.cat([t2, v2], dim=1)
+        valid = torch.cat([tmask, torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)], dim=1)
+        return self._pool_and_project(tokens, valid)
 
     def _pool_and_project(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         # Broadcasting the learned query against tokens[:, :1] keeps the batch axis symbolic.

@@ -68,7 +68,19 @@ class TextEncoder(nn.Module):
             # and a randomly initialised one would only cost time).
             kwargs = {"add_pooling_layer": False} if config.model_type in (
                 "bert", "roberta", "xlm-roberta") else {}
-            self.model = AutoModel.from_pretrained(source.path, config=config, **kwargs)
+            # The load report lists the checkpoint's pooler as "unexpected": expected here.
+            from transformers.utils import logging as hf_logging
+
+            level = hf_logging.get_verbosity()
+            bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+            try:
+                self.model = AutoModel.from_pretrained(source.path, config=config, **kwargs)
+            finally:
+                hf_logging.set_verbosity(level)
+                if bars:
+                    hf_logging.enable_progress_bar()
         except OSError as e:
             raise ModelError(
                 f"cannot load text model {source.name!r} from {source.path!r}: {e}. "
