@@ -54,11 +54,42 @@ def export_onnx(module: torch.nn.Module, spec: ModelSpec, example: tuple[torch.T
             output_names=[t.name for t in spec.outputs],
             dynamic_axes=dynamic_axes, opset_version=OPSET, do_constant_folding=True,
             dynamo=False)
+    _pin_declared_shapes(path, spec)
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as e:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ModelError(f"exported {spec.name} graph {path} fails onnx.checker: {e}") from e
     return path
+
+
+def _pin_declared_shapes(path: Path, spec: ModelSpec) -> None:
+    """Declare the spec's shapes on the graph's inputs and outputs.
+
+    The TorchScript exporter gives every output dimension it cannot prove constant a
+    generated name (the embedding width comes out as ``DivEMBEDDING_dim_1``), so readers
+    of the graph (Triton, TensorRT, the config tests) would see a dynamic axis where the
+    spec promises 256.  The checker's full shape inference then verifies the pinned sizes.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    declared = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        t = declared.get(value.name)
+        if t is None:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(t.dims) + 1:
+            raise ModelError(f"exported {spec.name} graph {path}: {value.name} has rank {len(dims)}, "
+                             f"the spec says batch + {list(t.dims)}; fix the model or the spec")
+        names = iter(t.axis_names)
+        dims[0].dim_param = "batch"  # dim_param and dim_value are a oneof: setting one clears the other
+        for dim, size in zip(dims[1:], t.dims):
+            if size == -1:
+                dim.dim_param = next(names)
+            else:
+                dim.dim_value = size
+    onnx.save(model, str(path))
 
 
 def onnx_session(path: Path, threads: int = 0):

@@ -1,0 +1,400 @@
+"""Export spine: generated configs, ONNX graphs, parity checks, checkpoints, fingerprints.
+
+Config tests build every target's repository configs in memory (no GPU, no TensorRT
+needed); the graph, regeneration and fingerprint tests read the session's exported cpu
+repository (``exported_repository``); parity and checkpoint tests use a tiny fusion module
+so that they run in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from xmsearch import spec as S
+from xmsearch.checkpoint import FusionCheckpoint
+from xmsearch.errors import CheckpointError, ConfigError, ModelError
+from xmsearch.export import onnx as onnx_export
+from xmsearch.export import tensorrt as trt_export
+from xmsearch.export.pipeline import fingerprint_of, load_fusion
+from xmsearch.export.repository import (NEURAL, TARGETS, TargetSettings, check_configs, read_config,
+                                        read_repository, repository_configs, to_text, write_config)
+from xmsearch.models.fusion import AttentionFusion, FusionEntry
+
+DIMS = S.Dims(384, 1280)
+MEMBERS = tuple(S.member_specs(DIMS))
+PREPROCESSING = (S.TOKENIZER_QUERY, S.TOKENIZER_ITEM, S.IMAGE_PREPROCESS)
+_ONNX_TO_TRITON = {onnx.TensorProto.INT64: mc.TYPE_INT64, onnx.TensorProto.FLOAT: mc.TYPE_FP32,
+                   onnx.TensorProto.FLOAT16: mc.TYPE_FP16}
+
+
+def configs_for(target: str) -> dict[str, mc.ModelConfig]:
+    return repository_configs(DIMS, TargetSettings(target), "fp")
+
+
+def copy_of(configs: dict[str, mc.ModelConfig]) -> dict[str, mc.ModelConfig]:
+    out = {}
+    for name, cfg in configs.items():
+        out[name] = mc.ModelConfig()
+        out[name].CopyFrom(cfg)
+    return out
+
+
+def step_of(cfg: mc.ModelConfig, model: str):
+    return next(s for s in cfg.ensemble_scheduling.step if s.model_name == model)
+
+
+# ------------------------------------------------------------------ generated configs
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_configs_round_trip_through_tritons_schema(target: str, tmp_path: Path) -> None:
+    configs = configs_for(target)
+    assert set(configs) == set(MEMBERS) | set(S.ENSEMBLES)
+    for name, cfg in configs.items():
+        path = write_config(cfg, tmp_path / name)
+        # Parsed by protobuf itself, not only by our reader.
+        parsed = text_format.Parse(path.read_text(), mc.ModelConfig())
+        assert parsed == cfg, name
+        assert read_config(path) == cfg, name
+    assert read_repository(tmp_path) == configs
+    check_configs(read_repository(tmp_path))
+
+
+def test_read_config_names_the_broken_file(tmp_path: Path) -> None:
+    path = write_config(configs_for("cpu")[S.TEXT_ENCODER], tmp_path / S.TEXT_ENCODER)
+    path.write_text(path.read_text().replace("max_batch_size", "max_batch_sise"))
+    with pytest.raises(ConfigError, match=rf"{path}.*not a valid Triton model config"):
+        read_config(path)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_members_have_backend_batching_and_instances(target: str) -> None:
+    configs = configs_for(target)
+    for name in MEMBERS:
+        cfg = configs[name]
+        assert cfg.HasField("dynamic_batching"), name
+        db = cfg.dynamic_batching
+        assert list(db.preferred_batch_size), name
+        assert all(1 <= b <= cfg.max_batch_size for b in db.preferred_batch_size), name
+        assert db.max_queue_delay_microseconds > 0, name
+        assert len(cfg.instance_group) >= 1 and all(g.count >= 1 for g in cfg.instance_group), name
+        if name in PREPROCESSING or target == "cpu":
+            assert (cfg.backend, cfg.platform) == ("python", ""), name
+            assert all(g.kind == mc.ModelInstanceGroup.KIND_CPU for g in cfg.instance_group), name
+        elif target == "onnxruntime":
+            assert (cfg.backend, cfg.default_model_filename) == ("onnxruntime", "model.onnx"), name
+        else:
+            assert (cfg.platform, cfg.backend) == ("tensorrt_plan", ""), name
+            assert cfg.default_model_filename == "model.plan"
+        if target != "cpu" and name in NEURAL:
+            assert all(g.kind == mc.ModelInstanceGroup.KIND_GPU for g in cfg.instance_group), name
+    for name in S.ENSEMBLES:
+        assert configs[name].platform == "ensemble"
+        assert configs[name].max_batch_size == 32
+
+
+def test_ensembles_expose_the_public_contract() -> None:
+    configs = configs_for("cpu")
+    wanted = {S.QUERY_TEXT: ["TEXT"], S.QUERY_IMAGE: ["IMAGE"],
+              S.QUERY_TEXT_IMAGE: ["TEXT", "IMAGE"], S.ITEM: ["TEXT", "IMAGE"]}
+    for name, inputs in wanted.items():
+        cfg = configs[name]
+        assert [i.name for i in cfg.input] == inputs, name
+        assert all((i.data_type, list(i.dims)) == (mc.TYPE_STRING, [1]) for i in cfg.input), name
+        assert [(o.name, o.data_type, list(o.dims)) for o in cfg.output] == \
+            [("EMBEDDING", mc.TYPE_FP32, [256])], name
+        assert cfg.parameters[S.FINGERPRINT_PARAMETER].string_value == "fp"
+    # A query runs only the branches it needs.
+    steps = {n: [s.model_name for s in configs[n].ensemble_scheduling.step] for n in wanted}
+    assert S.IMAGE_ENCODER not in steps[S.QUERY_TEXT]
+    assert S.TEXT_ENCODER not in steps[S.QUERY_IMAGE]
+    assert S.TOKENIZER_ITEM in steps[S.ITEM] and S.TOKENIZER_QUERY in steps[S.QUERY_TEXT_IMAGE]
+
+
+def _unknown_model(c: dict[str, mc.ModelConfig]) -> None:
+    step_of(c[S.QUERY_TEXT], S.FUSION_TEXT).model_name = "fusion_nowhere"
+
+
+def _never_produced(c: dict[str, mc.ModelConfig]) -> None:
+    step_of(c[S.QUERY_TEXT], S.FUSION_TEXT).input_map[S.TOKEN_STATES] = "ghost_states"
+
+
+def _dtype_mismatch(c: dict[str, mc.ModelConfig]) -> None:
+    c[S.TEXT_ENCODER].input[0].data_type = mc.TYPE_INT32
+
+
+def _batch_above_member(c: dict[str, mc.ModelConfig]) -> None:
+    c[S.QUERY_IMAGE].max_batch_size = 64  # image_encoder takes 32
+
+
+def _output_not_produced(c: dict[str, mc.ModelConfig]) -> None:
+    step_of(c[S.ITEM], S.FUSION_JOINT).output_map[S.EMBEDDING] = "other_embedding"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("breakage, message", [
+    (_unknown_model, r"ensemble 'query_text': step model 'fusion_nowhere' is not in the repository"),
+    (_never_produced, r"ensemble 'query_text': tensor 'ghost_states' feeding fusion_text\.TOKEN_STATES "
+                      r"is produced by no earlier step"),
+    (_dtype_mismatch, r"'input_ids' is .*text_encoder\.INPUT_IDS wants"),
+    (_batch_above_member, r"ensemble 'query_image': max_batch_size 64 exceeds image_encoder's 32"),
+    (_output_not_produced, r"ensemble 'item': output 'EMBEDDING' is not produced"),
+], ids=["unknown-step-model", "never-produced", "dtype-mismatch", "batch-above-member", "no-output"])
+def test_check_configs_refuses_broken_wiring(target: str, breakage, message: str) -> None:
+    good = configs_for(target)
+    broken = copy_of(good)
+    breakage(broken)
+    with pytest.raises(ConfigError, match=message):
+        check_configs(broken)
+    check_configs(good)  # the copy did not alias the original
+
+
+# ------------------------------------------------------------------- TensorRT profiles
+
+
+def test_tensorrt_profiles_cover_every_preferred_batch_size() -> None:
+    specs = S.member_specs(DIMS)
+    for name in NEURAL:
+        spec = specs[name]
+        profile = trt_export.profiles_for(spec)
+        assert set(profile.shapes) == {t.name for t in spec.inputs}, name
+        lo, _, hi = profile.batch_range
+        assert hi == spec.max_batch_size, name
+        assert all(lo <= b <= hi for b in spec.preferred_batch_sizes), name
+        for t in spec.inputs:
+            shortest, _, longest = profile.shapes[t.name]
+            for i, d in enumerate(t.dims, start=1):
+                if d == -1:  # every sequence the tokenizer can produce fits the profile
+                    assert shortest[i] <= 1 and longest[i] >= DIMS.max_length, (name, t.name)
+                else:
+                    assert shortest[i] == longest[i] == d, (name, t.name)
+    for name in PREPROCESSING:  # BYTES inputs cannot become engines
+        with pytest.raises(ConfigError, match="BYTES"):
+            trt_export.profiles_for(specs[name])
+
+
+def test_tensorrt_profiles_fit_the_exported_graphs(exported_repository: Path) -> None:
+    dims = S.Dims(**json.loads((exported_repository / "xmsearch_export.json").read_text())["dims"])
+    specs = S.member_specs(dims)
+    for name in NEURAL:
+        trt_export.check_profile_against_onnx(trt_export.profiles_for(specs[name]),
+                                              exported_repository / name / "1" / "model.onnx")
+
+
+# -------------------------------------------------------------- exported repository
+
+
+def _graph_tensors(values, skip: set[str]) -> list[tuple[str, int, list]]:
+    out = []
+    for v in values:
+        if v.name in skip:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in v.type.tensor_type.shape.dim]
+        out.append((v.name, v.type.tensor_type.elem_type, dims))
+    return out
+
+
+def _config_tensors(items) -> list[tuple[str, int, list]]:
+    return [(t.name, t.data_type, list(t.dims)) for t in items]
+
+
+@pytest.mark.parametrize("member", NEURAL)
+def test_exported_graphs_match_their_configs(exported_repository: Path, member: str) -> None:
+    cfg = read_config(exported_repository / member / "config.pbtxt")
+    graph = onnx.load(str(exported_repository / member / "1" / "model.onnx"),
+                      load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    for side, graph_values, cfg_values in (("input", graph.input, cfg.input),
+                                           ("output", graph.output, cfg.output)):
+        got = _graph_tensors(graph_values, inits)
+        want = _config_tensors(cfg_values)
+        assert [g[0] for g in got] == [w[0] for w in want], f"{member} {side} names"
+        for (name, elem, gdims), (_, dtype, cdims) in zip(got, want):
+            where = f"{member}.{name}"
+            assert _ONNX_TO_TRITON[elem] == dtype, where
+            assert len(gdims) == len(cdims) + 1, f"{where}: graph {gdims}, config {cdims}"
+            assert isinstance(gdims[0], str), f"{where}: batch axis {gdims[0]} is not dynamic"
+            for g, c in zip(gdims[1:], cdims):
+                if c == -1:
+                    assert isinstance(g, str), f"{where}: config says dynamic, graph says {gdims}"
+                else:
+                    assert g == c, f"{where}: graph {gdims}, config {cdims}"
+
+
+def test_regenerated_configs_equal_the_files_on_disk(exported_repository: Path) -> None:
+    meta = json.loads((exported_repository / "xmsearch_export.json").read_text())
+    configs = repository_configs(S.Dims(**meta["dims"]), TargetSettings(meta["target"]),
+                                 meta["fingerprint"])
+    on_disk = {p.parent.name: p for p in exported_repository.glob("*/config.pbtxt")}
+    assert set(on_disk) == set(configs)
+    for name, cfg in configs.items():
+        assert on_disk[name].read_text() == to_text(cfg), name
+
+
+def test_fingerprint_is_on_every_ensemble_and_tracks_the_weights(
+        exported_repository: Path, tmp_path: Path) -> None:
+    meta = json.loads((exported_repository / "xmsearch_export.json").read_text())
+    fp = fingerprint_of(exported_repository, list(MEMBERS))
+    assert fp == meta["fingerprint"]
+    assert fingerprint_of(exported_repository, list(MEMBERS)) == fp  # stable
+    for name in S.ENSEMBLES:
+        params = read_config(exported_repository / name / "config.pbtxt").parameters
+        assert params[S.FINGERPRINT_PARAMETER].string_value == fp, name
+        assert params[S.EMBED_DIM_PARAMETER].string_value == "256", name
+
+    copy = tmp_path / "repo"
+    shutil.copytree(exported_repository, copy)
+    assert fingerprint_of(copy, list(MEMBERS)) == fp  # depends on content, not location
+    for changed in (copy / S.FUSION_JOINT / "1" / "model.onnx",
+                    copy / S.TOKENIZER_QUERY / "1" / "tokenizer.json"):
+        before = fingerprint_of(copy, list(MEMBERS))
+        data = bytearray(changed.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        changed.write_bytes(bytes(data))
+        assert fingerprint_of(copy, list(MEMBERS)) != before, changed
+
+
+# ---------------------------------------------------------------------- parity check
+
+
+def tiny_fusion(seed: int = 0) -> AttentionFusion:
+    torch.manual_seed(seed)
+    return AttentionFusion(text_dim=8, image_dim=12, width=16, heads=2, embed_dim=8).eval()
+
+
+def tiny_cases(seed: int = 1) -> list[tuple[torch.Tensor, ...]]:
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for batch, length in ((3, 5), (1, 9)):
+        mask = torch.ones(batch, length, dtype=torch.int64)
+        mask[0, length - 2:] = 0  # padding in the first row
+        cases.append((torch.randn(batch, length, 8, generator=g), mask,
+                      torch.randn(batch, 4, 12, generator=g)))
+    return cases
+
+
+def test_check_parity_reports_per_output_figures(tmp_path: Path) -> None:
+    fusion = tiny_fusion()
+    spec = S.member_specs(S.Dims(8, 12, regions=4, embed_dim=8))[S.FUSION_JOINT]
+    module = FusionEntry(fusion, "joint")
+    cases = tiny_cases()
+    path = onnx_export.export_onnx(module, spec, cases[0], tmp_path / "fusion_joint.onnx")
+
+    reports = onnx_export.check_parity(module, spec, path, cases)
+    assert [(r.model, r.output, r.cases) for r in reports] == [(S.FUSION_JOINT, S.EMBEDDING, 2)]
+    assert reports[0].min_cosine >= 0.9999 and reports[0].max_abs_error < 1e-4
+
+    with torch.no_grad():  # the module drifts away from the graph it was exported as
+        for p in fusion.head.parameters():
+            p.add_(torch.randn_like(p))
+    with pytest.raises(ModelError) as info:
+        onnx_export.check_parity(module, spec, path, cases)
+    message = str(info.value)
+    assert "ONNX parity check failed (need cosine >= 0.9999)" in message
+    figures = r"fusion_joint\.EMBEDDING: max \|err\| (\S+), min cosine (\S+) over 2 cases"
+    err, cos = (float(x) for x in re.search(figures, message).groups())
+    assert err > 1e-3 and cos < 0.9999
+
+
+def test_export_refuses_a_graph_that_contradicts_its_spec(tmp_path: Path) -> None:
+    module = FusionEntry(tiny_fusion(), "joint")
+    wrong = S.member_specs(S.Dims(8, 12, regions=4, embed_dim=9))[S.FUSION_JOINT]  # module gives 8
+    with pytest.raises(ModelError, match=r"fusion_joint graph .* fails onnx.checker.*\(8\) vs \(9\)"):
+        onnx_export.export_onnx(module, wrong, tiny_cases()[0], tmp_path / "fusion_joint.onnx")
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    fusion = tiny_fusion()
+    ckpt = FusionCheckpoint(fusion, "minilm-l6", "efficientnet-lite0", trained=True,
+                            meta={"epochs": 3, "catalogue": "demo"})
+    path = tmp_path / "sub" / "fusion.pt"
+    ckpt.save(path)
+    assert [p.name for p in path.parent.iterdir()] == ["fusion.pt"]  # no temp file left
+
+    back = FusionCheckpoint.load(path)
+    assert (back.text_model, back.image_model, back.trained, back.meta) == \
+        ("minilm-l6", "efficientnet-lite0", True, {"epochs": 3, "catalogue": "demo"})
+    assert back.fusion.config() == fusion.config()
+    assert not back.fusion.training
+    states, mask, regions = tiny_cases()[0]
+    with torch.no_grad():
+        np.testing.assert_array_equal(back.fusion.encode_joint(states, mask, regions).numpy(),
+                                      fusion.encode_joint(states, mask, regions).numpy())
+
+
+def test_tampered_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "fusion.pt"
+    FusionCheckpoint(tiny_fusion(), "minilm-l6", "efficientnet-lite0", trained=True).save(path)
+    payload = torch.load(str(path), weights_only=True)
+    name = sorted(payload["state_dict"])[0]
+    raw = payload["state_dict"][name].clone().contiguous()
+    raw.view(torch.uint8).view(-1)[0] ^= 0x40  # flip one bit of one weight
+    payload["state_dict"][name] = raw
+    torch.save(payload, str(path))  # the recorded sha256 is the old one
+
+    with pytest.raises(CheckpointError, match=rf"{path} fails its SHA-256 check"):
+        FusionCheckpoint.load(path)
+
+
+def test_damaged_or_missing_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "fusion.pt"
+    FusionCheckpoint(tiny_fusion(), "minilm-l6", "efficientnet-lite0", trained=True).save(path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=rf"{path} is unreadable"):
+        FusionCheckpoint.load(path)
+    with pytest.raises(CheckpointError, match="does not exist.*xmsearch train"):
+        FusionCheckpoint.load(tmp_path / "nowhere.pt")
+    other = tmp_path / "other.pt"
+    torch.save({"state_dict": {}}, str(other))
+    with pytest.raises(CheckpointError, match="not an xmsearch fusion checkpoint"):
+        FusionCheckpoint.load(other)
+
+
+def test_checkpoint_for_other_encoders_is_refused(tmp_path: Path, reference_pipeline) -> None:
+    enc = reference_pipeline.encoders
+    d = enc.dims
+    ckpt = FusionCheckpoint(AttentionFusion(d.text_dim, d.image_dim), "some-other-text-model",
+                            enc.image_model, trained=True)
+    with pytest.raises(CheckpointError, match=r"text model 'some-other-text-model' \(export uses"):
+        ckpt.check_encoders(enc.text_model, d.text_dim, enc.image_model, d.image_dim)
+    with pytest.raises(CheckpointError, match=r"dims text 8/image 12 \(encoders give 384/1280\)"):
+        FusionCheckpoint(tiny_fusion(), enc.text_model, enc.image_model, True).check_encoders(
+            enc.text_model, d.text_dim, enc.image_model, d.image_dim)
+
+    # Through the export's own loader, from a file.
+    path = tmp_path / "fusion.pt"
+    ckpt.save(path)
+    with pytest.raises(CheckpointError, match=rf"fusion {path} was trained on text model"):
+        load_fusion(enc, path, untrained=False)
+    FusionCheckpoint(AttentionFusion(d.text_dim, d.image_dim), enc.text_model, enc.image_model,
+                     trained=True).save(path)
+    assert load_fusion(enc, path, untrained=False).trained
+
+
+def test_export_needs_trained_weights_or_an_explicit_untrained(reference_pipeline) -> None:
+    enc = reference_pipeline.encoders
+    with pytest.raises(CheckpointError,
+                       match=r"needs trained fusion weights: pass --fusion CKPT.*--untrained"):
+        load_fusion(enc, None, untrained=False)
+    with pytest.raises(CheckpointError, match="not both"):
+        load_fusion(enc, Path("fusion.pt"), untrained=True)
+    untrained = load_fusion(enc, None, untrained=True)
+    assert not untrained.trained
+    # Seeded: two untrained exports give the same function (what the serving tests rely on).
+    again = load_fusion(enc, None, untrained=True)
+    for (k, a), (_, b) in zip(untrained.fusion.state_dict().items(), again.fusion.state_dict().items()):
+        assert torch.equal(a, b), k

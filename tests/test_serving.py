@@ -1,0 +1,337 @@
+"""The exported repository served by a real tritonserver, compared with the in-process reference.
+
+``xm_server`` serves ``exported_repository`` (cpu target, seeded untrained fusion) and
+``reference_pipeline`` is the same function in PyTorch: every ensemble must reproduce it.
+Requests go through ``tritonclient.grpc`` directly, so that status codes and server
+messages are seen exactly as any client sees them.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from xmsearch import spec as S
+from xmsearch.export.pipeline import sample_images
+
+pytestmark = pytest.mark.triton
+
+MIN_COSINE = 0.999
+ENGLISH = ["blue down jacket", "women's red striped summer dress",
+           "small brown crossbody handbag with gold buckle, vegan leather"]
+CHINESE = ["蓝色羽绒服", "红色条纹连衣裙 女款"]
+INVALID = "StatusCode.INVALID_ARGUMENT"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def encode(img: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+def alpha_png() -> bytes:
+    """A product cut-out: opaque shape on a transparent background."""
+    yy, xx = np.mgrid[0:180, 0:260]
+    rgba = np.zeros((180, 260, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2] = 200, xx % 256, yy % 256
+    rgba[..., 3] = np.where((xx - 130) ** 2 / 110**2 + (yy - 90) ** 2 / 70**2 < 1, 255, 0)
+    return encode(Image.fromarray(rgba, "RGBA"), "PNG")
+
+
+def photo(w: int, h: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = np.linspace(rng.uniform(0, 255, 3), rng.uniform(0, 255, 3), w)[None, :, :]
+    arr = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def bytes_tensor(name: str, rows: list[bytes]) -> grpcclient.InferInput:
+    arr = np.array([[r] for r in rows], dtype=object)
+    t = grpcclient.InferInput(name, list(arr.shape), "BYTES")
+    t.set_data_from_numpy(arr)
+    return t
+
+
+def raw_infer(client: grpcclient.InferenceServerClient, model: str,
+              inputs: list[grpcclient.InferInput]) -> np.ndarray:
+    result = client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(S.EMBEDDING)],
+                          client_timeout=60)
+    return result.as_numpy(S.EMBEDDING)
+
+
+def embed(client, model: str, texts: list[str] | None = None,
+          images: list[bytes] | None = None) -> np.ndarray:
+    inputs = []
+    if texts is not None:
+        inputs.append(bytes_tensor(S.TEXT, [t.encode() for t in texts]))
+    if images is not None:
+        inputs.append(bytes_tensor(S.IMAGE, images))
+    return raw_infer(client, model, inputs)
+
+
+def assert_matches(served: np.ndarray, reference: np.ndarray, what: str) -> None:
+    assert served.shape == reference.shape == (len(reference), 256), what
+    assert served.dtype == np.float32, what
+    np.testing.assert_allclose(np.linalg.norm(served, axis=1), 1.0, atol=1e-4, err_msg=what)
+    cos = np.sum(served * reference, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cos.min() >= MIN_COSINE, f"{what}: cosines {np.round(cos, 6)}"
+
+
+def rejection(client, model: str, inputs: list[grpcclient.InferInput]) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as info:
+        raw_infer(client, model, inputs)
+    return info.value
+
+
+def model_stats(client, model: str) -> tuple[int, int]:
+    """(inference_count, execution_count) once two reads 50 ms apart agree.
+
+    Triton updates a model's statistics just after it answers, so a read right after the
+    last response can miss it.
+    """
+    def read() -> tuple[int, int]:
+        s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
+
+    current = read()
+    for _ in range(40):
+        time.sleep(0.05)
+        again = read()
+        if again == current:
+            break
+        current = again
+    return current
+
+
+@pytest.fixture(scope="module")
+def client(xm_server):
+    c = grpcclient.InferenceServerClient(xm_server.url)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[bytes]:
+    return [*sample_images(3), alpha_png()]
+
+
+# ------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("texts", [ENGLISH, CHINESE, ENGLISH[:1] + CHINESE[:1]],
+                         ids=["english", "chinese", "mixed"])
+def test_query_text_matches_reference(client, reference_pipeline, texts: list[str]) -> None:
+    assert_matches(embed(client, S.QUERY_TEXT, texts=texts),
+                   reference_pipeline.embed(texts, None, "query"), "query_text")
+
+
+def test_query_image_matches_reference(client, reference_pipeline, photos: list[bytes]) -> None:
+    assert_matches(embed(client, S.QUERY_IMAGE, images=photos),
+                   reference_pipeline.embed(None, photos, "query"), "query_image")
+
+
+def test_query_text_image_matches_reference(client, reference_pipeline, photos: list[bytes]) -> None:
+    texts = [ENGLISH[0], CHINESE[0], ENGLISH[2], CHINESE[1]]
+    assert_matches(embed(client, S.QUERY_TEXT_IMAGE, texts=texts, images=photos),
+                   reference_pipeline.embed(texts, photos, "query"), "query_text_image")
+
+
+def test_item_matches_reference_in_passage_role(client, reference_pipeline, photos: list[bytes]) -> None:
+    titles = [ENGLISH[1], CHINESE[1], ENGLISH[2], "白色帆布鞋 white canvas sneakers"]
+    served = embed(client, S.ITEM, texts=titles, images=photos)
+    assert_matches(served, reference_pipeline.embed(titles, photos, "passage"), "item")
+
+
+def test_image_sizes_and_formats(client, reference_pipeline) -> None:
+    base = photo(300, 200, seed=3)
+    images = {  # RGBA PNG: see ``photos``
+        "jpeg-small": encode(photo(40, 90, seed=4), "JPEG", quality=85),
+        "jpeg-large-wide": encode(photo(1600, 300, seed=5), "JPEG", quality=90),
+        "webp": encode(base, "WEBP", quality=80),
+        "grayscale-jpeg": encode(base.convert("L"), "JPEG"),
+        "palette-png": encode(base.convert("P"), "PNG"),
+    }
+    names, data = list(images), list(images.values())
+    texts = [f"product photo {name}" for name in names]
+    for model, model_texts in ((S.QUERY_IMAGE, None), (S.QUERY_TEXT_IMAGE, texts)):
+        served = embed(client, model, texts=model_texts, images=data)
+        reference = reference_pipeline.embed(model_texts, data, "query")
+        for i, name in enumerate(names):
+            assert_matches(served[i:i + 1], reference[i:i + 1], f"{model} {name}")
+
+
+# ------------------------------------------------------------------- concurrency
+
+
+def _concurrently(url: str, model: str, rows: list[list[grpcclient.InferInput]]) -> list[object]:
+    clients = [grpcclient.InferenceServerClient(url) for _ in rows]
+    barrier = threading.Barrier(len(rows))
+    answers: list[object] = [None] * len(rows)
+
+    def call(i: int) -> None:
+        barrier.wait()
+        try:
+            answers[i] = raw_infer(clients[i], model, rows[i])
+        except Exception as exc:  # noqa: BLE001 - recorded per caller
+            answers[i] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(rows))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        for c in clients:
+            c.close()
+    return answers
+
+
+def test_concurrent_requests_are_batched_and_answer_like_sequential(client, xm_server) -> None:
+    texts = [f"{colour} {kind}" for colour in ("red", "navy", "white", "black")
+             for kind in ("dress", "jacket", "boots", "scarf", "bag", "shirt", "hat", "coat")]
+    assert len(texts) == 32
+    sequential = np.concatenate([embed(client, S.QUERY_TEXT, texts=[t]) for t in texts])
+
+    watched = (S.TEXT_ENCODER, S.FUSION_TEXT)
+    before = {m: model_stats(client, m) for m in watched}
+    answers = _concurrently(xm_server.url, S.QUERY_TEXT,
+                            [[bytes_tensor(S.TEXT, [t.encode()])] for t in texts])
+    after = {m: model_stats(client, m) for m in watched}
+
+    for i, answer in enumerate(answers):
+        assert isinstance(answer, np.ndarray), f"request {i}: {answer}"
+        np.testing.assert_allclose(answer[0], sequential[i], atol=1e-5, err_msg=texts[i])
+    for m in watched:
+        inferences, executions = (a - b for a, b in zip(after[m], before[m]))
+        assert inferences == 32, m
+        assert executions < inferences, f"{m}: {executions} executions for 32 rows, nothing merged"
+
+
+# ------------------------------------------------------------------- bad requests
+
+
+def _fp32_text() -> list[grpcclient.InferInput]:
+    t = grpcclient.InferInput(S.TEXT, [1, 1], "FP32")
+    t.set_data_from_numpy(np.zeros((1, 1), np.float32))
+    return [t]
+
+
+def _wide_text() -> list[grpcclient.InferInput]:
+    t = grpcclient.InferInput(S.TEXT, [1, 2], "BYTES")
+    t.set_data_from_numpy(np.array([[b"red", b"dress"]], dtype=object))
+    return [t]
+
+
+def _truncated_jpeg() -> bytes:
+    data = sample_images(1)[0]
+    return data[: len(data) // 2]
+
+
+def _big_png(width: int, height: int) -> bytes:
+    """A grayscale PNG whose header declares ``width`` x ``height``.
+
+    Only the first rows of pixel data follow: encoding 400 megapixels would take seconds,
+    and the server must refuse on the header before it decodes a single row (a refusal
+    for truncation instead of size would fail the test).
+    """
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress((b"\0" * (width + 1)) * 4)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+
+
+def _good_image() -> bytes:
+    return sample_images(1)[0]
+
+
+# (model, inputs factory, regex the message must match): the regex names the step that
+# refused the request and the reason.
+BAD_REQUESTS = {
+    "empty-text": (S.QUERY_TEXT, lambda: [bytes_tensor(S.TEXT, [b""])],
+                   r"tokenizer_query: TEXT\[0\] is empty"),
+    "whitespace-text": (S.QUERY_TEXT, lambda: [bytes_tensor(S.TEXT, [b" \t\n "])],
+                        r"tokenizer_query: TEXT\[0\] is empty"),
+    "over-long-text": (S.QUERY_TEXT, lambda: [bytes_tensor(S.TEXT, [b"x" * 5000])],
+                       r"tokenizer_query: TEXT\[0\] is 5000 bytes, over the limit"),
+    "invalid-utf8": (S.QUERY_TEXT, lambda: [bytes_tensor(S.TEXT, [b"caf\xe9 \xff"])],
+                     r"tokenizer_query: TEXT\[0\] is not valid UTF-8"),
+    "item-empty-title": (S.ITEM, lambda: [bytes_tensor(S.TEXT, [b""]),
+                                          bytes_tensor(S.IMAGE, [_good_image()])],
+                         r"tokenizer_item: TEXT\[0\] is empty"),
+    "corrupt-image": (S.QUERY_IMAGE, lambda: [bytes_tensor(S.IMAGE, [b"this is not an image"])],
+                      r"image_preprocess: IMAGE\[0\] is not a decodable image"),
+    "truncated-jpeg": (S.QUERY_IMAGE, lambda: [bytes_tensor(S.IMAGE, [_truncated_jpeg()])],
+                       r"image_preprocess: IMAGE\[0\] is a corrupt or truncated image"),
+    "huge-png": (S.QUERY_IMAGE, lambda: [bytes_tensor(S.IMAGE, [_big_png(20000, 20000)])],
+                 r"image_preprocess: IMAGE\[0\] (is 20000x20000 pixels|is refused, too many pixels)"),
+    "over-wide-png": (S.QUERY_IMAGE, lambda: [bytes_tensor(S.IMAGE, [_big_png(12000, 100)])],
+                      r"image_preprocess: IMAGE\[0\] is 12000x100 pixels, over the limit"),
+    "empty-image": (S.QUERY_IMAGE, lambda: [bytes_tensor(S.IMAGE, [b""])],
+                    r"image_preprocess: IMAGE\[0\] is empty"),
+    "joint-corrupt-image": (S.QUERY_TEXT_IMAGE, lambda: [bytes_tensor(S.TEXT, [b"red dress"]),
+                                                         bytes_tensor(S.IMAGE, [b"\x89PNG\r\n\x1a\n"])],
+                            r"image_preprocess: IMAGE\[0\] is (a corrupt|not a decodable)"),
+    "bad-row-in-batch": (S.QUERY_TEXT, lambda: [bytes_tensor(S.TEXT, [b"red dress", b"", b"boots"])],
+                         r"tokenizer_query: TEXT\[1\] is empty"),
+    # Triton's own validation, before any step runs.
+    "wrong-dtype": (S.QUERY_TEXT, _fp32_text, r"input 'TEXT' data-type is 'FP32', but model "
+                                              r"'query_text' expects 'BYTES'"),
+    "wrong-shape": (S.QUERY_TEXT, _wide_text, r"unexpected shape for input 'TEXT' for model "
+                                              r"'query_text'. Expected \[-1,1\], got \[1,2\]"),
+    "batch-33": (S.QUERY_TEXT, lambda: [bytes_tensor(S.TEXT, [b"dress"] * 33)],
+                 r"batch-size must be <= 32 for 'query_text'"),
+    "missing-input": (S.QUERY_TEXT_IMAGE, lambda: [bytes_tensor(S.TEXT, [b"red dress"])],
+                      r"model 'query_text_image'.*missing required input\(s\) \['IMAGE'\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_is_rejected_naming_step_and_reason(client, case: str) -> None:
+    model, make_inputs, message = BAD_REQUESTS[case]
+    err = rejection(client, model, make_inputs())
+    assert err.status() == INVALID, f"{case}: {err.status()} {err.message()}"
+    assert re.search(message, err.message()), f"{case}: {err.message()}"
+
+
+def test_server_healthy_after_every_bad_request(client, reference_pipeline) -> None:
+    for case, (model, make_inputs, _) in BAD_REQUESTS.items():
+        assert rejection(client, model, make_inputs()).status() == INVALID, case
+    assert client.is_server_live() and client.is_server_ready()
+    for model in (*S.member_specs(S.Dims(384, 1280)), *S.ENSEMBLES):
+        assert client.is_model_ready(model), model
+    texts = ["red dress", "boots"]
+    assert_matches(embed(client, S.QUERY_TEXT, texts=texts),
+                   reference_pipeline.embed(texts, None, "query"), "query_text after bad requests")
+    image = sample_images(1)[0]
+    assert_matches(embed(client, S.QUERY_IMAGE, images=[image]),
+                   reference_pipeline.embed(None, [image], "query"), "query_image after bad requests")
+
+
+def test_bad_request_fails_alone_among_concurrent_good_ones(client, xm_server, reference_pipeline) -> None:
+    image = sample_images(2)[1]
+    rows = [[bytes_tensor(S.IMAGE, [image])] for _ in range(8)]
+    rows[3] = [bytes_tensor(S.IMAGE, [b"GIF89a broken"])]
+    answers = _concurrently(xm_server.url, S.QUERY_IMAGE, rows)
+    bad = answers.pop(3)
+    assert isinstance(bad, InferenceServerException) and bad.status() == INVALID, bad
+    assert "image_preprocess: IMAGE[0]" in bad.message()
+    expected = reference_pipeline.embed(None, [image], "query")
+    for answer in answers:
+        assert isinstance(answer, np.ndarray), answer
+        assert_matches(answer, expected, "good request sent with a bad one")
