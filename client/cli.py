@@ -44,11 +44,13 @@ def cmd_search(a: argparse.Namespace, _bar) -> int:
     from xmsearch.client.search import Searcher, parse_filters
 
     emb = _embedder(a)
-    searcher = Searcher(a.index, emb)
     try:
-        hits = searcher.search(a.text, a.image, a.k, parse_filters(a.filter) if a.filter else None)
+        searcher = Searcher(a.index, emb)
+        try:
+            hits = searcher.search(a.text, a.image, a.k, parse_filters(a.filter) if a.filter else None)
+        finally:
+            searcher.close()
     finally:
-        searcher.close()
         emb.close()
     if a.json:
         print(json.dumps([{"id": h.id, "score": round(float(h.score), 5), **h.metadata} for h in hits],
@@ -105,8 +107,7 @@ def cmd_eval(a: argparse.Namespace, bar_factory) -> int:
 
 def add_commands(sub, url_arg, bar_factory) -> None:
     """Register the client subcommands on the main parser's subparsers."""
-    from xmsearch.models.image import DEFAULT_IMAGE_MODEL
-    from xmsearch.models.text import DEFAULT_TEXT_MODEL
+    from xmsearch.spec import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL
 
     def bind(fn):
         return lambda a: fn(a, bar_factory)

@@ -144,6 +144,10 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
         from xmsearch.export import tensorrt as trt_export
 
         trt_export.require_tensorrt()  # fail before minutes of ONNX export
+    if fusion_checkpoint is not None and not Path(fusion_checkpoint).is_file():
+        # Say so before spending seconds on loading the encoders.
+        raise CheckpointError(f"fusion checkpoint {fusion_checkpoint} does not exist: train one with "
+                              "`xmsearch train CATALOG --out CKPT`")
     step(f"loading encoders: text {text_model}, image {image_model}")
     enc = Encoders.load(text_model, image_model, image_checkpoint)
     ckpt = load_fusion(enc, fusion_checkpoint, untrained)

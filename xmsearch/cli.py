@@ -29,8 +29,7 @@ def _progress_bar(desc: str, total: int | None = None):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from xmsearch.models.image import DEFAULT_IMAGE_MODEL, IMAGE_MODELS
-    from xmsearch.models.text import DEFAULT_TEXT_MODEL
+    from xmsearch.spec import DEFAULT_IMAGE_MODEL, DEFAULT_TEXT_MODEL, IMAGE_MODELS
 
     g = p.add_argument_group("models")
     g.add_argument("--text-model", default=DEFAULT_TEXT_MODEL, metavar="NAME_OR_PATH",
@@ -194,10 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run tritonserver on a model repository",
                        description="Start the tritonserver bundled with nvidia-pytriton on a repository, "
                                    "wait until every model is ready and say where it listens.")
-    s.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
-    s.add_argument("--grpc-port", type=int, default=server.DEFAULT_GRPC_PORT)
-    s.add_argument("--http-port", type=int, default=server.DEFAULT_HTTP_PORT)
-    s.add_argument("--metrics-port", type=int, default=server.DEFAULT_METRICS_PORT)
+    s.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY,
+                   help="model repository written by `xmsearch export` (default: model_repository)")
+    s.add_argument("--grpc-port", type=int, default=server.DEFAULT_GRPC_PORT,
+                   help=f"gRPC port (default: {server.DEFAULT_GRPC_PORT})")
+    s.add_argument("--http-port", type=int, default=server.DEFAULT_HTTP_PORT,
+                   help=f"HTTP port: health at /v2/health/ready (default: {server.DEFAULT_HTTP_PORT})")
+    s.add_argument("--metrics-port", type=int, default=server.DEFAULT_METRICS_PORT,
+                   help=f"Prometheus metrics port (default: {server.DEFAULT_METRICS_PORT})")
     s.add_argument("--log-file", type=Path, help="write the server log here (default: a temp file)")
     s.add_argument("--pid-file", type=Path,
                    help="start in the background, write the pid here and return (make serve)")
@@ -205,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     st = sub.add_parser("stop", help="stop a background server started with serve --pid-file")
-    st.add_argument("--pid-file", type=Path, required=True)
+    st.add_argument("--pid-file", type=Path, required=True,
+                    help="the pid file given to `xmsearch serve --pid-file`")
     st.set_defaults(func=cmd_stop)
 
     d = sub.add_parser("demo-catalog", help="generate the demo catalogue and its query set",

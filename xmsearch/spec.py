@@ -10,6 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Model names users pass on the command line (kept here, not in xmsearch.models, so that
+# building the CLI parser does not import torch).
+DEFAULT_TEXT_MODEL = "minilm-l6"
+DEFAULT_IMAGE_MODEL = "efficientnet-lite0"
+IMAGE_MODELS = ("efficientnet-lite0", "resnet18", "resnet34", "resnet50")
+
 # Ensemble (public) names: what users and the client call.
 QUERY_TEXT = "query_text"
 QUERY_IMAGE = "query_image"

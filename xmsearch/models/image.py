@@ -20,8 +20,7 @@ from torch import nn
 from xmsearch.errors import ModelError
 from xmsearch.preprocess import ImagePreprocessConfig
 
-DEFAULT_IMAGE_MODEL = "efficientnet-lite0"
-IMAGE_MODELS = ("efficientnet-lite0", "resnet18", "resnet34", "resnet50")
+from xmsearch.spec import DEFAULT_IMAGE_MODEL, IMAGE_MODELS  # noqa: E402,F401 - re-exported
 _IMAGENET = ImagePreprocessConfig(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # EfficientNet-Lite was trained on (x - 127) / 128 inputs.
 _LITE = ImagePreprocessConfig(224, (127 / 255,) * 3, (128 / 255,) * 3)

@@ -23,7 +23,7 @@ from torch import nn
 from xmsearch.errors import ModelError
 from xmsearch.preprocess import TextPreprocessConfig
 
-DEFAULT_TEXT_MODEL = "minilm-l6"
+from xmsearch.spec import DEFAULT_TEXT_MODEL  # noqa: E402,F401 - re-exported
 
 
 @dataclass(frozen=True)
