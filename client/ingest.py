@@ -53,10 +53,14 @@ def open_or_create(index_dir: Path, embedder: Embedder, factory: str, resume: bo
         raise IndexStoreError(f"--add needs an existing index, {index_dir} has none")
     if exists:
         index = CatalogIndex.open(index_dir)
-        index.check_fingerprint(embedder.fingerprint)
-        if index.dim != embedder.dim:
-            raise IndexStoreError(f"index {index_dir} holds {index.dim}-d vectors, the server "
-                                  f"embeds {embedder.dim}-d")
+        try:
+            index.check_fingerprint(embedder.fingerprint)
+            if index.dim != embedder.dim:
+                raise IndexStoreError(f"index {index_dir} holds {index.dim}-d vectors, the server "
+                                      f"embeds {embedder.dim}-d")
+        except BaseException:
+            index.close()  # a refused index must not stay locked for writing
+            raise
         return index
     return CatalogIndex.create(index_dir, embedder.dim, fingerprint=embedder.fingerprint,
                                factory=factory, gpu=gpu)

@@ -16,8 +16,12 @@ class Searcher:
     def __init__(self, index_dir: Path, embedder: Embedder, *, mmap: bool = False):
         self.index = CatalogIndex.open(Path(index_dir), mmap=mmap, read_only=True)
         self.embedder = embedder
-        # Vectors of two different models are silently meaningless together: refuse.
-        self.index.check_fingerprint(embedder.fingerprint)
+        try:
+            # Vectors of two different models are silently meaningless together: refuse.
+            self.index.check_fingerprint(embedder.fingerprint)
+        except BaseException:
+            self.index.close()
+            raise
 
     def search(self, text: str | None = None, image: bytes | str | Path | None = None, k: int = 10,
                filters: Mapping[str, str | Sequence[str]] | None = None) -> list[Hit]:

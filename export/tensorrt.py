@@ -51,7 +51,7 @@ REQUIRE_MESSAGE = (
 )
 # Largest drop of a retrieval metric that a reduced-precision engine may cost.
 MAX_RETRIEVAL_DROP = 0.01
-GATED_METRICS = ("Recall@10", "nDCG@10")
+GATED_METRICS = ("recall@10", "ndcg@10")
 
 
 @dataclass(frozen=True)

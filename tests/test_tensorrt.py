@@ -251,25 +251,25 @@ def test_serving_image_tensorrt_must_match_the_builder():
 
 
 def test_retrieval_gate_passes_small_drops_and_improvements():
-    fp32 = {"Recall@10": 0.812, "nDCG@10": 0.640}
-    drops = gate_on_retrieval(fp32, {"Recall@10": 0.805, "nDCG@10": 0.650})
-    assert drops["Recall@10"] == pytest.approx(0.007)
-    assert drops["nDCG@10"] == pytest.approx(-0.010)
+    fp32 = {"recall@10": 0.812, "ndcg@10": 0.640}
+    drops = gate_on_retrieval(fp32, {"recall@10": 0.805, "ndcg@10": 0.650})
+    assert drops["recall@10"] == pytest.approx(0.007)
+    assert drops["ndcg@10"] == pytest.approx(-0.010)
     # Exactly one point is allowed despite 0.80 - 0.79 > 0.01 in floating point.
-    gate_on_retrieval({"Recall@10": 0.80, "nDCG@10": 0.6}, {"Recall@10": 0.79, "nDCG@10": 0.6})
+    gate_on_retrieval({"recall@10": 0.80, "ndcg@10": 0.6}, {"recall@10": 0.79, "ndcg@10": 0.6})
 
 
 def test_retrieval_gate_refuses_a_drop_over_one_point():
     with pytest.raises(ModelError) as e:
-        gate_on_retrieval({"Recall@10": 0.80, "nDCG@10": 0.60},
-                          {"Recall@10": 0.80, "nDCG@10": 0.585}, precision="int8")
+        gate_on_retrieval({"recall@10": 0.80, "ndcg@10": 0.60},
+                          {"recall@10": 0.80, "ndcg@10": 0.585}, precision="int8")
     msg = str(e.value)
-    assert "int8" in msg and "nDCG@10 0.6000 -> 0.5850" in msg and "Recall@10" not in msg
+    assert "int8" in msg and "ndcg@10 0.6000 -> 0.5850" in msg and "recall@10" not in msg
 
 
 def test_retrieval_gate_needs_both_metrics():
-    with pytest.raises(InputError, match="nDCG@10"):
-        gate_on_retrieval({"Recall@10": 0.8}, {"Recall@10": 0.8, "nDCG@10": 0.6})
+    with pytest.raises(InputError, match="ndcg@10"):
+        gate_on_retrieval({"recall@10": 0.8}, {"recall@10": 0.8, "ndcg@10": 0.6})
 
 
 def test_compare_outputs_and_parity_gate():

@@ -45,9 +45,7 @@ class BadRow:
 
 def _records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
     if path.suffix.lower() == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            for i, rec in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
-                yield i, rec, None
+        yield from _csv_records(path)
         return
     with path.open(encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f, start=1):
@@ -64,6 +62,29 @@ def _records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
             yield i, rec, None
 
 
+def _csv_records(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    # utf-8-sig: spreadsheet exports start with a BOM, which would otherwise glue itself
+    # to the first header name and make every row lack an "id".
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return
+        header = [h.strip() for h in header]
+        end = reader.line_num
+        for fields in reader:
+            # A quoted field may span lines: report the line the row starts on, counted
+            # in the file (a row counter drifts after blank lines and multi-line fields).
+            start, end = end + 1, reader.line_num
+            if not fields:
+                continue  # blank line
+            if len(fields) > len(header):
+                yield start, None, (f"{len(fields)} fields but the header has {len(header)} "
+                                    "(an unquoted comma?)")
+                continue
+            yield start, dict(zip(header, fields + [None] * (len(header) - len(fields)))), None
+
+
 def read_catalog(path: Path, check_images: bool = True) -> tuple[list[CatalogRow], list[BadRow]]:
     """Parse and validate a catalogue; returns (good rows, bad rows with reasons)."""
     path = Path(path)
@@ -76,7 +97,9 @@ def read_catalog(path: Path, check_images: bool = True) -> tuple[list[CatalogRow
         if problem:
             bad.append(BadRow(line, None, problem))
             continue
-        ident = str(rec.get("id") or "").strip()
+        raw_id = rec.get("id")
+        # "is None", not "or": a numeric id 0 is an id.
+        ident = "" if raw_id is None else str(raw_id).strip()
         title = rec.get("title")
         image = rec.get("image")
         if not ident:

@@ -22,6 +22,9 @@ from xmsearch.errors import InputError
 from xmsearch.metrics import evaluate
 
 KINDS = ("text", "image", "text_image")
+# (column title, key in xmsearch.metrics.evaluate's result) of the printed table.
+TABLE_COLUMNS = (("Recall@1", "recall@1"), ("Recall@5", "recall@5"), ("Recall@10", "recall@10"),
+                 ("MRR", "mrr"), ("nDCG@10", "ndcg@10"))
 
 
 def load_queries(path: Path) -> list[dict]:
@@ -37,6 +40,8 @@ def load_queries(path: Path) -> list[dict]:
             q = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+        if not isinstance(q, dict):
+            raise InputError(f"{path} line {n}: not a JSON object")
         if not q.get("relevant"):
             raise InputError(f"{path} line {n}: query has no 'relevant' map")
         if q.get("image"):
@@ -44,6 +49,13 @@ def load_queries(path: Path) -> list[dict]:
                 else q["image"]
         q.setdefault("kind", "text_image" if q.get("text") and q.get("image")
                      else "image" if q.get("image") else "text")
+        # run_served batches by kind: a query of another kind, or lacking the text or
+        # photo its kind needs, would otherwise vanish from the run or fail mid-way.
+        if q["kind"] not in KINDS:
+            raise InputError(f"{path} line {n}: kind {q['kind']!r} is not one of {', '.join(KINDS)}")
+        for field in ("text", "image"):
+            if field in q["kind"] and not q.get(field):
+                raise InputError(f"{path} line {n}: a {q['kind']} query needs a non-empty {field!r}")
         q.setdefault("qid", f"line{n}")
         out.append(q)
     return out
@@ -124,10 +136,10 @@ def evaluation_table(served: dict[str, list[str]], queries: list[dict],
 
 def format_table(table: dict) -> str:
     """A plain-text table: one row per (system, kind)."""
-    metrics = ["Recall@1", "Recall@5", "Recall@10", "MRR", "nDCG@10"]
-    lines = [f"{'system':34s} {'kind':11s} {'n':>4s} " + " ".join(f"{m:>9s}" for m in metrics)]
+    lines = [f"{'system':34s} {'kind':11s} {'n':>4s} "
+             + " ".join(f"{title:>9s}" for title, _ in TABLE_COLUMNS)]
     for system, kinds in table.items():
         for kind, vals in kinds.items():
-            lines.append(f"{system:34s} {kind:11s} {int(vals.get('count', vals.get('n', 0))):4d} "
-                         + " ".join(f"{vals.get(m, float('nan')):9.3f}" for m in metrics))
+            lines.append(f"{system:34s} {kind:11s} {int(vals.get('count', 0)):4d} "
+                         + " ".join(f"{vals.get(key, float('nan')):9.3f}" for _, key in TABLE_COLUMNS))
     return "\n".join(lines)

@@ -1,0 +1,205 @@
+"""xmsearch.evaluate: query loading, the metrics table, and a served run.
+
+The table tests use hand-made rankings whose metrics are worked out below from the
+definitions in xmsearch/metrics.py: the target set R holds the ids of a query's highest
+grade; Recall@k = |top-k & R| / min(|R|, k); RR = 1 / rank of the first id of R;
+nDCG@k = DCG / IDCG with gain 2^g - 1 and discount log2(rank + 1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from xmsearch import evaluate as ev
+from xmsearch.errors import InputError
+
+# --------------------------------------------------------------------------- load_queries
+
+
+def write_lines(path: Path, lines: list[object]) -> Path:
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x, ensure_ascii=False)
+                              for x in lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_load_queries_resolves_images_and_fills_kind_and_qid(
+        tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path_factory.mktemp("photos") / "abs.jpg"
+    path = write_lines(tmp_path / "queries.jsonl", [
+        {"qid": "t1", "kind": "text", "text": "red cap", "relevant": {"a": 2}},
+        "",  # blank lines are skipped but still counted
+        {"text": "like this in blue", "image": "query_images/q.jpg", "relevant": {"b": 2, "c": 1}},
+        {"image": str(elsewhere), "relevant": {"c": 2}},
+        {"text": "蓝色羽绒服", "relevant": {"d": 1}},
+    ])
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))  # paths follow the file, not the cwd
+    qs = ev.load_queries(path)
+    assert [q["qid"] for q in qs] == ["t1", "line3", "line4", "line5"]
+    assert [q["kind"] for q in qs] == ["text", "text_image", "image", "text"]
+    assert qs[1]["image"] == str((tmp_path / "query_images" / "q.jpg").resolve())
+    assert Path(qs[1]["image"]).is_absolute()
+    assert qs[2]["image"] == str(elsewhere)
+    assert qs[1]["relevant"] == {"b": 2, "c": 1}
+    assert qs[3]["text"] == "蓝色羽绒服"
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"qid": "x", "text": "cap",', "line 2: not valid JSON"),
+    ({"qid": "x", "text": "cap"}, "line 2: query has no 'relevant' map"),
+    ({"qid": "x", "text": "cap", "relevant": {}}, "line 2: query has no 'relevant' map"),
+    ('["not", "an", "object"]', "line 2: not a JSON object"),
+    ({"qid": "x", "kind": "video", "text": "cap", "relevant": {"a": 1}}, "kind 'video'"),
+    ({"qid": "x", "kind": "image", "text": "cap", "relevant": {"a": 1}}, "needs a non-empty 'image'"),
+    ({"qid": "x", "kind": "text_image", "image": "q.jpg", "relevant": {"a": 1}},
+     "needs a non-empty 'text'"),
+])
+def test_load_queries_refuses_bad_lines_naming_them(tmp_path: Path, line: object, message: str) -> None:
+    path = write_lines(tmp_path / "queries.jsonl",
+                       [{"qid": "ok", "text": "cap", "relevant": {"a": 2}}, line])
+    with pytest.raises(InputError) as err:
+        ev.load_queries(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_load_queries_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        ev.load_queries(tmp_path / "nope.jsonl")
+
+
+# --------------------------------------------------------------------------- the table
+
+QUERIES = [
+    {"qid": "q1", "kind": "text", "text": "red cap", "relevant": {"a": 2, "b": 1, "c": 1}},
+    {"qid": "q2", "kind": "image", "image": "/x/q2.jpg", "relevant": {"d": 2}},
+    {"qid": "q3", "kind": "text_image", "text": "in red", "image": "/x/q3.jpg",
+     "relevant": {"e": 2, "f": 2, "g": 1}},
+    {"qid": "q4", "kind": "text", "text": "blue bag", "relevant": {"a": 2}},
+]
+SERVED = {
+    "q1": ["b", "a", "x", "c"],
+    "q2": ["x", "y", "z", "w", "v", "d"],
+    "q3": ["e", "g", "f"],
+    "q4": [],
+}
+
+# q1: R = {a}, a at rank 2.  R@1 = 0/1, R@5 = R@10 = 1/1, RR = 1/2.
+#     ranked grades b=1, a=2, x=0, c=1:  DCG = 1/log2(2) + 3/log2(3) + 0 + 1/log2(5)
+#     ideal grades 2, 1, 1:              IDCG = 3/log2(2) + 1/log2(3) + 1/log2(4)
+Q1_NDCG = (1 + 3 / math.log2(3) + 1 / math.log2(5)) / (3 + 1 / math.log2(3) + 1 / 2)  # 0.80453
+# q2: R = {d}, d at rank 6.  R@1 = R@5 = 0, R@10 = 1, RR = 1/6, nDCG = (3/log2(7)) / 3.
+Q2_NDCG = 1 / math.log2(7)  # 0.35621
+# q3: R = {e, f} at ranks 1 and 3.  R@1 = 1/min(2,1) = 1, R@5 = R@10 = 2/2 = 1, RR = 1.
+#     DCG = 3/1 + 1/log2(3) + 3/log2(4); IDCG (grades 2, 2, 1) = 3/1 + 3/log2(3) + 1/log2(4)
+Q3_NDCG = (3 + 1 / math.log2(3) + 1.5) / (3 + 3 / math.log2(3) + 0.5)  # 0.95144
+# q4: nothing ranked: every metric is 0.
+EXPECTED_SERVED = {
+    "image": {"recall@1": 0.0, "recall@5": 0.0, "recall@10": 1.0, "mrr": 1 / 6,
+              "ndcg@10": Q2_NDCG, "count": 1},
+    "text": {"recall@1": 0.0, "recall@5": 0.5, "recall@10": 0.5, "mrr": 0.25,
+             "ndcg@10": Q1_NDCG / 2, "count": 2},
+    "text_image": {"recall@1": 1.0, "recall@5": 1.0, "recall@10": 1.0, "mrr": 1.0,
+                   "ndcg@10": Q3_NDCG, "count": 1},
+    "all": {"recall@1": 1 / 4, "recall@5": 2 / 4, "recall@10": 3 / 4,
+            "mrr": (1 / 2 + 1 / 6 + 1) / 4, "ndcg@10": (Q1_NDCG + Q2_NDCG + Q3_NDCG) / 4,
+            "count": 4},
+}
+# A baseline that answered only the photo query, finding d first: perfect on it.
+BASELINES = {"image_encoder": {"q2": ["d", "x"]}}
+
+
+def approx_table(expected: dict) -> dict:
+    return {kind: {m: pytest.approx(v, abs=1e-9) for m, v in vals.items()}
+            for kind, vals in expected.items()}
+
+
+def test_evaluation_table_matches_hand_computed_values() -> None:
+    table = ev.evaluation_table(SERVED, QUERIES, BASELINES)
+    assert list(table) == ["fused (served)", "baseline: raw image encoder"]
+    assert table["fused (served)"] == approx_table(EXPECTED_SERVED)
+    perfect = {"recall@1": 1.0, "recall@5": 1.0, "recall@10": 1.0, "mrr": 1.0, "ndcg@10": 1.0,
+               "count": 1}
+    # Only the queries a baseline answered are scored for it.
+    assert table["baseline: raw image encoder"] == approx_table({"image": perfect, "all": perfect})
+
+
+def test_evaluation_table_refuses_a_query_without_results() -> None:
+    with pytest.raises(InputError, match="q4"):
+        ev.evaluation_table({k: v for k, v in SERVED.items() if k != "q4"}, QUERIES)
+
+
+def test_format_table_prints_every_system_kind_and_metric() -> None:
+    text = ev.format_table(ev.evaluation_table(SERVED, QUERIES, BASELINES))
+    lines = text.splitlines()
+    assert lines[0].split() == ["system", "kind", "n", "Recall@1", "Recall@5", "Recall@10",
+                                "MRR", "nDCG@10"]
+    assert len(lines) == 1 + 4 + 2  # header, 4 served rows, 2 baseline rows
+    rows = {}
+    for line in lines[1:]:
+        system, rest = line[:34].strip(), line[34:].split()
+        rows[(system, rest[0])] = rest[1:]
+    # Three decimals: q1/q4 text row is 0, 1/2, 1/2, 1/4 and 0.80453 / 2 = 0.40227.
+    assert rows[("fused (served)", "text")] == ["2", "0.000", "0.500", "0.500", "0.250", "0.402"]
+    assert rows[("fused (served)", "image")] == ["1", "0.000", "0.000", "1.000", "0.167", "0.356"]
+    assert rows[("fused (served)", "text_image")] == ["1", "1.000", "1.000", "1.000", "1.000",
+                                                      "0.951"]
+    # all: (0.80453 + 0.35621 + 0.95144) / 4 = 0.52805; MRR (1/2 + 1/6 + 1) / 4 = 0.41667.
+    assert rows[("fused (served)", "all")] == ["4", "0.250", "0.500", "0.750", "0.417", "0.528"]
+    assert rows[("baseline: raw image encoder", "image")] == ["1"] + ["1.000"] * 5
+    assert "nan" not in text
+
+
+# --------------------------------------------------------------------------- served
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_run_served_ranks_every_query(xm_server, tmp_path_factory: pytest.TempPathFactory,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from xmsearch.cli import main
+    from xmsearch.client.embed import Embedder
+    from xmsearch.client.ingest import ingest_catalog
+    from xmsearch.client.search import Searcher
+    from xmsearch.demo import MIN_ITEMS, generate_demo_catalog
+
+    root = tmp_path_factory.mktemp("eval")
+    generate_demo_catalog(root / "demo", n=MIN_ITEMS, seed=1, n_queries=9)
+    catalog_ids = {json.loads(x)["id"] for x in (root / "demo" / "catalog.jsonl").read_text().splitlines()}
+    queries = ev.load_queries(root / "demo" / "queries.jsonl")
+    assert sorted({q["kind"] for q in queries}) == ["image", "text", "text_image"]
+
+    emb = Embedder(xm_server.url, timeout_s=120.0)
+    try:
+        ingest_catalog(root / "demo" / "catalog.jsonl", root / "index", emb)
+        searcher = Searcher(root / "index", emb)
+        try:
+            seen = []
+            served = ev.run_served(searcher, queries, k=10, batch=2,
+                                   progress=lambda done, total: seen.append((done, total)))
+        finally:
+            searcher.close()
+    finally:
+        emb.close()
+    assert sorted(served) == sorted(q["qid"] for q in queries)
+    for qid, ranking in served.items():
+        assert len(ranking) == 10 and len(set(ranking)) == 10, qid
+        assert set(ranking) <= catalog_ids
+    assert seen[-1] == (len(queries), len(queries))
+    # The fusion is untrained: the values mean nothing, but each kind is scored.
+    table = ev.evaluation_table(served, queries)["fused (served)"]
+    assert {k: v["count"] for k, v in table.items()} == {"image": 3, "text": 3, "text_image": 3,
+                                                         "all": 9}
+    assert all(0.0 <= v <= 1.0 for vals in table.values() for m, v in vals.items() if m != "count")
+
+    # The same run through the command line, with the table also written as JSON.
+    out = root / "metrics.json"
+    assert main(["eval", "--index", str(root / "index"), "--queries",
+                 str(root / "demo" / "queries.jsonl"), "--url", xm_server.url,
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Recall@10" in printed and "fused (served)" in printed and "nan" not in printed
+    written = json.loads(out.read_text())["fused (served)"]
+    assert written == {kind: pytest.approx(vals) for kind, vals in table.items()}

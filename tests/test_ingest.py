@@ -1,0 +1,381 @@
+"""Catalogue ingestion through a real tritonserver (the exported cpu repository).
+
+A small generated catalogue (40 products) gets five planted bad rows: three that the
+catalogue reader refuses (missing photo file, empty title, duplicate id) and two only
+the server can find (random bytes saved as .jpg, a JPEG cut in half).  Every test checks
+that the good rows end up in the index, each under its own vector, and that the bad
+ones are reported with their line numbers.
+
+Vectors are compared through FAISS itself: the index's committed ``vectors.<G>.faiss``
+file (named in its manifest) is read and each item's vector reconstructed by the label
+its search hit carries.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from xmsearch.catalog import read_catalog
+from xmsearch.client.embed import Embedder
+from xmsearch.client.index import CatalogIndex
+from xmsearch.client.ingest import IngestReport, ingest_catalog
+from xmsearch.client.search import Searcher
+from xmsearch.demo import generate_demo_catalog
+from xmsearch.errors import IndexStoreError
+
+pytestmark = pytest.mark.triton
+
+N_ITEMS = 40
+
+
+@dataclass
+class Catalogue:
+    path: Path
+    good: dict[str, str]  # id -> title, for every row that must be indexed
+    bad: dict[int, str]  # line -> what was planted there
+
+
+def _plant(root: Path) -> Catalogue:
+    """Interleave five bad rows with the 40 good ones; return what each line should give."""
+    lines = (root / "catalog.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(x) for x in lines]
+    images = root / "images"
+    rng = random.Random(7)
+    (images / "corrupt.jpg").write_bytes(bytes(rng.randrange(256) for _ in range(3000)))
+    whole = (images / "p000005.jpg").read_bytes()
+    (images / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    planted = [  # (insert before good row i, row, label)
+        (3, {"id": "bad-missing-photo", "title": "red cap", "image": "images/nope.jpg"}, "missing"),
+        (10, {"id": "bad-corrupt", "title": "green tote", "image": "images/corrupt.jpg"}, "corrupt"),
+        (17, {"id": "bad-empty-title", "title": " ", "image": "images/p000001.jpg"}, "empty title"),
+        (25, {**rows[4], "title": "a second p000004"}, "duplicate"),
+        (33, {"id": "bad-truncated", "title": "blue boots", "image": "images/truncated.jpg"},
+         "truncated"),
+    ]
+    out: list[dict] = []
+    bad: dict[int, str] = {}
+    for i, row in enumerate(rows):
+        for before, extra, label in planted:
+            if before == i:
+                out.append(extra)
+                bad[len(out)] = label  # 1-based line number of the row just written
+        out.append(row)
+    path = root / "catalog.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
+    return Catalogue(path, {r["id"]: r["title"] for r in rows}, bad)
+
+
+@pytest.fixture(scope="module")
+def catalogue(tmp_path_factory: pytest.TempPathFactory) -> Catalogue:
+    root = tmp_path_factory.mktemp("catalogue")
+    generate_demo_catalog(root, n=N_ITEMS, seed=0, n_queries=0)
+    return _plant(root)
+
+
+@pytest.fixture(scope="module")
+def embedder(xm_server) -> Embedder:
+    emb = Embedder(xm_server.url, timeout_s=120.0, retries=3)
+    yield emb
+    emb.close()
+
+
+@pytest.fixture(scope="module")
+def fresh_vectors(catalogue: Catalogue, embedder: Embedder) -> dict[str, np.ndarray]:
+    """Fresh item vectors of the good rows around each planted bad row, and the ends.
+
+    Those are the rows a misaligned fallback (a bad row dropped from the chunk, its
+    neighbours shifted) would store under the wrong id.
+    """
+    rows, _ = read_catalog(catalogue.path)
+    near = {line + d for line in catalogue.bad for d in (-1, 1)}
+    rows = [r for i, r in enumerate(rows)
+            if r.id in catalogue.good and (r.line in near or i in (0, len(rows) - 1))]
+    vecs = embedder.embed_items([r.title for r in rows], [r.image.read_bytes() for r in rows])
+    return {r.id: v for r, v in zip(rows, vecs)}
+
+
+@pytest.fixture(scope="module")
+def reference_index(catalogue: Catalogue, embedder: Embedder,
+                    tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, IngestReport]:
+    """One uninterrupted Flat ingest, shared by the tests that compare against it."""
+    out = tmp_path_factory.mktemp("reference") / "index"
+    return out, ingest_catalog(catalogue.path, out, embedder, chunk_size=8)
+
+
+def stored_vectors(index_dir: Path) -> dict[str, np.ndarray]:
+    """id -> vector as committed on disk (FAISS file of the manifest's generation)."""
+    manifest = json.loads((index_dir / "manifest.json").read_text())
+    vectors = faiss.read_index(str(index_dir / manifest["faiss_file"]))
+    with CatalogIndex.open(index_dir, read_only=True) as idx:
+        n = len(idx)
+        probe = np.zeros((1, idx.dim), np.float32)
+        probe[0, 0] = 1.0
+        hits = idx.search(probe, n)[0]  # every item, each with its FAISS label
+    assert len(hits) == n
+    return {h.id: vectors.reconstruct(h.label) for h in hits}
+
+
+def assert_report_lists_planted_rows(report: IngestReport, cat: Catalogue) -> None:
+    assert {b.line for b in report.bad} == set(cat.bad), [str(b) for b in report.bad]
+    by_line = {b.line: b for b in report.bad}
+    for line, label in cat.bad.items():
+        reason = by_line[line].reason
+        if label == "missing":
+            assert "nope.jpg" in reason and "does not exist" in reason
+        elif label == "empty title":
+            assert reason == "empty title"
+        elif label == "duplicate":
+            assert by_line[line].id == "p000004" and "duplicate id" in reason
+        else:  # the server's own refusal comes back as the reason
+            assert reason.startswith("refused by the server"), reason
+            assert "IMAGE" in reason and ("corrupt" in reason or "not a decodable" in reason), reason
+    assert report.rows == len(cat.good) + len(cat.bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+def test_ingest_keeps_good_rows_reports_bad_ones(catalogue: Catalogue, embedder: Embedder,
+                                                 fresh_vectors: dict[str, np.ndarray],
+                                                 reference_index, tmp_path: Path, factory: str) -> None:
+    if factory == "Flat":
+        out, report = reference_index
+    else:
+        out = tmp_path / "index"
+        report = ingest_catalog(catalogue.path, out, embedder, factory=factory, chunk_size=8)
+    assert report.added == N_ITEMS and report.already_indexed == 0
+    assert_report_lists_planted_rows(report, catalogue)
+
+    good = sorted(catalogue.good)
+    with CatalogIndex.open(out, read_only=True) as idx:
+        assert idx.factory == factory
+        assert idx.fingerprint == embedder.fingerprint
+        assert len(idx) == N_ITEMS
+        assert all(idx.contains(good))
+        assert not any(idx.contains(["bad-missing-photo", "bad-corrupt", "bad-empty-title",
+                                     "bad-truncated"]))
+        # Items sit under their own vectors: a fresh embedding finds its item first.
+        assert len(fresh_vectors) >= 8
+        probes = np.stack(list(fresh_vectors.values()))
+        for item_id, hits in zip(fresh_vectors, idx.search(probes, 3)):
+            assert hits[0].id == item_id
+            assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+        # The metadata came along (the duplicate row at line 26 did not overwrite it).
+        meta = idx.get(["p000004"])[0]
+        assert meta["title"] == catalogue.good["p000004"]
+        assert meta["category"] and meta["colour"]
+
+    # Searchable through the server by text: every title returns k ranked results.
+    searcher = Searcher(out, embedder)
+    try:
+        results = searcher.search_many([catalogue.good[i] for i in good], k=5)
+        assert all(len(hits) == 5 for hits in results)
+        assert all(h.id in catalogue.good for hits in results for h in hits)
+        assert all(hits[0].score >= hits[-1].score for hits in results)
+    finally:
+        searcher.close()
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_interrupted_ingest_resumes_to_the_same_index(catalogue: Catalogue, embedder: Embedder,
+                                                      reference_index, tmp_path: Path) -> None:
+    out = tmp_path / "index"
+    chunks = []
+
+    def stop_after_three_chunks(done: int, total: int) -> None:
+        chunks.append(done)
+        if len(chunks) == 3:
+            raise Interrupt  # as if the process died right after the third save
+
+    with pytest.raises(Interrupt):
+        ingest_catalog(catalogue.path, out, embedder, chunk_size=8, save_every=1,
+                       progress=stop_after_three_chunks)
+    # What was saved before the interruption is on disk, whole.
+    with CatalogIndex.open(out, read_only=True) as idx:
+        partial = len(idx)
+        assert idx.generation > 1
+    rows, _ = read_catalog(catalogue.path)
+    assert partial == len([r for r in rows[:24] if r.id in catalogue.good])
+
+    with pytest.raises(IndexStoreError, match="--resume"):
+        ingest_catalog(catalogue.path, out, embedder, chunk_size=8)
+
+    report = ingest_catalog(catalogue.path, out, embedder, chunk_size=8, resume=True)
+    assert report.already_indexed == partial
+    assert report.added == N_ITEMS - partial
+    assert_report_lists_planted_rows(report, catalogue)
+
+    resumed, reference = stored_vectors(out), stored_vectors(reference_index[0])
+    assert sorted(resumed) == sorted(reference) == sorted(catalogue.good)
+    for item_id, vec in reference.items():
+        np.testing.assert_allclose(resumed[item_id], vec, atol=1e-5, err_msg=item_id)
+
+    # Resuming a complete index adds nothing and embeds nothing.
+    again = ingest_catalog(catalogue.path, out, embedder, resume=True)
+    assert again.added == 0 and again.already_indexed == N_ITEMS
+
+
+def _manifest_generation(index_dir: Path) -> int:
+    try:
+        return int(json.loads((index_dir / "manifest.json").read_text())["generation"])
+    except (OSError, ValueError, KeyError):
+        return 0  # not written yet, or caught between write and rename
+
+
+@pytest.mark.slow
+def test_ingest_killed_midway_resumes_from_the_command_line(catalogue: Catalogue, xm_server,
+                                                            reference_index, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """kill -9 of `xmsearch index` right after its first chunk save, then `--resume`."""
+    out = tmp_path / "index"
+    # 45 rows in chunks of 2, saved every 4 chunks: saves at 8, 16, ... rows, so the kill
+    # lands with most of the catalogue still to do.
+    proc = subprocess.Popen([sys.executable, "-m", "xmsearch.cli", "index", str(catalogue.path),
+                             "--out", str(out), "--url", xm_server.url, "--chunk-size", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while _manifest_generation(out) < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert proc.poll() is None, f"ingest ended before the kill: {proc.stderr.read().decode()}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    with CatalogIndex.open(out, read_only=True) as idx:
+        partial = len(idx)
+    assert 0 < partial < N_ITEMS
+
+    from xmsearch.cli import main
+
+    assert main(["index", str(catalogue.path), "--out", str(out), "--url", xm_server.url,
+                 "--resume"]) == 0
+    assert f"{N_ITEMS - partial} items added, {partial} already indexed" in capsys.readouterr().out
+    resumed, reference = stored_vectors(out), stored_vectors(reference_index[0])
+    assert sorted(resumed) == sorted(reference)
+    for item_id, vec in reference.items():
+        np.testing.assert_allclose(resumed[item_id], vec, atol=1e-5, err_msg=item_id)
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_ingest_survives_a_server_restart(catalogue: Catalogue, exported_repository: Path,
+                                          start_triton, reference_index, tmp_path: Path) -> None:
+    """The server goes away after the first chunk and comes back on the same ports."""
+    out = tmp_path / "index"
+    with start_triton(exported_repository) as server:
+        # Enough retries (backoff capped at 1 s) to outlast a restart of a busy server.
+        emb = Embedder(server.url, timeout_s=120.0, retries=240, max_backoff_s=1.0)
+        first_chunk_done, server_stopped = threading.Event(), threading.Event()
+        chunks: list[int] = []
+
+        def progress(done: int, total: int) -> None:
+            chunks.append(done)
+            if len(chunks) == 1:
+                first_chunk_done.set()
+                # The next chunk must meet the stopped server, not race the stop.
+                assert server_stopped.wait(120)
+
+        result: dict = {}
+
+        def run() -> None:
+            try:
+                result["report"] = ingest_catalog(catalogue.path, out, emb, chunk_size=8,
+                                                  save_every=1, progress=progress)
+            except BaseException as exc:  # handed to the main thread
+                result["error"] = exc
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        try:
+            assert first_chunk_done.wait(180), "the first chunk never finished"
+            # Stop and restart from this (the main) thread: the server is bound to the
+            # thread that started it (die_with_parent).
+            server.stop()
+            server_stopped.set()
+            time.sleep(1)
+            server.start(wait=True, timeout=240)
+        finally:
+            server_stopped.set()
+            worker.join(600)
+        emb.close()
+    assert not worker.is_alive()
+    if "error" in result:
+        raise result["error"]
+    report = result["report"]
+    assert report.added == N_ITEMS
+    assert_report_lists_planted_rows(report, catalogue)
+    assert len(chunks) > 1
+    restarted, reference = stored_vectors(out), stored_vectors(reference_index[0])
+    assert sorted(restarted) == sorted(reference)  # nothing lost, nothing twice
+    for item_id, vec in reference.items():
+        np.testing.assert_allclose(restarted[item_id], vec, atol=1e-5, err_msg=item_id)
+
+
+def test_existing_index_needs_resume_or_add(catalogue: Catalogue, embedder: Embedder,
+                                            tmp_path: Path) -> None:
+    out = tmp_path / "index"
+    CatalogIndex.create(out, embedder.dim, fingerprint=embedder.fingerprint).close()
+    with pytest.raises(IndexStoreError) as err:
+        ingest_catalog(catalogue.path, out, embedder)
+    msg = str(err.value)
+    assert str(out) in msg and "already exists" in msg and "--resume" in msg and "--add" in msg
+    with pytest.raises(IndexStoreError, match="--add needs an existing index"):
+        ingest_catalog(catalogue.path, tmp_path / "none", embedder, add=True)
+
+
+@pytest.mark.slow
+def test_add_reports_ids_already_in_the_index(catalogue: Catalogue, embedder: Embedder,
+                                              tmp_path: Path) -> None:
+    root = catalogue.path.parent
+    rows = [json.loads(x) for x in catalogue.path.read_text(encoding="utf-8").splitlines()]
+    first = tmp_path / "first.jsonl"
+    more = tmp_path / "more.jsonl"
+    new = {**rows[0], "id": "new-item"}
+    # Image paths are relative to the catalogue file: make them absolute in these copies.
+    lines = [{**r, "image": str(root / r["image"])} for r in (rows[0], new, rows[2])]
+    more.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
+    first.write_text("".join(json.dumps({**r, "image": str(root / r["image"])}) + "\n"
+                             for r in rows[:3]), encoding="utf-8")
+    out = tmp_path / "index"
+    assert ingest_catalog(first, out, embedder).added == 3
+    report = ingest_catalog(more, out, embedder, add=True)
+    assert report.added == 1
+    assert [(b.line, b.id) for b in report.bad] == [(1, rows[0]["id"]), (3, rows[2]["id"])]
+    assert all("already in the index" in b.reason for b in report.bad)
+    with CatalogIndex.open(out, read_only=True) as idx:
+        assert len(idx) == 4 and idx.contains(["new-item"]) == [True]
+
+
+def test_fingerprint_mismatch_is_refused(catalogue: Catalogue, embedder: Embedder,
+                                         tmp_path: Path) -> None:
+    out = tmp_path / "index"
+    CatalogIndex.create(out, embedder.dim, fingerprint="another-model-0123").close()
+    served = embedder.fingerprint
+    for attempt in (lambda: ingest_catalog(catalogue.path, out, embedder, resume=True),
+                    lambda: ingest_catalog(catalogue.path, out, embedder, add=True),
+                    lambda: Searcher(out, embedder)):
+        with pytest.raises(IndexStoreError) as err:
+            attempt()
+        assert "another-model-0123" in str(err.value) and served in str(err.value)
+    # Refused before anything was written.
+    with CatalogIndex.open(out, read_only=True) as idx:
+        assert len(idx) == 0
