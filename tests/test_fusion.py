@@ -61,3 +61,19 @@ def test_joint_depends_on_both_modalities(fusion):
 def test_unknown_entry_point_is_refused(fusion):
     with pytest.raises(ValueError, match="text, image or joint"):
         FusionEntry(fusion, "audio")
+
+
+def test_frozen_image_reduction_is_pca_and_consistent():
+    torch.manual_seed(0)
+    f = AttentionFusion(text_dim=32, image_dim=48, width=64, heads=4, embed_dim=16, image_reduce_dim=8).eval()
+    regions = torch.randn(200, 48) @ torch.randn(48, 48)
+    f.fit_image_reduction(regions)
+    w = f.image_reduce.weight
+    assert torch.allclose(w @ w.T, torch.eye(8), atol=1e-4)  # orthonormal principal axes
+    assert not f.image_reduce.weight.requires_grad
+    x = torch.randn(2, 5, 48)
+    with torch.no_grad():
+        direct = f.encode_image(x)
+        via_reduced = f.image_only(f.reduced_image_tokens(f.image_reduce(x)))
+    assert torch.allclose(direct, via_reduced, atol=1e-6)
+    assert f.config()["image_reduce_dim"] == 8

@@ -59,6 +59,7 @@ class TrainConfig:
     seed: int = 0
     width: int = 256
     embed_dim: int = 256
+    image_reduce_dim: int = 256  # frozen PCA of the regions before the trained projection
 
 
 @dataclass
@@ -216,17 +217,28 @@ def info_nce(q: torch.Tensor, z: torch.Tensor, scale: torch.Tensor) -> torch.Ten
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def _embed_items(fusion: AttentionFusion, f: Features, idx: torch.Tensor) -> torch.Tensor:
-    return fusion.encode_joint(f.item_states[idx].float(), f.item_mask[idx], f.regions[idx, 0].float())
+def _embed_items(fusion: AttentionFusion, f: Features, reduced: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return fusion.joint(fusion.text_tokens(f.item_states[idx].float()), f.item_mask[idx],
+                        fusion.reduced_image_tokens(reduced[idx, 0]))
 
 
 @torch.no_grad()
-def evaluate_views(fusion: AttentionFusion, f: Features, eval_idx: torch.Tensor, bs: int = 256) -> dict:
+def reduce_regions(fusion: AttentionFusion, regions: torch.Tensor, sample_idx: torch.Tensor,
+                   chunk: int = 256) -> torch.Tensor:
+    """Fit the frozen PCA on sample items' photos, then reduce every cached region once."""
+    sample = regions[sample_idx[:400], 0].reshape(-1, regions.shape[-1])
+    fusion.fit_image_reduction(sample)
+    return torch.cat([fusion.image_reduce(regions[i:i + chunk].float()) for i in range(0, len(regions), chunk)])
+
+
+@torch.no_grad()
+def evaluate_views(fusion: AttentionFusion, f: Features, reduced: torch.Tensor, eval_idx: torch.Tensor,
+                   bs: int = 256) -> dict:
     """Recall of held-out items: augmented photo -> item (R@1), full title -> item (R@10)."""
     fusion.eval()
     all_idx = torch.arange(len(f.ids))
-    z = torch.cat([_embed_items(fusion, f, all_idx[i:i + bs]) for i in range(0, len(all_idx), bs)])
-    qi = fusion.encode_image(f.regions[eval_idx, 1].float())
+    z = torch.cat([_embed_items(fusion, f, reduced, all_idx[i:i + bs]) for i in range(0, len(all_idx), bs)])
+    qi = fusion.image_only(fusion.reduced_image_tokens(reduced[eval_idx, 1]))
     qt = fusion.encode_text(f.view_states[eval_idx, 0].float(), f.view_mask[eval_idx, 0])
     r1 = (qi @ z.T).argmax(1).eq(eval_idx).float().mean().item()
     top10 = (qt @ z.T).topk(10, dim=1).indices
@@ -249,9 +261,11 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
     eval_idx = val_idx if n_val else perm[: min(n, 200)]
     nbrs = _neighbours(f.regions)
     fusion = AttentionFusion(f.item_states.shape[-1], f.regions.shape[-1], width=cfg.width,
-                             embed_dim=cfg.embed_dim)
+                             embed_dim=cfg.embed_dim, image_reduce_dim=cfg.image_reduce_dim)
+    reduced = reduce_regions(fusion, f.regions, train_idx)
     log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
-    opt = torch.optim.AdamW(list(fusion.parameters()) + [log_scale], lr=cfg.lr,
+    trainable = [p for p in fusion.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable + [log_scale], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(train_idx) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
@@ -273,10 +287,10 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
             title_t = fusion.text_tokens(f.item_states[idx].float())
             view_t = fusion.text_tokens(f.view_states[idx, v].float())
             part_t = fusion.text_tokens(f.view_states[idx, pv].float())
-            photo_v = fusion.image_tokens(f.regions[idx, 0].float())
-            aug_v = fusion.image_tokens(f.regions[idx, 1].float())
+            photo_v = fusion.reduced_image_tokens(reduced[idx, 0])
+            aug_v = fusion.reduced_image_tokens(reduced[idx, 1])
             # Composed view: a partial title of i over the photo of a neighbour j.
-            other_v = fusion.image_tokens(f.regions[j, torch.randint(0, 2, (k,), generator=gen)].float())
+            other_v = fusion.reduced_image_tokens(reduced[j, torch.randint(0, 2, (k,), generator=gen)])
             vm, pm = f.view_mask[idx, v], f.view_mask[idx, pv]
             z = fusion.joint(title_t, f.item_mask[idx], photo_v)
             scale = log_scale.exp().clamp(max=100)
@@ -287,7 +301,7 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
                     + info_nce(fusion.joint(part_t, pm, other_v), z, scale))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(fusion.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             sched.step()
             step += 1
@@ -295,7 +309,7 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
             if on_step:
                 on_step(step, loss.item())
         record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
-                  **evaluate_views(fusion, f, eval_idx), "seconds": round(time.time() - t0, 2)}
+                  **evaluate_views(fusion, f, reduced, eval_idx), "seconds": round(time.time() - t0, 2)}
         history.append(record)
         if on_epoch:
             on_epoch(record)
