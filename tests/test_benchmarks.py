@@ -1,0 +1,476 @@
+"""Tests of the benchmark harness: perf_analyzer CSV/console parsing on real captured output,
+input-data generation, the FAISS benchmark on a tiny problem, and report/plot writing.
+
+The fixtures under tests/fixtures/perf_analyzer/ are real perf_analyzer 2.60 output against
+tritonserver 2.51, produced by ``python -m benchmarks.capture_fixtures``.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import re
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+# benchmarks/ is a plain folder at the repo root, not part of the installed package;
+# `.venv/bin/pytest` does not put the root on sys.path by itself.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import faiss_bench, input_data, perf_sweep, report  # noqa: E402
+from xmsearch import spec  # noqa: E402
+from xmsearch.errors import ConfigError, InputError  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures" / "perf_analyzer"
+
+
+def _unused_port() -> int:
+    """A local port that was free a moment ago (bound, then released): nothing listens there."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fixture(name: str) -> str:
+    return (FIXTURES / name).read_text()
+
+
+def _console_value(log: str, level: int, label: str) -> float:
+    """A client-side number from the console block of one concurrency level."""
+    block = log.split(f"Request concurrency: {level}\n", 1)[1].split("Request concurrency:", 1)[0]
+    return float(re.search(rf"{re.escape(label)}:\s*([\d.]+)", block).group(1))
+
+
+# --- CSV ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["ensemble_verbose", "ensemble_plain", "image_metrics", "ensemble_range"])
+def test_csv_rows_agree_with_console_output(name: str) -> None:
+    # The CSV and the console summary are two independent renderings of one measurement.
+    rows = perf_sweep.parse_csv(_fixture(f"{name}.csv"))
+    log = _fixture(f"{name}.log")
+    assert rows, name
+    for row in rows:
+        assert row.throughput == pytest.approx(_console_value(log, row.concurrency, "Throughput"))
+        for pct in (50, 90, 95, 99):
+            assert getattr(row, f"p{pct}_us") == _console_value(log, row.concurrency, f"p{pct} latency")
+        assert row.p50_us <= row.p90_us <= row.p95_us <= row.p99_us
+
+
+def test_csv_sorted_by_concurrency_although_file_is_by_throughput() -> None:
+    text = _fixture("ensemble_range.csv")
+    file_order = [int(line.split(",")[0]) for line in text.splitlines()[1:] if line]
+    rows = perf_sweep.parse_csv(text)
+    assert [r.concurrency for r in rows] == sorted(file_order)
+    assert file_order != sorted(file_order)  # the fixture really exercises the re-sort
+
+
+def test_verbose_csv_has_average_latency_plain_csv_does_not() -> None:
+    verbose = perf_sweep.parse_csv(_fixture("ensemble_verbose.csv"))
+    plain = perf_sweep.parse_csv(_fixture("ensemble_plain.csv"))
+    log = _fixture("ensemble_verbose.log")
+    for row in verbose:
+        assert row.avg_us == _console_value(log, row.concurrency, "Avg latency")
+    assert all(r.avg_us is None for r in plain)
+
+
+def test_csv_with_empty_metric_columns_parses() -> None:
+    text = _fixture("image_metrics.csv")
+    assert "Avg GPU Utilization" in text.splitlines()[0]
+    rows = perf_sweep.parse_csv(text)
+    assert [r.concurrency for r in rows] == [1, 2]
+    assert all(r.composing == [] for r in rows)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", "empty"),
+    ("Concurrency,Inferences/Second\n1,2\n", "missing columns"),
+    ("Request Rate,Inferences/Second\n1,2\n", "request-rate"),
+])
+def test_csv_refuses_unusable_text(text: str, match: str) -> None:
+    with pytest.raises(InputError, match=match):
+        perf_sweep.parse_csv(text)
+
+
+def test_csv_refuses_non_numbers_and_header_only() -> None:
+    header, first, *_ = _fixture("ensemble_plain.csv").splitlines()
+    with pytest.raises(InputError, match="not a number"):
+        perf_sweep.parse_csv(header + "\n" + first.replace(first.split(",")[1], "fast", 1) + "\n")
+    with pytest.raises(InputError, match="no data rows"):
+        perf_sweep.parse_csv(header + "\n")
+
+
+def test_merge_csv_keeps_one_header_and_refuses_mixed_layouts() -> None:
+    plain = _fixture("ensemble_plain.csv")
+    merged = perf_sweep.merge_csv([plain, plain])
+    assert merged.count("Concurrency,") == 1
+    assert len(perf_sweep.parse_csv(merged)) == 2 * len(perf_sweep.parse_csv(plain))
+    with pytest.raises(InputError, match="different headers"):
+        perf_sweep.merge_csv([plain, _fixture("ensemble_verbose.csv")])
+
+
+# --- console (composing models) ----------------------------------------------------------
+
+def test_composing_models_parsed_per_level_and_add_up_to_csv_compute() -> None:
+    for name in ("ensemble_verbose", "ensemble_range"):
+        rows = perf_sweep.parse_csv(_fixture(f"{name}.csv"))
+        composing = perf_sweep.parse_console(_fixture(f"{name}.log"))
+        assert set(composing) == {r.concurrency for r in rows}
+        perf_sweep.attach_composing(rows, composing)
+        for row in rows:
+            assert [c.model for c in row.composing] == ["toy_embed", "toy_tokenize"]
+            # perf_analyzer's CSV compute columns are the members' sums (rounded per member).
+            for attr in ("compute_input_us", "compute_infer_us", "compute_output_us"):
+                total = sum(getattr(c, attr) for c in row.composing)
+                assert abs(getattr(row, "server_" + attr) - total) <= len(row.composing)
+            # ...but its queue column is only the ensemble's own; the total adds the members'.
+            assert row.server_queue_total_us == row.server_queue_us + sum(c.queue_us for c in row.composing)
+            assert row.server_queue_total_us > row.server_queue_us
+            for c in row.composing:
+                assert c.inference_count >= c.execution_count > 0
+                assert c.avg_batch >= 1.0
+
+
+def test_console_of_plain_model_has_no_composing_block() -> None:
+    assert perf_sweep.parse_console(_fixture("image_metrics.log")) == {}
+
+
+def test_console_block_without_breakdown_is_an_error() -> None:
+    text = "Request concurrency: 1\n  Composing models: \n  a, version: 1\n      Inference count: 3\n"
+    with pytest.raises(InputError, match="composing model 'a'"):
+        perf_sweep.parse_console(text)
+
+
+def test_sweep_result_json_round_trip(tmp_path: Path) -> None:
+    rows = perf_sweep.parse_csv(_fixture("ensemble_verbose.csv"))
+    perf_sweep.attach_composing(rows, perf_sweep.parse_console(_fixture("ensemble_verbose.log")))
+    result = perf_sweep.SweepResult("toy_text", rows, [["perf_analyzer", "-m", "toy_text"]],
+                                    tmp_path / "a.csv", tmp_path / "a.log", skipped=[64])
+    again = perf_sweep.SweepResult.from_json(result.to_json())
+    assert again.rows == rows and again.skipped == [64] and again.commands == result.commands
+
+
+# --- command line ------------------------------------------------------------------------
+
+def test_build_command_uses_grpc_time_windows_and_csv(tmp_path: Path) -> None:
+    settings = perf_sweep.SweepSettings(concurrency=(4,), measurement_interval_ms=2500,
+                                        stability_percentage=15, max_trials=6)
+    cmd = perf_sweep.build_command("pa", "query_text", "localhost:8001", tmp_path / "in.json",
+                                   tmp_path / "out.csv", 4, settings)
+    text = " ".join(cmd)
+    for expected in ("-m query_text", "-i grpc", "-u localhost:8001", "--concurrency-range 4:4",
+                     "--measurement-mode time_windows", "--measurement-interval 2500",
+                     "--stability-percentage 15", "--max-trials 6", f"--input-data {tmp_path / 'in.json'}",
+                     f"-f {tmp_path / 'out.csv'}", "--verbose-csv"):
+        assert expected in text
+    assert "--collect-metrics" not in cmd
+    metrics = perf_sweep.SweepSettings(collect_metrics=True, verbose_csv=False)
+    cmd = perf_sweep.build_command("pa", "m", "h:1", tmp_path / "i", tmp_path / "o", 1, metrics, "h:2/metrics")
+    assert "--collect-metrics" in cmd and "--verbose-csv" in cmd  # metrics require the verbose CSV
+    assert cmd[cmd.index("--metrics-url") + 1] == "h:2/metrics"
+
+
+def test_sweep_settings_validate() -> None:
+    with pytest.raises(ConfigError):
+        perf_sweep.SweepSettings(concurrency=(0, 2))
+    with pytest.raises(ConfigError):
+        perf_sweep.SweepSettings(measurement_interval_ms=10)
+
+
+def test_setup_script_is_valid_bash() -> None:
+    subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "setup_perf_analyzer.sh")], check=True)
+
+
+@pytest.mark.skipif(not perf_sweep.TOOLS_WRAPPER.is_file(),
+                    reason="perf_analyzer not set up here (run benchmarks/setup_perf_analyzer.sh)")
+def test_installed_wrapper_answers_help() -> None:
+    proc = subprocess.run([str(perf_sweep.TOOLS_WRAPPER), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert "--concurrency-range" in proc.stdout and "--input-data" in proc.stdout
+
+
+# --- input data --------------------------------------------------------------------------
+
+@pytest.fixture()
+def catalogue(tmp_path: Path) -> Path:
+    folder = tmp_path / "shop"
+    (folder / "img").mkdir(parents=True)
+    rows = []
+    for i, colour in enumerate([(220, 20, 20), (20, 200, 40), (30, 30, 210)]):
+        Image.new("RGB", (24 + 8 * i, 16), colour).save(folder / "img" / f"{i}.jpg", quality=85)
+        rows.append({"id": str(i), "title": f"product {i} — ünïcode", "image": f"img/{i}.jpg"})
+    rows.append({"id": "3", "title": "no photo"})
+    rows.append({"id": "4", "title": "remote photo", "image": "https://example.com/x.jpg"})
+    (folder / "catalog.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                          encoding="utf-8")
+    return folder
+
+
+def _decode_bytes_element(element: dict) -> bytes:
+    raw = base64.b64decode(element["content"]["b64"])
+    (length,) = struct.unpack("<I", raw[:4])
+    assert length == len(raw) - 4  # Triton's BYTES serialisation: 4-byte LE length, then bytes
+    return raw[4:]
+
+
+def test_text_input_data_from_catalogue_folder(catalogue: Path, tmp_path: Path) -> None:
+    path = input_data.write_input_data(tmp_path / "text.json", catalogue, "text")
+    data = json.loads(path.read_text(encoding="utf-8"))["data"]
+    titles = [json.loads(line)["title"] for line in (catalogue / "catalog.jsonl").read_text("utf-8").splitlines()]
+    assert [e[spec.TEXT]["content"][0] for e in data] == titles
+    assert all(e[spec.TEXT]["shape"] == [1] and set(e) == {spec.TEXT} for e in data)
+
+
+@pytest.mark.parametrize("kind", ["image", "text_image", "item"])
+def test_image_input_data_carries_the_real_jpeg_bytes(catalogue: Path, tmp_path: Path, kind: str) -> None:
+    doc = input_data.build_input_data(input_data.load_records(catalogue / "catalog.jsonl"), kind)
+    entries = doc["data"]
+    assert len(entries) == 3  # the row without a photo and the URL row are skipped
+    for i, entry in enumerate(entries):
+        assert set(entry) == set(input_data.KIND_TENSORS[kind])
+        assert entry[spec.IMAGE]["shape"] == [1]
+        payload = _decode_bytes_element(entry[spec.IMAGE])
+        assert payload == (catalogue / "img" / f"{i}.jpg").read_bytes()
+        assert Image.open(io.BytesIO(payload)).size == (24 + 8 * i, 16)
+
+
+def test_queries_file_and_limits(tmp_path: Path) -> None:
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text('{"text": "red dress"}\n\n{"query": "blue mug"}\n{"text": "green hat"}\n')
+    records = input_data.load_records(tmp_path)  # folder: finds queries.jsonl
+    assert [r.text for r in records] == ["red dress", "blue mug", "green hat"]
+    assert len(input_data.build_input_data(records, "text", max_entries=2)["data"]) == 2
+    with pytest.raises(InputError, match="IMAGE"):
+        input_data.build_input_data(records, "image")
+    with pytest.raises(InputError, match="unknown kind"):
+        input_data.build_input_data(records, "video")  # type: ignore[arg-type]
+
+
+def test_query_log_kinds_and_folder_preference(catalogue: Path) -> None:
+    Image.new("RGB", (10, 10), (9, 9, 9)).save(catalogue / "q.jpg")
+    (catalogue / "queries.jsonl").write_text(
+        '{"kind": "text", "text": "navy slacks"}\n'
+        '{"kind": "text_image", "text": "in orange", "image": "q.jpg"}\n'
+        '{"kind": "image", "image": "q.jpg"}\n')
+    text = input_data.build_input_data(input_data.load_records(catalogue, "text"), "text")["data"]
+    assert [e[spec.TEXT]["content"][0] for e in text] == ["navy slacks"]  # not the modifier text
+    joint = input_data.build_input_data(input_data.load_records(catalogue, "text_image"), "text_image")["data"]
+    assert [e[spec.TEXT]["content"][0] for e in joint] == ["in orange"]
+    image = input_data.build_input_data(input_data.load_records(catalogue, "image"), "image")["data"]
+    assert len(image) == 1 and _decode_bytes_element(image[0][spec.IMAGE]) == (catalogue / "q.jpg").read_bytes()
+    # Items come from the catalogue even though the folder also holds a query log.
+    assert input_data.resolve_source(catalogue, "item").name == "catalog.jsonl"
+    assert input_data.resolve_source(catalogue, "text").name == "queries.jsonl"
+
+
+def test_bad_sources_give_readable_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        input_data.load_records(tmp_path / "nope.jsonl")
+    with pytest.raises(InputError, match="holds none of"):
+        input_data.load_records(tmp_path)
+    bad = tmp_path / "catalog.jsonl"
+    bad.write_text('{"title": "ok"}\n{"title": \n')
+    with pytest.raises(InputError, match="line 2"):
+        input_data.load_records(bad)
+
+
+def test_csv_catalogue_and_missing_image_file(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.jpg")
+    (tmp_path / "catalog.csv").write_text("id,title,image\n1,shirt,a.jpg\n2,shoe,missing.jpg\n")
+    doc = input_data.build_input_data(input_data.load_records(tmp_path / "catalog.csv"), "item")
+    assert len(doc["data"]) == 1
+    assert _decode_bytes_element(doc["data"][0][spec.IMAGE]) == (tmp_path / "a.jpg").read_bytes()
+
+
+# --- FAISS -------------------------------------------------------------------------------
+
+def test_vectors_are_seeded_normalised_and_clustered() -> None:
+    base, queries = faiss_bench.make_vectors(3000, 20, seed=7)
+    again, _ = faiss_bench.make_vectors(3000, 20, seed=7)
+    other, _ = faiss_bench.make_vectors(3000, 20, seed=8)
+    assert base.shape == (3000, faiss_bench.DIM) and queries.shape == (20, faiss_bench.DIM)
+    assert base.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(base, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(base, again) and not np.array_equal(base, other)
+    # Clustered: a query's nearest catalogue vector is far closer than a random one.
+    sims = queries @ base.T
+    assert np.median(sims.max(axis=1)) > np.median(sims) + 0.3
+
+
+def test_recall_counts_overlap_and_ignores_missing() -> None:
+    truth = np.array([[1, 2, 3, 4]])
+    assert faiss_bench.recall_at_k(np.array([[4, 3, 9, -1]]), truth, k=4) == 0.5
+    assert faiss_bench.recall_at_k(truth.copy(), truth, k=4) == 1.0
+
+
+@pytest.mark.slow
+def test_tiny_faiss_bench_rows() -> None:
+    rows = faiss_bench.bench_size(2000, quick=True, n_queries=50, seed=3)
+    indexes = {r.index for r in rows}
+    assert "Flat" in indexes and any(i.startswith("IVF") for i in indexes) and "HNSW32" in indexes
+    for r in rows:
+        assert 0.0 <= r.recall_at_10 <= 1.0
+        assert r.qps > 0 and r.latency_ms > 0 and r.build_s >= 0 and r.bytes_per_vector > 0
+    flat = next(r for r in rows if r.index == "Flat")
+    assert flat.recall_at_10 == 1.0 and flat.speedup_vs_flat == pytest.approx(1.0)
+    assert flat.bytes_per_vector >= 4 * faiss_bench.DIM  # raw float32 vectors
+    pq = next(r for r in rows if "PQ32" in r.index)
+    assert pq.bytes_per_vector < flat.bytes_per_vector
+
+
+def _row(index: str, params: str, recall: float, qps: float, speedup: float, n: int = 1000) -> faiss_bench.FaissRow:
+    return faiss_bench.FaissRow(n=n, index=index, params=params, recall_at_10=recall, qps=qps, latency_ms=1.0,
+                                build_s=1.0, bytes_per_vector=100.0, speedup_vs_flat=speedup)
+
+
+def test_default_rule_picks_fastest_eligible() -> None:
+    rows = [_row("Flat", "", 1.0, 100, 1.0), _row("HNSW32", "efSearch=64", 0.97, 2000, 20.0),
+            _row("HNSW32", "efSearch=16", 0.90, 5000, 50.0), _row("IVF1024,Flat", "nprobe=8", 0.96, 3000, 30.0),
+            _row("IVF1024,Flat", "nprobe=64", 0.99, 900, 9.0)]
+    assert faiss_bench.choose_default(rows).label == "IVF1024,Flat nprobe=8"
+    assert faiss_bench.choose_default(rows[:1] + rows[2:3] + rows[4:]) is None
+
+
+def test_description_names_default_or_closest_candidate() -> None:
+    flat = dataclasses.replace(_row("Flat", "", 1.0, 100, 1.0), latency_ms=40.0)
+    ivf = _row("IVF1024,SQ8", "nprobe=64", 0.96, 500, 5.0)
+    fast = _row("IVF1024,SQ8", "nprobe=8", 0.90, 2000, 20.0)
+    missed = faiss_bench.FaissBenchResult(rows=[flat, ivf, fast], defaults={1000: None})
+    text = faiss_bench.describe_default(missed)
+    assert "picks none" in text and "Closest: IVF1024,SQ8 nprobe=64" in text and "40x faster" in text
+    met = faiss_bench.FaissBenchResult(rows=[flat, ivf], defaults={1000: ivf})
+    assert "the default is **IVF1024,SQ8 nprobe=64**" in faiss_bench.describe_default(met)
+
+
+def test_configs_leave_hnsw_out_at_large_sizes() -> None:
+    assert any(c.factory == "HNSW32" for c in faiss_bench.configs_for(100_000, quick=False))
+    large = [c.factory for c in faiss_bench.configs_for(1_000_000, quick=False)]
+    assert "HNSW32" not in large and {"Flat", "IVF4096,Flat", "IVF4096,SQ8", "IVF4096,PQ32"} <= set(large)
+    assert "HNSW32" in [c.factory for c in faiss_bench.configs_for(1_000_000, False, hnsw_max_n=2_000_000)]
+
+
+# --- report ------------------------------------------------------------------------------
+
+def _synthetic_sweep(model: str, tmp_path: Path) -> perf_sweep.SweepResult:
+    rows = []
+    for c in (1, 2, 4, 8):
+        members = [perf_sweep.ComposingStats(m, 100 * c, 100, 800.0 * c, 5.0, 300.0 * c, 20.0, 400.0, 10.0)
+                   for m in ("tokenizer_query", "text_encoder")]
+        rows.append(perf_sweep.SweepRow(concurrency=c, throughput=100.0 * c ** 0.7, p50_us=2000.0 * c,
+                                        p90_us=2500.0 * c, p95_us=2800.0 * c, p99_us=4000.0 * c, avg_us=2100.0 * c,
+                                        client_send_us=5, client_recv_us=3, network_server_us=50,
+                                        server_queue_us=2, server_compute_input_us=40,
+                                        server_compute_infer_us=800, server_compute_output_us=20,
+                                        composing=members))
+    cmd = [["benchmarks/.tools/perf_analyzer", "-m", model, "-i", "grpc", "--concurrency-range", f"{c}:{c}"]
+           for c in (1, 2, 4, 8)]
+    return perf_sweep.SweepResult(model, rows, cmd, tmp_path / f"{model}.csv", tmp_path / f"{model}.log")
+
+
+def _synthetic_faiss() -> faiss_bench.FaissBenchResult:
+    rows = [_row("Flat", "", 1.0, 50, 1.0, n=100_000), _row("HNSW32", "efSearch=32", 0.96, 1500, 30.0, n=100_000),
+            _row("HNSW32", "efSearch=128", 0.995, 600, 12.0, n=100_000),
+            _row("IVF1024,PQ32", "nprobe=8", 0.55, 5000, 100.0, n=100_000)]
+    return faiss_bench.FaissBenchResult(rows=rows, defaults={100_000: faiss_bench.choose_default(rows)},
+                                        settings={"sizes": [100_000], "dim": 256, "seed": 0, "n_queries": 100,
+                                                  "threads": 2, "faiss": "x", "min_recall": 0.95,
+                                                  "min_speedup": 10.0},
+                                        command="python -m benchmarks.faiss_bench --out benchmarks/results")
+
+
+def _assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        assert img.size[0] > 300 and img.size[1] > 200
+
+
+def test_report_with_tables_plots_commands_and_plugged_sections(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    sweeps = [_synthetic_sweep(spec.QUERY_TEXT, tmp_path), _synthetic_sweep(spec.QUERY_IMAGE, tmp_path)]
+    (out / "perf").mkdir(parents=True)
+    for s in sweeps:
+        (out / "perf" / f"{s.model}.json").write_text(s.to_json())
+    (out / "faiss.json").write_text(_synthetic_faiss().to_json())
+    e2e = report.table_section("End-to-end client", ["batch", "queries/s"], [[1, 55.5], [8, 210.0]],
+                               commands=["python -m benchmarks.e2e --batch 1,8"], order=20)
+    report.write_section_file(out, "e2e", e2e)
+
+    path = report.build_report(out)
+    text = path.read_text()
+    for title in ("## Machine", "## Versions", "## Triton models under load (perf_analyzer)",
+                  "## End-to-end client", "## FAISS index benchmark", "### query_text", "### query_image"):
+        assert title in text
+    assert text.index("perf_analyzer)") < text.index("End-to-end client") < text.index("FAISS index")
+    assert "| concurrency | infer/s | p50 ms |" in text and "| concurrency | member | avg batch |" in text
+    assert "| 4 | text_encoder |" in text
+    assert "python -m benchmarks.e2e --batch 1,8" in text
+    assert "benchmarks/.tools/perf_analyzer -m query_text -i grpc --concurrency-range 8:8" in text
+    assert "python -m benchmarks.faiss_bench --out benchmarks/results" in text
+    assert "the default is **HNSW32 efSearch=32**" in text
+    for key in ("CPU", "cores", "RAM", "onnxruntime", "torch", "faiss-cpu", "tritonserver"):
+        assert f"| {key}" in text
+    for png in ("latency_throughput.png", "faiss_recall_qps.png"):
+        assert f"]({png})" in text
+        _assert_png(out / png)
+
+
+def test_report_without_results_says_so(tmp_path: Path) -> None:
+    text = report.build_report(tmp_path).read_text()
+    assert "No benchmark results were found" in text
+
+
+def test_bad_section_file_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "sections").mkdir()
+    (tmp_path / "sections" / "broken.json").write_text('{"titel": "x"}')
+    with pytest.raises(InputError, match="broken.json"):
+        report.build_report(tmp_path)
+
+
+def test_markdown_table_checks_row_width() -> None:
+    with pytest.raises(InputError):
+        report.markdown_table(["a", "b"], [[1]])
+
+
+# --- a real sweep against a throwaway tritonserver ---------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.triton
+@pytest.mark.skipif(not perf_sweep.TOOLS_WRAPPER.is_file(),
+                    reason="perf_analyzer not set up here (run benchmarks/setup_perf_analyzer.sh)")
+def test_run_sweep_against_real_server(tmp_path: Path, catalogue: Path) -> None:
+    pytest.importorskip("pytriton")
+    from benchmarks import capture_fixtures
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    capture_fixtures.write_toy_repository(repo)
+    data = input_data.write_input_data(tmp_path / "image.json", catalogue, "image")
+    settings = perf_sweep.SweepSettings(concurrency=(2,), measurement_interval_ms=800,
+                                        stability_percentage=60, max_trials=6)
+    with capture_fixtures.toy_tritonserver(repo, tmp_path) as ports:
+        result = perf_sweep.run_sweep("toy_image", f"localhost:{ports['grpc']}", data, tmp_path / "out",
+                                      settings=settings, perf_analyzer=perf_sweep.TOOLS_WRAPPER)
+    assert [r.concurrency for r in result.rows] == [2] and result.rows[0].throughput > 0
+    assert (tmp_path / "out" / "toy_image.json").is_file()
+    assert "--concurrency-range 2:2" in result.command_text()
+
+
+def test_cli_without_server_skips_perf_and_still_reports(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import run
+
+    code = run.main(["--only", "perf", "--url", f"localhost:{_unused_port()}", "--out", str(tmp_path)])
+    assert code == 0
+    assert "perf_analyzer: skipped" in capsys.readouterr().out
+    assert "No benchmark results were found" in (tmp_path / "REPORT.md").read_text()
