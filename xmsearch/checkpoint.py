@@ -52,6 +52,7 @@ class FusionCheckpoint:
                 torch.save(payload, f)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a checkpoint is an ordinary file
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -117,9 +117,24 @@ def text_views(row: CatalogRow, rng: random.Random, n: int = TEXT_VIEWS) -> tupl
 
 
 def augment_photo(data: bytes, rng: random.Random) -> bytes:
-    """A re-shot photo: random crop/scale, small rotation, mirror, light change, JPEG."""
+    """A re-shot photo: new backdrop, random crop/scale/offset, small rotation, mirror,
+    light change, JPEG.
+
+    The backdrop swap keys out pixels close to the photo's border colour (product shots
+    are taken on plain backdrops) and paints a random colour gradient there, so the model
+    cannot identify a product by the backdrop it happened to be shot on.
+    """
     img = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = img.size
+    if rng.random() < 0.7:
+        arr = np.asarray(img).astype(np.int16)
+        border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+        backdrop = np.abs(arr - np.median(border, 0)).sum(-1) < 60
+        top = np.array([rng.randint(90, 255) for _ in range(3)], np.float32)
+        bottom = np.clip(top + rng.uniform(-50, 50), 0, 255)
+        grad = np.linspace(top, bottom, h, dtype=np.float32)[:, None, :].repeat(w, 1)
+        arr[backdrop] = grad[backdrop].astype(np.int16)
+        img = Image.fromarray(arr.astype(np.uint8))
     s = rng.uniform(0.75, 1.0)
     cw, ch = int(w * s), int(h * s)
     x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
@@ -180,7 +195,7 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
 
 def features_key(catalog: Path, enc: Encoders, seed: int) -> str:
     h = hashlib.sha256(Path(catalog).read_bytes())
-    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|v1".encode())
+    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|v2".encode())
     return h.hexdigest()[:16]
 
 
