@@ -106,6 +106,7 @@ import faiss
 import numpy as np
 
 from xmsearch.errors import IndexStoreError, InputError
+from xmsearch.fsutil import fsync_dir, fsync_path, write_atomic
 
 try:  # POSIX only; without it two writers are not excluded (logged on open).
     import fcntl
@@ -307,30 +308,6 @@ def _filter_values(field_name: Any, values: Any) -> list[str]:
 # --------------------------------------------------------------------------- files
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes a rename durable; some platforms cannot open directories, which is harmless.
-    try:
-        _fsync_path(path)
-    except OSError:
-        pass
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _faiss_name(generation: int) -> str:
@@ -1024,9 +1001,9 @@ class CatalogIndex:
             tmp = final.with_name(final.name + ".tmp")
             try:
                 faiss.write_index(self._index, str(tmp))
-                _fsync_path(tmp)
+                fsync_path(tmp)
                 os.replace(tmp, final)
-                _fsync_dir(self._path)
+                fsync_dir(self._path)
             except (RuntimeError, OSError) as exc:
                 _unlink_quietly(tmp)
                 raise IndexStoreError(f"save(): could not write {final}: {_faiss_reason(exc)}; "
@@ -1072,7 +1049,7 @@ class CatalogIndex:
             "id_mode": self._id_mode,
             "removal": self._removal,
         }
-        _write_atomic(self._path / MANIFEST_NAME,
+        write_atomic(self._path / MANIFEST_NAME,
                       (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
 
     def _remove_stale_files(self) -> None:

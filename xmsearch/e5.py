@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from xmsearch.errors import ModelError
+from xmsearch.fsutil import fsync_dir, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -427,21 +428,6 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync_file(path)
-    except OSError:  # some filesystems refuse fsync on directories; the data is already synced
-        pass
-
-
 def _make_readable(folder: Path) -> None:
     # mkdtemp makes a 0700 folder and safetensors writes 0600 files; a shared cache (e.g.
     # read by a tritonserver running as another user) needs the usual 0755/0644 modes.
@@ -482,11 +468,11 @@ def _convert_into(folder: Path, sources: E5Sources, bin_sha256: str, tok_sha256:
     _check_tokenizer_matches(sources.tokenizer_path, vocab, sources.bin_path)
     state = e5_state_dict(header, tensors)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    _fsync_file(folder / "model.safetensors")
+    fsync_path(folder / "model.safetensors")
     del state, tensors
     _write_json(folder / "config.json", e5_bert_config(header))
     shutil.copyfile(sources.tokenizer_path, folder / "tokenizer.json")
-    _fsync_file(folder / "tokenizer.json")
+    fsync_path(folder / "tokenizer.json")
     for name, payload in _tokenizer_files(header).items():
         _write_json(folder / name, payload)
     _write_json(folder / "xmsearch_source.json", {
@@ -541,14 +527,14 @@ def ensure_multilingual_e5(cache_dir: Path | None = None, *, sources: E5Sources 
     try:
         _convert_into(tmp, sources, bin_sha, tok_sha)
         _make_readable(tmp)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         try:
             os.rename(tmp, final)
         except OSError:
             # Another process finished the same conversion first: keep theirs.
             if not _is_complete(final, bin_sha):
                 raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except OSError as exc:
         raise ModelError(f"multilingual e5: writing the converted model into {parent} failed "
                          f"({exc}); check free disk space (~450 MB needed) or set "
