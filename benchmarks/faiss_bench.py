@@ -161,10 +161,20 @@ class FaissRow:
     build_s: float
     bytes_per_vector: float
     speedup_vs_flat: float = 0.0
+    # Queries/s for one query per search call, back to back on one thread (what serving
+    # does: one query per request).  0 in results saved before it was measured.
+    single_qps: float = 0.0
 
     @property
     def label(self) -> str:
         return f"{self.index} {self.params}".strip()
+
+    @property
+    def single_query_qps(self) -> float:
+        """Measured single-query QPS, else derived from the median 1-query latency."""
+        if self.single_qps > 0:
+            return self.single_qps
+        return 1000.0 / self.latency_ms if self.latency_ms > 0 else 0.0
 
 
 @dataclass
@@ -224,7 +234,8 @@ def _batch_qps(index: faiss.Index, queries: np.ndarray, k: int, min_time_s: floa
     return len(queries) / best, ids
 
 
-def _single_latency_ms(index: faiss.Index, queries: np.ndarray, k: int, budget_s: float) -> float:
+def _single_queries(index: faiss.Index, queries: np.ndarray, k: int, budget_s: float) -> tuple[float, float]:
+    """(median latency ms, queries/s) of one-query searches issued back to back."""
     times: list[float] = []
     deadline = time.perf_counter() + budget_s
     for q in queries[:200]:
@@ -233,7 +244,7 @@ def _single_latency_ms(index: faiss.Index, queries: np.ndarray, k: int, budget_s
         times.append(time.perf_counter() - start)
         if len(times) >= 10 and time.perf_counter() > deadline:
             break
-    return float(np.median(times) * 1000.0)
+    return float(np.median(times) * 1000.0), len(times) / float(np.sum(times))
 
 
 class _CoarseCache:
@@ -301,11 +312,11 @@ def bench_size(n: int, quick: bool, n_queries: int, seed: int = 0, k: int = K,
         for params in config.params:
             _apply_params(index, params)
             qps, ids = _batch_qps(index, queries, k, min_time)
+            latency_ms, single_qps = _single_queries(index, queries, k, 1.0 if quick else 2.0)
             row = FaissRow(n=n, index=config.factory,
                            params=" ".join(f"{key}={value}" for key, value in params.items()),
-                           recall_at_10=recall_at_k(ids, truth, k), qps=qps,
-                           latency_ms=_single_latency_ms(index, queries, k, 1.0 if quick else 2.0),
-                           build_s=build_s, bytes_per_vector=per_vector)
+                           recall_at_10=recall_at_k(ids, truth, k), qps=qps, latency_ms=latency_ms,
+                           build_s=build_s, bytes_per_vector=per_vector, single_qps=single_qps)
             if config.factory == "Flat":
                 flat_qps = qps
             row.speedup_vs_flat = qps / flat_qps if flat_qps else 0.0
@@ -322,6 +333,36 @@ def choose_default(rows: Sequence[FaissRow], min_recall: float = MIN_RECALL,
     eligible = [r for r in rows if r.index != "Flat" and r.recall_at_10 >= min_recall
                 and r.speedup_vs_flat >= min_speedup]
     return max(eligible, key=lambda r: r.qps) if eligible else None
+
+
+def choose_default_single(rows: Sequence[FaissRow], min_recall: float = MIN_RECALL,
+                          min_speedup: float = MIN_SPEEDUP) -> FaissRow | None:
+    """The issue's rule on single-query QPS: fastest one-query-at-a-time row with recall@10 >=
+    ``min_recall`` and single-query QPS >= ``min_speedup`` x Flat's single-query QPS (same size)."""
+    flat = next((r for r in rows if r.index == "Flat"), None)
+    if flat is None or flat.single_query_qps <= 0:
+        return None
+    eligible = [r for r in rows if r.index != "Flat" and r.recall_at_10 >= min_recall
+                and r.single_query_qps >= min_speedup * flat.single_query_qps]
+    return max(eligible, key=lambda r: r.single_query_qps) if eligible else None
+
+
+def describe_single_default(result: FaissBenchResult) -> str:
+    """One bullet per size: the single-query rule's pick (the serving default) or why none."""
+    out = []
+    for n in result.defaults:
+        rows = [r for r in result.rows if r.n == n]
+        flat = next((r for r in rows if r.index == "Flat"), None)
+        row = choose_default_single(rows)
+        if row is None or flat is None:
+            out.append(f"- At {n:,} vectors no configuration reaches recall@10 >= {MIN_RECALL} with single-query "
+                       f"QPS >= {MIN_SPEEDUP:g}x Flat's.")
+            continue
+        out.append(f"- At {n:,} vectors: **{row.label}** (recall@10 {row.recall_at_10:.3f}, "
+                   f"{row.single_query_qps:,.0f} single queries/s = "
+                   f"{row.single_query_qps / flat.single_query_qps:.0f}x Flat's {flat.single_query_qps:,.0f}, "
+                   f"{row.bytes_per_vector:,.0f} bytes/vector).")
+    return "\n".join(out)
 
 
 def run_faiss_bench(sizes: Sequence[int] | None = None, quick: bool = False, n_queries: int | None = None,
@@ -358,11 +399,15 @@ def _load_average() -> float | None:
 
 def format_table(rows: Sequence[FaissRow]) -> str:
     """Markdown table of the rows."""
-    lines = ["| n | index | search params | recall@10 | QPS (batch) | x Flat | 1-query ms | build s | bytes/vector |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    flat_single = {r.n: r.single_query_qps for r in rows if r.index == "Flat"}
+    lines = ["| n | index | search params | recall@10 | QPS (batch) | x Flat | 1-query ms | 1-query QPS | x Flat (1-query) "
+             "| build s | bytes/vector |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        single_x = r.single_query_qps / flat_single[r.n] if flat_single.get(r.n) else 0.0
         lines.append(f"| {r.n:,} | {r.index} | {r.params or '-'} | {r.recall_at_10:.3f} | {r.qps:,.0f} | "
-                     f"{r.speedup_vs_flat:.1f} | {r.latency_ms:.2f} | {r.build_s:.1f} | {r.bytes_per_vector:,.0f} |")
+                     f"{r.speedup_vs_flat:.1f} | {r.latency_ms:.2f} | {r.single_query_qps:,.0f} | {single_x:.0f} | "
+                     f"{r.build_s:.1f} | {r.bytes_per_vector:,.0f} |")
     return "\n".join(lines)
 
 
@@ -416,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                                  *(argv if argv is not None else sys.argv[1:])])
     print(format_table(result.rows))
     print(describe_default(result))
+    print(describe_single_default(result))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "faiss.json").write_text(result.to_json())

@@ -23,7 +23,9 @@ import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Mapping, Sequence
+
+import numpy as np
 
 from xmsearch import spec
 from xmsearch.errors import InputError
@@ -147,6 +149,32 @@ def bytes_element(payload: bytes) -> dict:
 def text_element(text: str) -> dict:
     """A BYTES tensor of shape [1] holding one UTF-8 string."""
     return {"content": [text], "shape": [1]}
+
+
+def tensor_element(array: np.ndarray) -> dict:
+    """A numeric tensor (one row, no batch axis) as raw little-endian bytes in b64, with its shape."""
+    array = np.ascontiguousarray(array)
+    if array.dtype == np.object_:
+        raise InputError("input data: tensor_element takes numeric arrays; use text_element/bytes_element")
+    data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+    return {"content": {"b64": base64.b64encode(data).decode("ascii")}, "shape": list(array.shape)}
+
+
+def write_tensor_input_data(path: Path, rows: Sequence[Mapping[str, np.ndarray]]) -> Path:
+    """perf_analyzer ``--input-data`` JSON for a member model from real input rows.
+
+    Each row maps tensor names to arrays without the batch axis (shapes may differ
+    between rows along dynamic axes, e.g. sequence length).
+    """
+    if not rows:
+        raise InputError(f"input data: no rows to write into {path}")
+    document = {"data": [{name: tensor_element(arr) for name, arr in row.items()} for row in rows]}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(document), encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def build_input_data(records: Iterable[Record], kind: Kind, max_entries: int = 256) -> dict:

@@ -16,6 +16,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import faiss_bench, input_data, perf_sweep, report  # noqa: E402
+from benchmarks import compare, e2e, faiss_bench, input_data, loadgen, perf_sweep, report, stack  # noqa: E402
+from benchmarks.loadgen import LoadResult  # noqa: E402
 from xmsearch import spec  # noqa: E402
 from xmsearch.errors import ConfigError, InputError  # noqa: E402
 
@@ -474,3 +476,184 @@ def test_cli_without_server_skips_perf_and_still_reports(tmp_path: Path, capsys:
     assert code == 0
     assert "perf_analyzer: skipped" in capsys.readouterr().out
     assert "No benchmark results were found" in (tmp_path / "REPORT.md").read_text()
+
+
+# --- load generator ------------------------------------------------------------------------
+
+def test_closed_loop_counts_calls_from_every_thread() -> None:
+    seen: list[int] = []
+
+    def call(x: int) -> None:
+        seen.append(x)
+        time.sleep(0.002)
+
+    result = loadgen.closed_loop(call, list(range(10)), concurrency=3, duration_s=0.3, label="t", warmup_s=0.05)
+    assert result.label == "t" and result.concurrency == 3 and result.batch == 1
+    assert 0 < result.requests <= len(seen)  # warm-up and straddling calls are run but not counted
+    assert result.p50_ms <= result.p90_ms <= result.p99_ms
+    assert result.qps == pytest.approx(result.requests / 0.3)
+    assert len(set(seen)) > 3  # threads start at different offsets and cycle through the inputs
+
+
+def test_closed_loop_reraises_the_first_failure() -> None:
+    def call(x: int) -> None:
+        raise ValueError(f"bad input {x}")
+
+    with pytest.raises(ValueError, match="bad input"):
+        loadgen.closed_loop(call, [1, 2], concurrency=2, duration_s=0.2, label="fail", warmup_s=0.0)
+
+
+def test_timed_batches_runs_the_minimum_even_past_the_window() -> None:
+    calls: list[list[int]] = []
+    result = loadgen.timed_batches(lambda b: calls.append(b), [[1, 2], [3, 4]], duration_s=1e-6, label="b",
+                                   batch=2, min_batches=3, warmup_batches=1)
+    assert len(calls) == 4 and result.requests == 3 and result.queries == 6
+
+
+def test_load_validation_and_round_trip() -> None:
+    with pytest.raises(ConfigError, match="no request finished"):
+        loadgen.summarise("empty", [], 1.0)
+    with pytest.raises(ConfigError):
+        loadgen.closed_loop(lambda x: None, [], 1, 1.0, "none")
+    r = loadgen.summarise("x", [0.01, 0.02, 0.03], 1.5, concurrency=4, batch=2)
+    assert r.queries == 6 and r.qps == pytest.approx(4.0) and r.p50_ms == pytest.approx(20.0)
+    assert LoadResult.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+# --- member input data -----------------------------------------------------------------------
+
+def test_tensor_input_data_round_trips_real_arrays(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rows = [{spec.INPUT_IDS: np.array([101, 2054, 102, 0], dtype=np.int64),
+             spec.PIXEL_VALUES: rng.standard_normal((3, 4, 5)).astype(np.float32)},
+            {spec.INPUT_IDS: np.arange(16, dtype=np.int64),
+             spec.PIXEL_VALUES: rng.standard_normal((3, 4, 5)).astype(np.float32)}]
+    path = input_data.write_tensor_input_data(tmp_path / "m.json", rows)
+    doc = json.loads(path.read_text())
+    assert len(doc["data"]) == 2
+    for row, entry in zip(rows, doc["data"]):
+        for name, arr in row.items():
+            assert entry[name]["shape"] == list(arr.shape)
+            raw = base64.b64decode(entry[name]["content"]["b64"])
+            np.testing.assert_array_equal(np.frombuffer(raw, dtype=arr.dtype).reshape(arr.shape), arr)
+    with pytest.raises(InputError):
+        input_data.write_tensor_input_data(tmp_path / "none.json", [])
+    with pytest.raises(InputError, match="numeric"):
+        input_data.tensor_element(np.array([b"x"], dtype=object))
+
+
+# --- served vs baseline ratios ------------------------------------------------------------------
+
+def _load(label: str, qps: float, concurrency: int = 1, batch: int = 1, p50: float = 10.0) -> LoadResult:
+    requests = int(qps * 2 / batch)
+    return LoadResult(label, concurrency, batch, requests, 2.0, p50, p50 * 1.2, p50 * 2, p50)
+
+
+def _sweep_with(model: str, rows: list[tuple[int, float, float]], tmp_path: Path) -> perf_sweep.SweepResult:
+    base = _synthetic_sweep(model, tmp_path)
+    base.rows = [dataclasses.replace(base.rows[0], concurrency=c, throughput=t, p50_us=p50_ms * 1000,
+                                     composing=[]) for c, t, p50_ms in rows]
+    return base
+
+
+def test_ratios_compute_values_and_verdicts(tmp_path: Path) -> None:
+    served = [_load("text", 120.0, 16), _load("image", 20.0, 16), _load("text", 30.0, 1)]
+    torch = [_load("text", 35.0), _load("image", 12.0), _load("text", 140.0, batch=16)]
+    onnx = [_load("text", 40.0, p50=20.0), _load("text", 100.0, batch=16), _load("text", 160.0, batch=32),
+            _load("image", 15.0, p50=60.0)]
+    sweeps = [_sweep_with("query_text", [(1, 30.0, 25.0), (16, 60.0, 200.0)], tmp_path),
+              _sweep_with("query_image", [(1, 10.0, 120.0)], tmp_path),
+              _sweep_with("image_encoder", [(1, 10.0, 80.0), (16, 30.0, 400.0)], tmp_path)]
+    measured = compare.ratios(served, torch, onnx, sweeps, ingest_items_per_s=27.0)
+
+    def find(start: str) -> compare.Ratio:
+        (hit,) = [r for r in measured if r.name.startswith(start)]
+        return hit
+
+    text_torch = find("text queries, client c=16 vs PyTorch one")
+    assert text_torch.value == pytest.approx(120 / 35) and text_torch.met is True
+    text_onnx = find("text queries, client c=16 vs ONNX Runtime")
+    assert text_onnx.baseline == pytest.approx(160.0)  # the best batch, not the first
+    assert text_onnx.value == pytest.approx(0.75) and text_onnx.verdict() == "NOT met"
+    assert find("image queries, client c=16 vs PyTorch").value == pytest.approx(20 / 12)
+    p50_text = find("query_text p50 at c=1")
+    assert p50_text.value == pytest.approx(25.0 / 20.0) and p50_text.met is True  # lower is better
+    p50_image = find("query_image p50 at c=1")
+    assert p50_image.value == pytest.approx(2.0) and p50_image.met is False
+    ingest = find("ingest items/s")
+    assert ingest.baseline == pytest.approx(30.0) and ingest.value == pytest.approx(0.9) and ingest.met
+
+
+def test_unmeasured_comparisons_are_never_met() -> None:
+    items = compare.ratios([], [], [], [], None)
+    assert items and all(r.value is None and r.met is None and r.verdict() == "not measured" for r in items)
+
+
+def test_new_sections_land_in_the_report(tmp_path: Path) -> None:
+    served = [_load("text", 54.0, c) for c in (1, 4, 16)] + [_load("text, coalesced", 58.0, 16)]
+    items = compare.ratios(served, [_load("text", 30.0)], [], [], 15.0)
+    report.write_section_file(tmp_path, "targets", compare.ratio_section(items, "notes here", ["python -m x"]))
+    report.write_section_file(tmp_path, "e2e", compare.e2e_section(served, 100, 6.5, "setup"))
+    report.write_section_file(tmp_path, "baselines", compare.baseline_section([_load("text", 30.0)],
+                                                                              [_load("image", 9.0, batch=32)]))
+    report.write_section_file(tmp_path, "tm", compare.text_model_section(
+        [("minilm-l6", 16, 60.0, 200.0, 300.0), ("multilingual-e5-small-q4", 16, 30.0, 400.0, 600.0)]))
+    text = report.build_report(tmp_path).read_text()
+    order = ["Issue #6 targets", "End to end through the xmsearch client", "In-process baselines",
+             "Text encoder comparison"]
+    assert [text.index(f"## {t}") for t in order] == sorted(text.index(f"## {t}") for t in order)
+    assert "| text queries, client c=16 vs PyTorch one query at a time | 54.0 queries/s | 30.0 queries/s | 1.80x" in text
+    assert "NOT met" in text and "not measured" in text
+    assert "**15.4 items/s**" in text and "| text, coalesced | 16 | 1 |" in text
+    assert "| multilingual-e5-small-q4 | 16 | 30.00 | 400 | 600 |" in text
+
+
+# --- FAISS single-query view -----------------------------------------------------------------
+
+def test_single_query_rule_uses_one_query_qps() -> None:
+    flat = dataclasses.replace(_row("Flat", "", 1.0, 1000, 1.0), single_qps=35.0)
+    ivf = dataclasses.replace(_row("IVF1024,SQ8", "nprobe=16", 0.956, 7000, 7.0), single_qps=5000.0)
+    hnsw = dataclasses.replace(_row("HNSW32", "efSearch=32", 0.97, 5000, 5.0), single_qps=4000.0)
+    pq = dataclasses.replace(_row("IVF1024,PQ32", "nprobe=8", 0.55, 20000, 20.0), single_qps=9000.0)
+    rows = [flat, ivf, hnsw, pq]
+    assert faiss_bench.choose_default(rows) is None  # nothing is 10x Flat batched
+    assert faiss_bench.choose_default_single(rows).label == "IVF1024,SQ8 nprobe=16"
+    slow_flat = dataclasses.replace(flat, single_qps=450.0)  # 10x would need 4,500/s: only ivf
+    assert faiss_bench.choose_default_single([slow_flat, hnsw, pq]) is None
+    result = faiss_bench.FaissBenchResult(rows=rows, defaults={1000: None})
+    assert "**IVF1024,SQ8 nprobe=16**" in faiss_bench.describe_single_default(result)
+    assert "| 1-query QPS | x Flat (1-query) |" in faiss_bench.format_table(rows)
+
+
+def test_old_results_derive_single_query_qps_from_latency() -> None:
+    row = _row("HNSW32", "efSearch=32", 0.97, 5000, 5.0)
+    data = dataclasses.asdict(row)
+    del data["single_qps"]  # saved before the field existed
+    old = faiss_bench.FaissRow(**data)
+    assert old.single_qps == 0.0 and old.single_query_qps == pytest.approx(1000.0 / row.latency_ms)
+
+
+# --- the self-contained stack ------------------------------------------------------------------
+
+def test_demo_catalogue_cached_and_queries_loaded(tmp_path: Path) -> None:
+    from xmsearch.demo import MIN_ITEMS
+
+    cat = stack.demo_catalogue(MIN_ITEMS, 6, cache_dir=tmp_path)
+    stamp = (cat.root / "bench-stamp.json").stat().st_mtime_ns
+    again = stack.demo_catalogue(MIN_ITEMS, 6, cache_dir=tmp_path)
+    assert again == cat and (cat.root / "bench-stamp.json").stat().st_mtime_ns == stamp
+    texts, images = e2e.load_queries(cat.queries_file, "text"), e2e.load_queries(cat.queries_file, "image")
+    assert texts and all(isinstance(t, str) and t for t in texts)
+    assert images and all(b[:2] == b"\xff\xd8" for b in images)  # JPEG bytes, read once
+
+
+def test_repository_key_follows_the_weights(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"weights-a")
+    b.write_bytes(b"weights-b")
+    assert stack.repository_key("minilm-l6", None)["fusion"] == "untrained"
+    assert stack.repository_key("minilm-l6", a) != stack.repository_key("minilm-l6", b)
+    assert stack.repository_key("minilm-l6", a) == stack.repository_key("minilm-l6", a)
+    assert stack.repository_key("minilm-l6", None) != stack.repository_key("multilingual-e5-small-q4", None)
+    with pytest.raises(ConfigError, match="does not exist"):
+        stack.exported_repository("minilm-l6", tmp_path / "missing.pt", cache_dir=tmp_path)

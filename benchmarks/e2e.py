@@ -1,0 +1,107 @@
+"""End to end through xmsearch's own client: catalogue ingest and search under load.
+
+* :func:`measure_ingest` -- ``ingest_catalog`` of a catalogue into a fresh Flat index
+  (items/s as the client reports it: reading rows and photos, item ensemble requests,
+  index writes and saves);
+* :func:`measure_search` -- ``Searcher.search`` (query encode over gRPC + FAISS top-10) from
+  1, 4, 16 threads sharing one :class:`Searcher`, as a web front end would;
+* :func:`measure_coalesced` -- the same single text queries merged by
+  :class:`xmsearch.client.triton.Coalescer` into batched requests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from benchmarks.loadgen import LoadResult, closed_loop
+from xmsearch import spec
+
+
+@dataclass
+class IngestResult:
+    items: int
+    seconds: float
+    bad_rows: int
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / self.seconds if self.seconds else 0.0
+
+
+def load_queries(queries_file: Path, kind: str) -> list:
+    """Texts (``kind="text"``) or image bytes (``kind="image"``) of that kind of query."""
+    rows = [json.loads(line) for line in Path(queries_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("kind") == kind]
+    if kind == "text":
+        return [r["text"] for r in rows]
+    # Read once: the benchmark measures search, not the disk.
+    return [(Path(queries_file).parent / r["image"]).read_bytes() for r in rows]
+
+
+def measure_ingest(catalog_file: Path, index_dir: Path, url: str) -> IngestResult:
+    """Ingest ``catalog_file`` into a new Flat index at ``index_dir`` (replaced if present)."""
+    from xmsearch.client.embed import Embedder
+    from xmsearch.client.ingest import ingest_catalog
+
+    shutil.rmtree(index_dir, ignore_errors=True)
+    embedder = Embedder(url)
+    try:
+        report = ingest_catalog(Path(catalog_file), Path(index_dir), embedder, factory="Flat")
+    finally:
+        embedder.close()
+    return IngestResult(items=report.added, seconds=report.seconds, bad_rows=len(report.bad))
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    levels: tuple[int, ...] = (1, 4, 16)
+    duration_s: float = 5.0
+    warmup_s: float = 1.0
+    coalesced_concurrency: int = 16
+
+
+def measure_search(index_dir: Path, url: str, texts: Sequence[str], images: Sequence[bytes],
+                   plan: SearchPlan = SearchPlan(),
+                   on_result: Callable[[LoadResult], None] = lambda r: None) -> list[LoadResult]:
+    """Searcher.search for text and image queries at each concurrency; one shared Searcher."""
+    from xmsearch.client.embed import Embedder
+    from xmsearch.client.search import Searcher
+
+    embedder = Embedder(url)
+    searcher = Searcher(Path(index_dir), embedder)
+    results: list[LoadResult] = []
+    try:
+        for kind, data, call in (("text", list(texts), lambda q: searcher.search(text=q, k=10)),
+                                 ("image", list(images), lambda q: searcher.search(image=q, k=10))):
+            for level in plan.levels:
+                result = closed_loop(call, data, level, plan.duration_s, label=kind, warmup_s=plan.warmup_s)
+                results.append(result)
+                on_result(result)
+        results.append(_coalesced(searcher, embedder, texts, plan))
+        on_result(results[-1])
+    finally:
+        searcher.close()
+        embedder.close()
+    return results
+
+
+def _coalesced(searcher, embedder, texts: Sequence[str], plan: SearchPlan) -> LoadResult:
+    from xmsearch.client.triton import Coalescer
+
+    index = searcher.index
+    with Coalescer(embedder.client, spec.QUERY_TEXT, spec.EMBEDDING) as coalescer:
+        def call(text: str) -> object:
+            vector = coalescer({spec.TEXT: [text]})
+            return index.search(vector[None, :], 10)
+
+        return closed_loop(call, list(texts), plan.coalesced_concurrency, plan.duration_s,
+                           label="text, coalesced", warmup_s=plan.warmup_s)
+
+
+def results_to_json(ingest: IngestResult | None, search: Sequence[LoadResult]) -> str:
+    return json.dumps({"ingest": asdict(ingest) if ingest else None,
+                       "search": [r.to_dict() for r in search]}, indent=2)
