@@ -98,16 +98,14 @@ def load_fusion(encoders: Encoders, checkpoint: Path | None, untrained: bool) ->
 def _graphs(enc: Encoders, fusion: AttentionFusion, dims: S.Dims):
     """(member, module, example, parity cases) for every neural member, from real inputs."""
     texts, images = SAMPLE_TEXTS, sample_images()
-    states, mask = enc.text_states(texts, "passage")
-    ids, mask_np = enc.text_pre.encode(texts, "passage")
-    ids_t = torch.from_numpy(ids)
+    states, m = enc.text_states(texts, "passage")
+    ids_t = torch.from_numpy(enc.text_pre.encode(texts, "passage")[0])
     with torch.no_grad():
         regions = enc.image_regions(images)
     px = torch.from_numpy(np.stack([enc.image_pre(b) for b in images]))
     short_ids, short_mask = (torch.from_numpy(a) for a in enc.text_pre.encode(texts[:3], "query"))
     with torch.no_grad():
         short_states = enc.text(short_ids, short_mask)
-    m = mask
     yield (S.TEXT_ENCODER, enc.text, (ids_t[:2], m[:2]),
            [(ids_t, m), (short_ids, short_mask), (ids_t[:1], m[:1])])
     yield (S.IMAGE_ENCODER, enc.image, (px[:2],), [(px,), (px[:1],)])

@@ -117,7 +117,6 @@ class OnnxModel(_Base):
                                             providers=["CPUExecutionProvider"])
         self.inputs = [(i["name"], i["data_type"]) for i in self.config["input"]]
         self.outputs = [o["name"] for o in self.config["output"]]
-        self.input_dtypes = {i.name: i.type for i in self.session.get_inputs()}
 
     def execute(self, requests):
         pb = self.pb
