@@ -35,9 +35,9 @@ $(VENV)/.installed: pyproject.toml requirements/e5.txt
 test: setup  ## run the whole test suite (unit + real tritonserver integration; GPU tests skip)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-export: setup  ## export a repository: make export FUSION=ckpt [TARGET=cpu]
-	$(XM) export --target $(or $(TARGET),cpu) --text-model $(TEXT_MODEL) --out $(REPOSITORY) \
-		$(if $(FUSION),--fusion $(FUSION),--untrained)
+export: setup  ## export a repository: make export FUSION=ckpt [TARGET=cpu] (from `xmsearch train`)
+	@test -n "$(FUSION)" || { echo "make export needs FUSION=path/to/fusion.pt (train one with xmsearch train, or run make demo)"; exit 2; }
+	$(XM) export --target $(or $(TARGET),cpu) --text-model $(TEXT_MODEL) --out $(REPOSITORY) --fusion $(FUSION)
 
 serve: setup  ## start tritonserver in the background on $(REPOSITORY) (pid in $(PID_FILE))
 	@mkdir -p $(dir $(PID_FILE))
