@@ -82,14 +82,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
         except OSError as e:
             srv.stop()  # a server nobody can find to stop is worse than none
             raise ServerError(f"cannot write pid file {a.pid_file} ({e}); server stopped") from e
-        _print_listening(srv)
+        _print_ready(srv.info())
         return 0
 
     # Foreground: serve_forever stops the server on Ctrl-C *and* SIGTERM, ties its life to
     # this process (die_with_parent) and raises when tritonserver exits on its own.
     def on_ready(info: server.ServerInfo) -> None:
-        print(f"tritonserver ready (pid {info.pid}): gRPC {info.grpc_url}, HTTP {info.http_url}, "
-              f"metrics {info.metrics_url}; models: {', '.join(info.models)}", flush=True)
+        _print_ready(info)
         print("press Ctrl-C to stop", flush=True)
 
     server.serve_forever(a.repository, a.grpc_port, a.http_port, a.metrics_port,
@@ -97,9 +96,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
-def _print_listening(srv) -> None:
-    print(f"tritonserver ready (pid {srv.pid}): gRPC {srv.url}, HTTP {srv.http_url}, "
-          f"metrics {srv.metrics_url}; models: {', '.join(srv.models)}", flush=True)
+def _print_ready(info) -> None:
+    print(f"tritonserver ready (pid {info.pid}): gRPC {info.grpc_url}, HTTP {info.http_url}, "
+          f"metrics {info.metrics_url}; models: {', '.join(info.models)}", flush=True)
 
 
 def cmd_stop(a: argparse.Namespace) -> int:
