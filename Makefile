@@ -7,7 +7,9 @@ XM := $(VENV)/bin/xmsearch
 DEMO_DIR ?= demo
 DEMO_N ?= 1500
 DEMO_QUERIES ?= 300
-TEXT_MODEL ?= minilm-l6
+# The demo uses the offline multilingual encoder so its Chinese titles and queries work
+# (library default stays minilm-l6: see README "Models").
+TEXT_MODEL ?= multilingual-e5-small-q4
 REPOSITORY ?= model_repository
 GRPC_PORT ?= 8001
 HTTP_PORT ?= 8000
