@@ -42,6 +42,19 @@ class _Base:
         return pb.InferenceResponse(error=pb.TritonError(f"{self.name}: {message}",
                                                          pb.TritonError.INVALID_ARG))
 
+    def _answer_each(self, requests, outputs_of) -> list:
+        """One response per request: ``outputs_of(request)`` gives its output tensors;
+        an InputError becomes that request's INVALID_ARG error, the others carry on."""
+        out = []
+        for request in requests:
+            try:
+                tensors = outputs_of(request)
+            except InputError as e:
+                out.append(self._error(str(e)))
+                continue
+            out.append(self.pb.InferenceResponse(output_tensors=tensors))
+        return out
+
     def _bytes_rows(self, request, name: str) -> list:
         tensor = self.pb.get_input_tensor_by_name(request, name)
         if tensor is None:
@@ -61,19 +74,13 @@ class TokenizerModel(_Base):
         self.pre = TextPreprocessor.from_dir(self.folder)
 
     def execute(self, requests):
-        pb = self.pb
-        out = []
-        for request in requests:
-            try:
-                rows = self._bytes_rows(request, "TEXT")
-                texts = [decode_text(r, what=f"TEXT[{i}]") for i, r in enumerate(rows)]
-            except InputError as e:
-                out.append(self._error(str(e)))
-                continue
-            ids, mask = self.pre.encode(texts, self.role)
-            out.append(pb.InferenceResponse(output_tensors=[
-                pb.Tensor("INPUT_IDS", ids), pb.Tensor("ATTENTION_MASK", mask)]))
-        return out
+        return self._answer_each(requests, self._tokenize)
+
+    def _tokenize(self, request) -> list:
+        rows = self._bytes_rows(request, "TEXT")
+        texts = [decode_text(r, what=f"TEXT[{i}]") for i, r in enumerate(rows)]
+        ids, mask = self.pre.encode(texts, self.role)
+        return [self.pb.Tensor("INPUT_IDS", ids), self.pb.Tensor("ATTENTION_MASK", mask)]
 
 
 class ImagePreprocessModel(_Base):
@@ -84,17 +91,12 @@ class ImagePreprocessModel(_Base):
         self.pre = ImagePreprocessor.from_dir(self.folder)
 
     def execute(self, requests):
-        pb = self.pb
-        out = []
-        for request in requests:
-            try:
-                rows = self._bytes_rows(request, "IMAGE")
-                pixels = np.stack([self.pre(r, what=f"IMAGE[{i}]") for i, r in enumerate(rows)])
-            except InputError as e:
-                out.append(self._error(str(e)))
-                continue
-            out.append(pb.InferenceResponse(output_tensors=[pb.Tensor("PIXEL_VALUES", pixels)]))
-        return out
+        return self._answer_each(requests, self._pixels)
+
+    def _pixels(self, request) -> list:
+        rows = self._bytes_rows(request, "IMAGE")
+        pixels = np.stack([self.pre(r, what=f"IMAGE[{i}]") for i, r in enumerate(rows)])
+        return [self.pb.Tensor("PIXEL_VALUES", pixels)]
 
 
 class OnnxModel(_Base):
