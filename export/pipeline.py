@@ -165,14 +165,14 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
             result.parity.extend(reports)
             for r in reports:
                 step(f"  parity {r}")
-        for tok, role in ((S.TOKENIZER_QUERY, "query"), (S.TOKENIZER_ITEM, "passage")):
-            d = stage / tok / "1"
+        for member in S.PREPROCESSING:
+            d = stage / member / "1"
             d.mkdir(parents=True)
-            shutil.copyfile(enc.text.tokenizer_json(), d / "tokenizer.json")
-            (d / "text_preprocess.json").write_text(enc.text_pre.config.to_json())
-        d = stage / S.IMAGE_PREPROCESS / "1"
-        d.mkdir(parents=True)
-        (d / "image_preprocess.json").write_text(enc.image.preprocess.to_json())
+            if member in S.TEXT_ROLES:
+                shutil.copyfile(enc.text.tokenizer_json(), d / "tokenizer.json")
+                (d / "text_preprocess.json").write_text(enc.text_pre.config.to_json())
+            if member in S.IMAGE_READERS:
+                (d / "image_preprocess.json").write_text(enc.image.preprocess.to_json())
         result.fingerprint = fingerprint_of(stage, list(specs))
         step(f"model fingerprint {result.fingerprint}")
         if target == "tensorrt":
@@ -182,10 +182,8 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
             folder = stage / name
             write_config(cfg, folder)
             if cfg.backend == "python":
-                kind = ("tokenizer" if name in (S.TOKENIZER_QUERY, S.TOKENIZER_ITEM)
-                        else "image_preprocess" if name == S.IMAGE_PREPROCESS else "onnx")
                 (folder / "1").mkdir(parents=True, exist_ok=True)
-                (folder / "1" / "model.py").write_text(shim_source(kind, name))
+                (folder / "1" / "model.py").write_text(shim_source(name))
             elif cfg.platform == "ensemble":
                 (folder / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version folder
         (stage / "xmsearch_export.json").write_text(json.dumps({

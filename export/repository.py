@@ -39,8 +39,9 @@ class TargetSettings:
         gpu = self.target == "tensorrt" or (self.target == "onnxruntime" and self.device != "cpu")
         if model in NEURAL:
             return 1, (mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)
-        # Python preprocessing holds the GIL per stub: two stubs decode images in parallel.
-        count = 2 if model == S.IMAGE_PREPROCESS else 1
+        # Python preprocessing holds the GIL per stub: two stubs decode images in parallel
+        # (photo queries, and catalogue ingestion, where decoding is the bulk of the work).
+        count = 2 if model in (S.IMAGE_PREPROCESS, S.ITEM_PREPROCESS) else 1
         return count, mc.ModelInstanceGroup.KIND_CPU
 
 
@@ -117,7 +118,7 @@ def repository_configs(dims: S.Dims, settings: TargetSettings, fingerprint: str
     if settings.target not in TARGETS:
         raise ConfigError(f"unknown target {settings.target!r}: choose one of {', '.join(TARGETS)}")
     members = S.member_specs(dims)
-    roles = {S.TOKENIZER_QUERY: {"role": "query"}, S.TOKENIZER_ITEM: {"role": "passage"}}
+    roles = {name: {"role": role} for name, role in S.TEXT_ROLES.items()}
     configs = {name: member_config(sp, settings, roles.get(name)) for name, sp in members.items()}
     params = {S.FINGERPRINT_PARAMETER: fingerprint, S.EMBED_DIM_PARAMETER: str(dims.embed_dim)}
     for name, ens in S.ensemble_specs().items():

@@ -32,7 +32,7 @@ from xmsearch.models.fusion import AttentionFusion, FusionEntry
 
 DIMS = S.Dims(384, 1280)
 MEMBERS = tuple(S.member_specs(DIMS))
-PREPROCESSING = (S.TOKENIZER_QUERY, S.TOKENIZER_ITEM, S.IMAGE_PREPROCESS)
+PREPROCESSING = S.PREPROCESSING
 _ONNX_TO_TRITON = {onnx.TensorProto.INT64: mc.TYPE_INT64, onnx.TensorProto.FLOAT: mc.TYPE_FP32,
                    onnx.TensorProto.FLOAT16: mc.TYPE_FP16}
 
@@ -118,7 +118,15 @@ def test_ensembles_expose_the_public_contract() -> None:
     steps = {n: [s.model_name for s in configs[n].ensemble_scheduling.step] for n in wanted}
     assert S.IMAGE_ENCODER not in steps[S.QUERY_TEXT]
     assert S.TEXT_ENCODER not in steps[S.QUERY_IMAGE]
-    assert S.TOKENIZER_ITEM in steps[S.ITEM] and S.TOKENIZER_QUERY in steps[S.QUERY_TEXT_IMAGE]
+    # Two-input ensembles read both inputs in one first step (a refusal must not leave a
+    # sibling branch running: see xmsearch.spec.ensemble_specs), with the e5 role of the kind.
+    assert steps[S.ITEM][0] == S.ITEM_PREPROCESS and steps[S.QUERY_TEXT_IMAGE][0] == S.JOINT_PREPROCESS
+    for name in (S.ITEM, S.QUERY_TEXT_IMAGE):
+        first = configs[name].ensemble_scheduling.step[0]
+        assert set(first.input_map.values()) == {"TEXT", "IMAGE"}, name
+        assert not set(steps[name][1:]) & set(PREPROCESSING), name
+    assert configs[S.ITEM_PREPROCESS].parameters["role"].string_value == "passage"
+    assert configs[S.JOINT_PREPROCESS].parameters["role"].string_value == "query"
 
 
 def _unknown_model(c: dict[str, mc.ModelConfig]) -> None:

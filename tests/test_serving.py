@@ -273,7 +273,7 @@ BAD_REQUESTS = {
                      r"tokenizer_query: TEXT\[0\] is not valid UTF-8"),
     "item-empty-title": (S.ITEM, lambda: [bytes_tensor(S.TEXT, [b""]),
                                           bytes_tensor(S.IMAGE, [_good_image()])],
-                         r"tokenizer_item: TEXT\[0\] is empty"),
+                         r"item_preprocess: TEXT\[0\] is empty"),
     "corrupt-image": (S.QUERY_IMAGE, lambda: [bytes_tensor(S.IMAGE, [b"this is not an image"])],
                       r"image_preprocess: IMAGE\[0\] is not a decodable image"),
     "truncated-jpeg": (S.QUERY_IMAGE, lambda: [bytes_tensor(S.IMAGE, [_truncated_jpeg()])],
@@ -286,7 +286,7 @@ BAD_REQUESTS = {
                     r"image_preprocess: IMAGE\[0\] is empty"),
     "joint-corrupt-image": (S.QUERY_TEXT_IMAGE, lambda: [bytes_tensor(S.TEXT, [b"red dress"]),
                                                          bytes_tensor(S.IMAGE, [b"\x89PNG\r\n\x1a\n"])],
-                            r"image_preprocess: IMAGE\[0\] is (a corrupt|not a decodable)"),
+                            r"joint_preprocess: IMAGE\[0\] is (a corrupt|not a decodable)"),
     "bad-row-in-batch": (S.QUERY_TEXT, lambda: [bytes_tensor(S.TEXT, [b"red dress", b"", b"boots"])],
                          r"tokenizer_query: TEXT\[1\] is empty"),
     # Triton's own validation, before any step runs.
@@ -335,3 +335,52 @@ def test_bad_request_fails_alone_among_concurrent_good_ones(client, xm_server, r
     for answer in answers:
         assert isinstance(answer, np.ndarray), answer
         assert_matches(answer, expected, "good request sent with a bad one")
+
+
+@pytest.mark.slow
+def test_refused_two_input_requests_leave_the_server_whole(start_triton, exported_repository,
+                                                           reference_pipeline) -> None:
+    """Hundreds of refused item / text+image requests among good ones, from two threads.
+
+    Regression test: when the two-input ensembles ran the tokenizer and the image step as
+    parallel branches, about one refusal in two hundred crashed tritonserver 2.51, hung it,
+    or corrupted another request's tensors (see xmsearch.spec.ensemble_specs).  Here every
+    refusal names its step, every good answer matches the reference, and the server lives.
+    Private server: a regression must not take the shared one down with it.
+    """
+    title, image = "blue down jacket", sample_images(1)[0]
+    expected = reference_pipeline.embed([title], [image], "passage")
+    bad_rows = {S.ITEM: ("item_preprocess: IMAGE[0]", [b"red cap", b"\xff\xd8\xff broken jpeg"]),
+                S.QUERY_TEXT_IMAGE: ("joint_preprocess: IMAGE[0]", [b"in red", b"not an image"])}
+    problems: list[str] = []
+
+    def hammer(url: str, rounds: int) -> None:
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            for i in range(rounds):
+                model = (S.ITEM, S.QUERY_TEXT_IMAGE)[i % 2]
+                step, (text, photo_bytes) = bad_rows[model]
+                try:
+                    raw_infer(client, model, [bytes_tensor(S.TEXT, [text]), bytes_tensor(S.IMAGE, [photo_bytes])])
+                    problems.append(f"round {i}: {model} accepted a corrupt image")
+                except InferenceServerException as e:
+                    if e.status() != INVALID or step not in e.message():
+                        problems.append(f"round {i}: {model}: {e.status()} {e.message()}")
+                good = raw_infer(client, S.ITEM, [bytes_tensor(S.TEXT, [title.encode()]),
+                                                  bytes_tensor(S.IMAGE, [image])])
+                if float(np.sum(good * expected)) < MIN_COSINE:
+                    problems.append(f"round {i}: good item answered a different vector")
+        except Exception as e:  # noqa: BLE001 - the server died or hung: report it
+            problems.append(f"{type(e).__name__}: {e}")
+        finally:
+            client.close()
+
+    with start_triton(exported_repository) as server:
+        threads = [threading.Thread(target=hammer, args=(server.url, 150)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert not any(t.is_alive() for t in threads), "requests still pending after 300 s"
+        assert not problems, problems[:5]
+        assert server.is_running(), f"tritonserver exited:\n{server.log_excerpt()}"

@@ -216,7 +216,8 @@ def repository_models(repository: Path) -> list[str]:
     repository = Path(repository)
     if not repository.is_dir():
         raise ConfigError(
-            f"model repository {repository} does not exist; build it first (`make repository`)"
+            f"model repository {repository} does not exist; build it first "
+            "(`xmsearch export --fusion CKPT --out DIR`, or `make export FUSION=CKPT`)"
         )
     return sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
 

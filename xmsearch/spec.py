@@ -24,9 +24,14 @@ ITEM = "item"
 ENSEMBLES = (QUERY_TEXT, QUERY_IMAGE, QUERY_TEXT_IMAGE, ITEM)
 
 # Member model names.
-TOKENIZER_QUERY = "tokenizer_query"
-TOKENIZER_ITEM = "tokenizer_item"
-IMAGE_PREPROCESS = "image_preprocess"
+TOKENIZER_QUERY = "tokenizer_query"  # TEXT -> ids, mask (query role)
+IMAGE_PREPROCESS = "image_preprocess"  # IMAGE -> pixels
+JOINT_PREPROCESS = "joint_preprocess"  # TEXT, IMAGE -> ids, mask, pixels (query role)
+ITEM_PREPROCESS = "item_preprocess"  # TEXT, IMAGE -> ids, mask, pixels (passage role)
+# The e5 role each text-reading preprocessing member applies (prefix "query: " / "passage: ").
+TEXT_ROLES = {TOKENIZER_QUERY: "query", JOINT_PREPROCESS: "query", ITEM_PREPROCESS: "passage"}
+IMAGE_READERS = (IMAGE_PREPROCESS, JOINT_PREPROCESS, ITEM_PREPROCESS)
+PREPROCESSING = (TOKENIZER_QUERY, IMAGE_PREPROCESS, JOINT_PREPROCESS, ITEM_PREPROCESS)
 TEXT_ENCODER = "text_encoder"
 IMAGE_ENCODER = "image_encoder"
 FUSION_TEXT = "fusion_text"
@@ -117,8 +122,9 @@ def member_specs(d: Dims) -> dict[str, ModelSpec]:
            "max_axis": {"sequence": d.max_length}}
     specs = [
         ModelSpec(TOKENIZER_QUERY, (text,), text_in, 64, (8, 16), 500),
-        ModelSpec(TOKENIZER_ITEM, (text,), text_in, 64, (16, 32), 500),
         ModelSpec(IMAGE_PREPROCESS, (image,), (pixels,), 64, (8, 16), 500),
+        ModelSpec(JOINT_PREPROCESS, (text, image), text_in + (pixels,), 64, (8, 16), 500),
+        ModelSpec(ITEM_PREPROCESS, (text, image), text_in + (pixels,), 64, (16, 32), 500),
         ModelSpec(TEXT_ENCODER, text_in, (states,), 64, (8, 16, 32), 2000, **seq),
         ModelSpec(IMAGE_ENCODER, (pixels,), (regions,), 32, (4, 8, 16), 2000),
         ModelSpec(FUSION_TEXT, (states, mask), (emb,), 64, (8, 16, 32), 1000, **seq),
@@ -144,15 +150,28 @@ class EnsembleSpec:
 
 
 def ensemble_specs() -> dict[str, EnsembleSpec]:
-    """Each ensemble runs only the branches its query kind needs."""
+    """Each ensemble runs only the branches its query kind needs.
 
-    def tok(model: str, text_tensor: str = TEXT) -> EnsembleStep:
-        return EnsembleStep(model, {TEXT: text_tensor},
-                            {INPUT_IDS: "input_ids", ATTENTION_MASK: "attention_mask"})
-
+    The two-input ensembles read TEXT and IMAGE in one first step (``joint_preprocess`` /
+    ``item_preprocess``) instead of a tokenizer and an image step side by side.  With two
+    parallel branches, a step that refuses its input (a corrupt photo) ends the ensemble
+    request while the other branch is still running; tritonserver 2.51 then touches the
+    freed request when that branch answers: measured here, about one such refusal in two
+    hundred crashed the server (SIGSEGV in the response path), hung it, or handed another
+    request a corrupted tensor.  Validating both inputs before any branch starts means a
+    refusal always ends a request that has nothing else in flight.
+    """
+    tok = EnsembleStep(TOKENIZER_QUERY, {TEXT: TEXT},
+                       {INPUT_IDS: "input_ids", ATTENTION_MASK: "attention_mask"})
     text_enc = EnsembleStep(TEXT_ENCODER, {INPUT_IDS: "input_ids", ATTENTION_MASK: "attention_mask"},
                             {TOKEN_STATES: "token_states"})
     img_pre = EnsembleStep(IMAGE_PREPROCESS, {IMAGE: IMAGE}, {PIXEL_VALUES: "pixel_values"})
+
+    def both(model: str) -> EnsembleStep:
+        return EnsembleStep(model, {TEXT: TEXT, IMAGE: IMAGE},
+                            {INPUT_IDS: "input_ids", ATTENTION_MASK: "attention_mask",
+                             PIXEL_VALUES: "pixel_values"})
+
     img_enc = EnsembleStep(IMAGE_ENCODER, {PIXEL_VALUES: "pixel_values"}, {IMAGE_REGIONS: "image_regions"})
     f_text = EnsembleStep(FUSION_TEXT, {TOKEN_STATES: "token_states", ATTENTION_MASK: "attention_mask"},
                           {EMBEDDING: EMBEDDING})
@@ -161,10 +180,9 @@ def ensemble_specs() -> dict[str, EnsembleSpec]:
                                           ATTENTION_MASK: "attention_mask",
                                           IMAGE_REGIONS: "image_regions"}, {EMBEDDING: EMBEDDING})
     ens = [
-        EnsembleSpec(QUERY_TEXT, (TEXT,), (tok(TOKENIZER_QUERY), text_enc, f_text)),
+        EnsembleSpec(QUERY_TEXT, (TEXT,), (tok, text_enc, f_text)),
         EnsembleSpec(QUERY_IMAGE, (IMAGE,), (img_pre, img_enc, f_image)),
-        EnsembleSpec(QUERY_TEXT_IMAGE, (TEXT, IMAGE),
-                     (tok(TOKENIZER_QUERY), text_enc, img_pre, img_enc, f_joint)),
-        EnsembleSpec(ITEM, (TEXT, IMAGE), (tok(TOKENIZER_ITEM), text_enc, img_pre, img_enc, f_joint)),
+        EnsembleSpec(QUERY_TEXT_IMAGE, (TEXT, IMAGE), (both(JOINT_PREPROCESS), text_enc, img_enc, f_joint)),
+        EnsembleSpec(ITEM, (TEXT, IMAGE), (both(ITEM_PREPROCESS), text_enc, img_enc, f_joint)),
     ]
     return {e.name: e for e in ens}
