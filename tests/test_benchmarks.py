@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks import compare, e2e, faiss_bench, input_data, loadgen, perf_sweep, report, stack  # noqa: E402
+from benchmarks import (compare, e2e, faiss_bench, input_data, item_wiring, loadgen, perf_sweep,  # noqa: E402
+                        report, stack)
 from benchmarks.loadgen import LoadResult  # noqa: E402
 from xmsearch import spec  # noqa: E402
 from xmsearch.errors import ConfigError, InputError  # noqa: E402
@@ -657,3 +658,20 @@ def test_repository_key_follows_the_weights(tmp_path: Path) -> None:
     assert stack.repository_key("minilm-l6", None) != stack.repository_key("multilingual-e5-small-q4", None)
     with pytest.raises(ConfigError, match="does not exist"):
         stack.exported_repository("minilm-l6", tmp_path / "missing.pt", cache_dir=tmp_path)
+
+
+def test_item_wiring_rebuilds_the_parallel_item_ensemble(tmp_path: Path) -> None:
+    """The A/B benchmark's "before" repository is a consistent Triton repository."""
+    from xmsearch.export.repository import (TargetSettings, check_configs, read_repository,
+                                            repository_configs, write_config)
+
+    repo = tmp_path / "one-step"
+    for name, cfg in repository_configs(spec.Dims(384, 1280), TargetSettings("cpu"), "fp").items():
+        write_config(cfg, repo / name)
+    item_wiring.rewire_parallel(repo, tmp_path / "parallel")
+    configs = read_repository(tmp_path / "parallel")
+    check_configs(configs)
+    steps = [s.model_name for s in configs[spec.ITEM].ensemble_scheduling.step]
+    assert steps[:2] == [item_wiring.OLD_TOKENIZER, spec.IMAGE_PREPROCESS]
+    assert spec.ITEM_PREPROCESS not in configs
+    assert configs[item_wiring.OLD_TOKENIZER].parameters["role"].string_value == "passage"
