@@ -157,8 +157,8 @@ def ensemble_specs() -> dict[str, EnsembleSpec]:
     parallel branches, a step that refuses its input (a corrupt photo) ends the ensemble
     request while the other branch is still running; tritonserver 2.51 then touches the
     freed request when that branch answers: measured here, about one such refusal in two
-    hundred crashed the server (SIGSEGV in the response path), hung it, or handed another
-    request a corrupted tensor.  Validating both inputs before any branch starts means a
+    hundred crashed the server (SIGSEGV in the response path) or handed another request a
+    corrupted tensor, and a CI run hung on it.  Validating both inputs before any branch starts means a
     refusal always ends a request that has nothing else in flight.
     """
     tok = EnsembleStep(TOKENIZER_QUERY, {TEXT: TEXT},
