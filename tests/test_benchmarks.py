@@ -666,7 +666,7 @@ def test_item_wiring_rebuilds_the_parallel_item_ensemble(tmp_path: Path) -> None
                                             repository_configs, write_config)
 
     repo = tmp_path / "one-step"
-    for name, cfg in repository_configs(spec.Dims(384, 1280), TargetSettings("cpu"), "fp").items():
+    for name, cfg in repository_configs(spec.Dims(384, 1800), TargetSettings("cpu"), "fp").items():
         write_config(cfg, repo / name)
     item_wiring.rewire_parallel(repo, tmp_path / "parallel")
     configs = read_repository(tmp_path / "parallel")

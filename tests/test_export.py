@@ -30,7 +30,7 @@ from xmsearch.export.repository import (NEURAL, TARGETS, TargetSettings, check_c
                                         read_repository, repository_configs, to_text, write_config)
 from xmsearch.models.fusion import AttentionFusion, FusionEntry
 
-DIMS = S.Dims(384, 1280)
+DIMS = S.Dims(384, 1800)
 MEMBERS = tuple(S.member_specs(DIMS))
 PREPROCESSING = S.PREPROCESSING
 _ONNX_TO_TRITON = {onnx.TensorProto.INT64: mc.TYPE_INT64, onnx.TensorProto.FLOAT: mc.TYPE_FP32,
@@ -379,7 +379,7 @@ def test_checkpoint_for_other_encoders_is_refused(tmp_path: Path, reference_pipe
                             enc.image_model, trained=True)
     with pytest.raises(CheckpointError, match=r"text model 'some-other-text-model' \(export uses"):
         ckpt.check_encoders(enc.text_model, d.text_dim, enc.image_model, d.image_dim)
-    with pytest.raises(CheckpointError, match=r"dims text 8/image 12 \(encoders give 384/1280\)"):
+    with pytest.raises(CheckpointError, match=r"dims text 8/image 12 \(encoders give 384/1800\)"):
         FusionCheckpoint(tiny_fusion(), enc.text_model, enc.image_model, True).check_encoders(
             enc.text_model, d.text_dim, enc.image_model, d.image_dim)
 

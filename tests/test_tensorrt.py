@@ -40,7 +40,7 @@ def _gpu_skip_reason() -> str | None:
 
 GPU_SKIP = _gpu_skip_reason()
 
-SPECS = member_specs(Dims(text_dim=384, image_dim=1280))
+SPECS = member_specs(Dims(text_dim=384, image_dim=1800))
 
 
 # --------------------------------------------------------------------------- profiles

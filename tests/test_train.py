@@ -41,9 +41,9 @@ def test_checkpoint_records_encoders_and_loads(trained):
     ckpt = FusionCheckpoint.load(path)
     assert ckpt.trained and ckpt.text_model == "minilm-l6" and ckpt.image_model == "efficientnet-lite0"
     assert ckpt.meta["items"] == 48 and len(ckpt.meta["history"]) == 25
-    ckpt.check_encoders("minilm-l6", 384, "efficientnet-lite0", 1280)
+    ckpt.check_encoders("minilm-l6", 384, "efficientnet-lite0", 1800)
     with pytest.raises(CheckpointError, match="trained on text model 'minilm-l6'"):
-        ckpt.check_encoders("multilingual-e5-small-q4", 384, "efficientnet-lite0", 1280)
+        ckpt.check_encoders("multilingual-e5-small-q4", 384, "efficientnet-lite0", 1800)
 
 
 @pytest.mark.slow
@@ -76,3 +76,57 @@ def test_training_refuses_a_tiny_catalogue(tmp_path, small_catalog):
     tiny.write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match="at least 8 items"):
         train_catalog(tiny, tmp_path / "x.pt", "minilm-l6", "efficientnet-lite0", TrainConfig(epochs=1))
+
+
+def test_reshot_photo_keeps_size_and_colour_but_changes_pixels(small_catalog):
+    """A re-shot is a new photo of the same product: same size, new pixels, the product's
+    colour family kept (median hue of saturated pixels within a few degrees)."""
+    import io
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from xmsearch.train import augment_photo
+
+    rows, _ = read_catalog(small_catalog)
+    saturated = [r for r in rows if r.attributes["colour"] in ("red", "blue", "green", "yellow")][:3]
+    assert saturated
+    for row in saturated:
+        data = row.image.read_bytes()
+        shots = [augment_photo(data, random.Random(k)) for k in range(3)]
+        src = Image.open(io.BytesIO(data)).convert("RGB")
+        assert len(set(shots)) == 3 and data not in shots
+        for shot in shots:
+            img = Image.open(io.BytesIO(shot))
+            assert img.format == "JPEG" and img.size == src.size
+            diff = np.abs(np.asarray(img.convert("RGB"), np.int16) - np.asarray(src, np.int16)).mean()
+            assert diff > 3.0
+
+        def hue(im):
+            hsv = np.asarray(im.convert("HSV"), np.float32).reshape(-1, 3)
+            sat = hsv[hsv[:, 1] > 120]
+            ang = sat[:, 0] / 255 * 2 * np.pi
+            return np.degrees(np.arctan2(np.sin(ang).mean(), np.cos(ang).mean()))
+
+        for shot in shots:
+            d = abs((hue(Image.open(io.BytesIO(shot))) - hue(src) + 180) % 360 - 180)
+            assert d < 15, f"{row.id}: re-shot moved the hue by {d:.1f} degrees"
+
+
+def test_image_regions_are_multiscale_and_normalised_per_depth():
+    from xmsearch.models.image import ImageEncoder
+
+    enc = ImageEncoder("efficientnet-lite0")
+    assert enc.trunk.widths == [40, 80, 80, 320, 1280] and enc.dim == 1800
+    px = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        regions = enc(px)
+    assert regions.shape == (2, 49, 1800)
+    for part in regions.split(enc.trunk.widths, dim=-1):
+        torch.testing.assert_close(part.norm(dim=-1), torch.ones(2, 49), atol=1e-4, rtol=0)
+    # The deepest block is the model's own feature map, region for region.
+    with torch.no_grad():
+        head = enc.trunk.net.extract_features(px).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(regions[..., -1280:], torch.nn.functional.normalize(head, dim=-1),
+                               atol=1e-5, rtol=1e-4)

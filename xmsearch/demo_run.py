@@ -80,10 +80,29 @@ def run(a: argparse.Namespace) -> None:
             print(f"reusing {ckpt} (pass --retrain to train again)")
         else:
             cfg = TrainConfig(epochs=a.epochs, seed=a.seed)
-            bar = _bar("training", cfg.epochs)
-            res = train_catalog(catalog, ckpt, a.text_model, DEFAULT_IMAGE_MODEL, cfg,
-                                on_epoch=lambda r: (bar.update(1), bar.set_postfix(loss=f"{r['loss']:.3f}")))
-            bar.close()
+            bars: dict = {}
+
+            def encoding(label: str, done: int, total: int) -> None:  # frozen-encoder features, once
+                if label not in bars:  # one bar at a time: titles, text views, photos
+                    for b in bars.values():
+                        b.close()
+                    bars[label] = _bar(f"encoding {label}", total)
+                bar = bars[label]
+                bar.n = done
+                bar.refresh()
+
+            def epoch(r: dict) -> None:
+                if "training" not in bars:
+                    for b in bars.values():
+                        b.close()
+                    bars["training"] = _bar("training", cfg.epochs)
+                bars["training"].update(1)
+                bars["training"].set_postfix(loss=f"{r['loss']:.3f}", img_r1=f"{r['val_image_r1']:.2f}")
+
+            res = train_catalog(catalog, ckpt, a.text_model, DEFAULT_IMAGE_MODEL, cfg, progress=encoding,
+                                on_epoch=epoch)
+            for b in bars.values():
+                b.close()
             h0, h1 = res.history[0], res.history[-1]
             print(f"loss {h0['loss']:.3f} -> {h1['loss']:.3f}; held-out photo R@1 {h1['val_image_r1']:.3f}, "
                   f"title R@10 {h1['val_text_r10']:.3f} ({res.seconds:.1f}s)")
@@ -145,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1500, help="catalogue size")
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--text-model", default=DEFAULT_TEXT_MODEL)
     p.add_argument("--repository", default="model_repository")
     p.add_argument("--grpc-port", type=int, default=8001)

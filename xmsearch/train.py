@@ -10,7 +10,8 @@ the batch:
 
 - text: the title, an alternative title, or a partial title (some words, sometimes
   behind generic shopping filler such as "looking for" / "同款"), with the query role;
-- image: an augmented rendering of the photo (crop, scale, rotation, flip, light);
+- image: one of ``AUG_VIEWS`` re-shots of the photo (backdrop, framing, rotation, mirror,
+  light, noise, JPEG; see :func:`augment_photo`);
 - text+image: a text view together with the augmented photo;
 - composed: a partial title of ``i`` with the photo of a *visually similar other item*
   ``j`` ("like this, but <words of i>"): the anchor is ``i`` and ``j`` is a negative, which
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageEnhance
+from PIL import Image
 
 from xmsearch.catalog import CatalogRow, read_catalog
 from xmsearch.checkpoint import FusionCheckpoint
@@ -46,11 +47,12 @@ from xmsearch.pipeline import Encoders
 FILLERS = ["like this but", "similar but", "same style in", "looking for", "show me",
            "something like this in", "this one in", "i want", "同款", "类似的", "想要", "找"]
 TEXT_VIEWS = 6  # query-role text views cached per item
+AUG_VIEWS = 3  # augmented re-shots cached per catalogue photo
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
+    epochs: int = 12
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -72,7 +74,7 @@ class Features:
     view_states: torch.Tensor  # [N, V, S, Ht] query-role text views
     view_mask: torch.Tensor  # [N, V, S]
     partial: torch.Tensor  # [N, V] bool: view is a partial title (for composed views)
-    regions: torch.Tensor  # [N, 2, R, Hi]: catalogue photo, augmented photo
+    regions: torch.Tensor  # [N, 1 + AUG_VIEWS, R, Hi]: catalogue photo, then its re-shots
 
 
 @dataclass
@@ -117,35 +119,57 @@ def text_views(row: CatalogRow, rng: random.Random, n: int = TEXT_VIEWS) -> tupl
 
 
 def augment_photo(data: bytes, rng: random.Random) -> bytes:
-    """A re-shot photo: new backdrop, random crop/scale/offset, small rotation, mirror,
-    light change, JPEG.
+    """A re-shot photo: new backdrop, framing (zoom in or out, offset, small rotation),
+    sometimes a mirror, new light (exposure, colour cast, a gradient across the frame),
+    sensor noise and JPEG.
 
-    The backdrop swap keys out pixels close to the photo's border colour (product shots
+    The backdrop swap keys out pixels close to the photo's border colours (product shots
     are taken on plain backdrops) and paints a random colour gradient there, so the model
-    cannot identify a product by the backdrop it happened to be shot on.
+    cannot identify a product by the backdrop it happened to be shot on.  The changes stay
+    within what a second shoot of the same product does: the product's own colours move
+    by a few percent, never to another colour name.
     """
     img = Image.open(io.BytesIO(data)).convert("RGB")
     w, h = img.size
-    if rng.random() < 0.7:
+    if rng.random() < 0.8:
         arr = np.asarray(img).astype(np.int16)
-        border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
-        backdrop = np.abs(arr - np.median(border, 0)).sum(-1) < 60
+        # The backdrop is rarely one colour (light falls off, walls meet floors): key
+        # out pixels close to any of 16 colours sampled around the border.
+        ring = np.concatenate([arr[0], arr[:, -1], arr[-1, ::-1], arr[::-1, 0]])
+        keys = np.rint([np.median(seg, 0) for seg in np.array_split(ring, 16)]).astype(np.int16)
+        small = arr[::2, ::2]  # the mask at half resolution: 4x cheaper, edges are blurred later anyway
+        mask = np.zeros(small.shape[:2], bool)
+        for key in keys:
+            mask |= np.abs(small - key).sum(-1, dtype=np.int16) < 50
+        backdrop = mask.repeat(2, 0).repeat(2, 1)[:h, :w]
         top = np.array([rng.randint(90, 255) for _ in range(3)], np.float32)
         bottom = np.clip(top + rng.uniform(-50, 50), 0, 255)
         grad = np.linspace(top, bottom, h, dtype=np.float32)[:, None, :].repeat(w, 1)
         arr[backdrop] = grad[backdrop].astype(np.int16)
         img = Image.fromarray(arr.astype(np.uint8))
-    s = rng.uniform(0.75, 1.0)
-    cw, ch = int(w * s), int(h * s)
-    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-    img = img.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BILINEAR)
     fill = tuple(int(v) for v in np.asarray(img)[0, 0])
-    img = img.rotate(rng.uniform(-12, 12), resample=Image.BILINEAR, fillcolor=fill)
-    if rng.random() < 0.5:
+    s = rng.uniform(0.82, 1.12)  # < 1 zooms in (crop), > 1 zooms out (pad with the backdrop)
+    cw, ch = int(w * s), int(h * s)
+    if s <= 1.0:
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        img = img.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BILINEAR)
+    else:
+        canvas = Image.new("RGB", (cw, ch), fill)
+        canvas.paste(img, (rng.randint(0, cw - w), rng.randint(0, ch - h)))
+        img = canvas.resize((w, h), Image.BILINEAR)
+    img = img.rotate(rng.uniform(-10, 10), resample=Image.BILINEAR, fillcolor=fill)
+    if rng.random() < 0.25:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.85, 1.15))
+    arr = np.asarray(img).astype(np.float32)
+    theta, amp = rng.uniform(0, 2 * math.pi), rng.uniform(0.0, 0.15)
+    gy, gx = np.mgrid[-0.5:0.5:h * 1j, -0.5:0.5:w * 1j].astype(np.float32)
+    light = rng.uniform(0.85, 1.15) * (1.0 + amp * (gx * math.cos(theta) + gy * math.sin(theta)))
+    cast = np.array([rng.uniform(0.95, 1.05) for _ in range(3)], np.float32)
+    arr = arr * light[..., None] * cast
+    arr += np.random.default_rng(rng.getrandbits(32)).normal(0.0, rng.uniform(0.0, 5.0), (h, w, 1))
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=rng.randint(75, 95))
+    img.save(buf, "JPEG", quality=rng.randint(70, 95))
     return buf.getvalue()
 
 
@@ -176,17 +200,16 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
 
     item_states, item_mask = run_text([r.title for r in rows], "passage", "titles")
     vs, vm = run_text(flat_views, "query", "text views")
-    n = len(rows)
+    n, step = len(rows), max(1, batch // (1 + AUG_VIEWS))
     regions = []
-    for i in range(0, n, batch // 2):
-        chunk = rows[i:i + batch // 2]
+    for i in range(0, n, step):
+        chunk = rows[i:i + step]
         photos = [r.image.read_bytes() for r in chunk]
-        augmented = [augment_photo(p, rng) for p in photos]
-        r = enc.image_regions(photos + augmented)
-        k = len(chunk)
-        regions.append(torch.stack([r[:k], r[k:]], dim=1).half())
+        shots = photos + [augment_photo(p, rng) for _ in range(AUG_VIEWS) for p in photos]
+        r = enc.image_regions(shots)
+        regions.append(r.view(1 + AUG_VIEWS, len(chunk), *r.shape[1:]).transpose(0, 1).half())
         if progress:
-            progress("photos", min(i + batch // 2, n), n)
+            progress("photos", min(i + step, n), n)
     return Features(
         ids=[r.id for r in rows], item_states=item_states, item_mask=item_mask,
         view_states=vs.view(n, TEXT_VIEWS, *vs.shape[1:]), view_mask=vm.view(n, TEXT_VIEWS, -1),
@@ -195,7 +218,7 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
 
 def features_key(catalog: Path, enc: Encoders, seed: int) -> str:
     h = hashlib.sha256(Path(catalog).read_bytes())
-    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|v2".encode())
+    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|v3".encode())
     return h.hexdigest()[:16]
 
 
@@ -275,6 +298,7 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:]
     eval_idx = val_idx if n_val else perm[: min(n, 200)]
     nbrs = _neighbours(f.regions)
+    n_views = f.regions.shape[1]  # catalogue photo + augmented re-shots
     fusion = AttentionFusion(f.item_states.shape[-1], f.regions.shape[-1], width=cfg.width,
                              embed_dim=cfg.embed_dim, image_reduce_dim=cfg.image_reduce_dim)
     reduced = reduce_regions(fusion, f.regions, train_idx)
@@ -303,9 +327,9 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
             view_t = fusion.text_tokens(f.view_states[idx, v].float())
             part_t = fusion.text_tokens(f.view_states[idx, pv].float())
             photo_v = fusion.reduced_image_tokens(reduced[idx, 0])
-            aug_v = fusion.reduced_image_tokens(reduced[idx, 1])
+            aug_v = fusion.reduced_image_tokens(reduced[idx, torch.randint(1, n_views, (k,), generator=gen)])
             # Composed view: a partial title of i over the photo of a neighbour j.
-            other_v = fusion.reduced_image_tokens(reduced[j, torch.randint(0, 2, (k,), generator=gen)])
+            other_v = fusion.reduced_image_tokens(reduced[j, torch.randint(0, n_views, (k,), generator=gen)])
             vm, pm = f.view_mask[idx, v], f.view_mask[idx, pv]
             z = fusion.joint(title_t, f.item_mask[idx], photo_v)
             scale = log_scale.exp().clamp(max=100)

