@@ -130,3 +130,24 @@ def test_image_regions_are_multiscale_and_normalised_per_depth():
         head = enc.trunk.net.extract_features(px).flatten(2).transpose(1, 2)
     torch.testing.assert_close(regions[..., -1280:], torch.nn.functional.normalize(head, dim=-1),
                                atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_baselines_from_the_training_features_match_fresh_encoding(trained, small_catalog):
+    """make demo reuses the training features as the baselines' catalogue side: the rankings
+    must be those of encoding the catalogue again (fp16 cache: top-5 sets agree)."""
+    from xmsearch import evaluate as ev
+
+    result, _ = trained
+    queries = ev.load_queries(small_catalog.parent / "queries.jsonl")
+    fresh = ev.run_baselines(small_catalog, queries, "minilm-l6", "efficientnet-lite0", k=5)
+    cached = ev.run_baselines(small_catalog, queries, "minilm-l6", "efficientnet-lite0", k=5,
+                              features=result.features)
+    for system in fresh:
+        assert fresh[system].keys() == cached[system].keys() and fresh[system]
+        same = [fresh[system][q][0] == cached[system][q][0] for q in fresh[system]]
+        assert sum(same) >= len(same) - 1, system
+    other = result.features
+    other_ids = type(other)(**{**other.__dict__, "ids": list(reversed(other.ids))})
+    with pytest.raises(InputError, match="another catalogue"):
+        ev.run_baselines(small_catalog, queries, "minilm-l6", "efficientnet-lite0", features=other_ids)

@@ -75,6 +75,7 @@ def run(a: argparse.Namespace) -> None:
             stamp.write_text(json.dumps(params))
             print(json.dumps(summary, ensure_ascii=False, default=str)[:600])
 
+    features = None  # the training features, reused as the baselines' catalogue side
     with stage("2. train fusion"):
         if ckpt.exists() and not a.retrain:
             print(f"reusing {ckpt} (pass --retrain to train again)")
@@ -103,6 +104,7 @@ def run(a: argparse.Namespace) -> None:
                                 on_epoch=epoch)
             for b in bars.values():
                 b.close()
+            features = res.features
             h0, h1 = res.history[0], res.history[-1]
             print(f"loss {h0['loss']:.3f} -> {h1['loss']:.3f}; held-out photo R@1 {h1['val_image_r1']:.3f}, "
                   f"title R@10 {h1['val_text_r10']:.3f} ({res.seconds:.1f}s)")
@@ -140,7 +142,7 @@ def run(a: argparse.Namespace) -> None:
                   searcher.search(text=both["text"], image=both["image"], k=5))
         with stage("7. evaluation (served model vs raw-encoder baselines)"):
             served = ev.run_served(searcher, queries)
-            baselines = ev.run_baselines(catalog, queries, a.text_model, DEFAULT_IMAGE_MODEL)
+            baselines = ev.run_baselines(catalog, queries, a.text_model, DEFAULT_IMAGE_MODEL, features=features)
             table = ev.evaluation_table(served, queries, baselines)
             print(ev.format_table(table))
             (root / f"eval-{a.text_model}.json").write_text(json.dumps(table, indent=2))

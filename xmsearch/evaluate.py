@@ -86,14 +86,21 @@ def _topk(q: torch.Tensor, z: torch.Tensor, ids: list[str], k: int) -> list[list
 
 @torch.no_grad()
 def run_baselines(catalog: Path, queries: list[dict], text_model: str, image_model: str,
-                  k: int = 10, batch: int = 64) -> dict[str, dict[str, list[str]]]:
-    """Rankings of the raw-encoder baselines: {"text_encoder": {...}, "image_encoder": {...}}."""
+                  k: int = 10, batch: int = 64, features=None) -> dict[str, dict[str, list[str]]]:
+    """Rankings of the raw-encoder baselines: {"text_encoder": {...}, "image_encoder": {...}}.
+
+    ``features``: the training feature cache of this catalogue and these encoders
+    (:class:`xmsearch.train.Features`), if at hand: its passage-role title states and
+    catalogue-photo regions are the baselines' catalogue side, so it is not encoded twice.
+    """
     from xmsearch.models.text import mean_pool
     from xmsearch.pipeline import Encoders
 
     enc = Encoders.load(text_model, image_model)
     rows, _ = read_catalog(Path(catalog))
     ids = [r.id for r in rows]
+    if features is not None and list(features.ids) != ids:
+        raise InputError("run_baselines: the cached features are of another catalogue (ids differ)")
 
     def text_vecs(texts, role):
         out = []
@@ -109,8 +116,12 @@ def run_baselines(catalog: Path, queries: list[dict], text_model: str, image_mod
             out.append(F.normalize(r.mean(1), dim=-1))
         return torch.cat(out)
 
-    titles = text_vecs([r.title for r in rows], "passage")
-    photos = image_vecs([r.image for r in rows])
+    if features is not None:
+        titles = F.normalize(mean_pool(features.item_states.float(), features.item_mask), dim=-1)
+        photos = F.normalize(features.regions[:, 0].float().mean(1), dim=-1)
+    else:
+        titles = text_vecs([r.title for r in rows], "passage")
+        photos = image_vecs([r.image for r in rows])
     text_q = [q for q in queries if q.get("text")]
     image_q = [q for q in queries if q.get("image")]
     res = {"text_encoder": {}, "image_encoder": {}}

@@ -82,6 +82,7 @@ class TrainResult:
     checkpoint: FusionCheckpoint
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    features: Features | None = None  # the frozen-encoder features it trained on
 
 
 # ---------------------------------------------------------------------------- views
@@ -376,6 +377,7 @@ def train_catalog(catalog: Path, out: Path, text_model: str, image_model: str,
     cache_dir = cache_dir or Path(out).parent / ".feature-cache"
     feats = load_or_compute_features(Path(catalog), enc, rows, cache_dir, cfg.seed, progress)
     result = train_fusion(feats, text_model, image_model, cfg, on_epoch, on_step)
+    result.features = feats
     result.checkpoint.meta.update({"catalog": str(catalog), "bad_rows": len(bad)})
     result.checkpoint.save(Path(out))
     return result
