@@ -1,5 +1,7 @@
 """Fusion training on a small generated catalogue (real frozen encoders, cached features)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -151,3 +153,29 @@ def test_baselines_from_the_training_features_match_fresh_encoding(trained, smal
     other_ids = type(other)(**{**other.__dict__, "ids": list(reversed(other.ids))})
     with pytest.raises(InputError, match="another catalogue"):
         ev.run_baselines(small_catalog, queries, "minilm-l6", "efficientnet-lite0", features=other_ids)
+
+
+def test_words_split_latin_and_cjk_runs():
+    from xmsearch.train import _words
+
+    assert _words("Aurelle黄色鸭舌帽，条纹款") == ["Aurelle", "黄色", "鸭舌", "帽", "条纹款"]
+    assert _words("navy blue puffer coat, men") == ["navy", "blue", "puffer", "coat", "men"]
+
+
+def test_edit_view_names_what_the_other_item_lacks():
+    import random
+
+    from xmsearch.catalog import CatalogRow
+    from xmsearch.train import FILLERS, edit_view, title_neighbours
+
+    red = CatalogRow(1, "a", "red down jacket, men", Path("a.jpg"))
+    blue = CatalogRow(2, "b", "blue down jacket, men", Path("b.jpg"))
+    for seed in range(10):
+        text = edit_view(red, blue, random.Random(seed))
+        words = text.split()
+        assert words[-1] == "red" and "down" not in words and "blue" not in words
+        assert text == "red" or any(text.startswith(f + " ") for f in FILLERS)
+    states = torch.tensor([[[1.0, 0.0]], [[0.9, 0.1]], [[0.0, 1.0]], [[0.1, 0.9]]])
+    nbrs = title_neighbours(states, torch.ones(4, 1, dtype=torch.bool), k=2, chunk=3)
+    assert nbrs[:, 0].tolist() == [1, 0, 3, 2]
+    assert all(i not in row for i, row in enumerate(nbrs.tolist()))

