@@ -72,9 +72,10 @@ def test_text_views_are_generic_and_partial(small_catalog):
     assert any(partial) and all(v.strip() for v in views)
 
 
-def test_training_refuses_a_tiny_catalogue(tmp_path, small_catalog):
-    lines = small_catalog.read_text().splitlines()[:3]
-    tiny = small_catalog.parent / "tiny.jsonl"
+@pytest.mark.parametrize("n", [1, 3])
+def test_training_refuses_a_tiny_catalogue(tmp_path, small_catalog, n):
+    lines = small_catalog.read_text().splitlines()[:n]
+    tiny = small_catalog.parent / f"tiny-{n}.jsonl"
     tiny.write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match="at least 8 items"):
         train_catalog(tiny, tmp_path / "x.pt", "minilm-l6", "efficientnet-lite0", TrainConfig(epochs=1))
@@ -175,6 +176,10 @@ def test_edit_view_names_what_the_other_item_lacks():
         words = text.split()
         assert words[-1] == "red" and "down" not in words and "blue" not in words
         assert text == "red" or any(text.startswith(f + " ") for f in FILLERS)
+    from xmsearch.train import edit_partner
+
+    far = CatalogRow(3, "c", "Nordvik green striped down jacket, women", Path("c.jpg"))
+    assert edit_partner(red, [far, blue], random.Random(0)) == 1
     states = torch.tensor([[[1.0, 0.0]], [[0.9, 0.1]], [[0.0, 1.0]], [[0.1, 0.9]]])
     nbrs = title_neighbours(states, torch.ones(4, 1, dtype=torch.bool), k=2, chunk=3)
     assert nbrs[:, 0].tolist() == [1, 0, 3, 2]

@@ -13,11 +13,11 @@ the batch:
 - image: one of ``AUG_VIEWS`` re-shots of the photo (backdrop, framing, rotation, mirror,
   light, noise, JPEG; see :func:`augment_photo`);
 - text+image: a text view together with the augmented photo;
-- edit ("like this, but ..."): the photo of ``j``, an item whose title is among the
-  closest to ``i``'s, with the words of ``i``'s title that ``j``'s lacks ("red" when ``j`` is
-  the blue one), sometimes behind a filler, against the anchor of ``i``: the module
-  learns to take the kind of product from the photo and let the words override what
-  they name.
+- edit ("like this, but ..."): the photo of ``j`` with the words of ``i``'s title that
+  ``j``'s lacks ("red" when ``j`` is the blue one), sometimes behind a filler, against the
+  anchor of ``i``; ``j`` is, of the items whose titles are closest to ``i``'s, the one that
+  lacks the fewest of its words.  The module learns to take the kind of product from the
+  photo and let the words override what they name.
 
 Nothing here depends on the demo catalogue: views come from ``title``, optional
 ``alt_titles`` and the image of any catalogue in the ingest format.
@@ -142,10 +142,22 @@ def title_neighbours(states: torch.Tensor, mask: torch.Tensor, k: int = 5, chunk
     return torch.cat(out)
 
 
+def _missing_words(row: CatalogRow, other: CatalogRow) -> list[str]:
+    theirs = {w.lower() for w in _words(other.title)}
+    return [w for w in _words(row.title) if w.lower() not in theirs]
+
+
+def edit_partner(row: CatalogRow, candidates: list[CatalogRow], rng: random.Random) -> int:
+    """Index of the candidate whose title lacks the fewest of ``row``'s words (ties: random):
+    the item that differs from ``row`` in as little as a colour."""
+    counts = [len(_missing_words(row, c)) for c in candidates]
+    best = [i for i, n in enumerate(counts) if n == min(counts)]
+    return best[rng.randrange(len(best))]
+
+
 def edit_view(row: CatalogRow, other: CatalogRow, rng: random.Random) -> str:
     """"Like <other's photo>, but <the words of row's title that other's title lacks>"."""
-    theirs = {w.lower() for w in _words(other.title)}
-    diff = [w for w in _words(row.title) if w.lower() not in theirs] or _words(row.title)[:2]
+    diff = _missing_words(row, other) or _words(row.title)[:2]
     text = " ".join(diff)
     return f"{rng.choice(FILLERS)} {text}" if rng.random() < 0.7 else text
 
@@ -233,7 +245,9 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
     item_states, item_mask = run_text([r.title for r in rows], "passage", "titles")
     vs, vm = run_text(flat_views, "query", "text views")
     nbrs = title_neighbours(item_states, item_mask)
-    others = [int(nbrs[i, rng.randrange(nbrs.shape[1])]) for i in range(len(rows))]
+    others = []
+    for row, cand in zip(rows, nbrs.tolist()):
+        others.append(cand[edit_partner(row, [rows[j] for j in cand], rng)])
     es, em = run_text([edit_view(r, rows[j], rng) for r, j in zip(rows, others)], "query", "edit views")
     n, step = len(rows), max(1, batch // (1 + AUG_VIEWS))
     regions = []
@@ -253,7 +267,7 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
 
 def features_key(catalog: Path, enc: Encoders, seed: int) -> str:
     h = hashlib.sha256(Path(catalog).read_bytes())
-    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|v4".encode())
+    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|v5".encode())
     return h.hexdigest()[:16]
 
 
@@ -391,6 +405,8 @@ def train_catalog(catalog: Path, out: Path, text_model: str, image_model: str,
     rows, bad = read_catalog(Path(catalog))
     if not rows:
         raise InputError(f"catalogue {catalog} has no usable rows ({len(bad)} bad)")
+    if len(rows) < 8:  # before the expensive encoding, which also needs neighbours
+        raise InputError(f"training needs at least 8 items, the catalogue has {len(rows)}")
     enc = Encoders.load(text_model, image_model, image_checkpoint)
     cache_dir = cache_dir or Path(out).parent / ".feature-cache"
     feats = load_or_compute_features(Path(catalog), enc, rows, cache_dir, cfg.seed, progress)
