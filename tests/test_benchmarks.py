@@ -675,3 +675,15 @@ def test_item_wiring_rebuilds_the_parallel_item_ensemble(tmp_path: Path) -> None
     assert steps[:2] == [item_wiring.OLD_TOKENIZER, spec.IMAGE_PREPROCESS]
     assert spec.ITEM_PREPROCESS not in configs
     assert configs[item_wiring.OLD_TOKENIZER].parameters["role"].string_value == "passage"
+
+
+def test_image_layers_recall_counts_the_right_product_at_rank_1_and_10() -> None:
+    import torch
+
+    from benchmarks import image_layers
+
+    catalogue = torch.eye(12)
+    queries = torch.stack([catalogue[3] + 0.1 * catalogue[5], catalogue[5] + 0.9 * catalogue[7],
+                           -catalogue[0]])
+    r1, r10 = image_layers.recall(catalogue, queries, torch.tensor([3, 7, 0]))
+    assert (r1, r10) == pytest.approx((1 / 3, 2 / 3))
