@@ -29,13 +29,10 @@ from xmsearch.preprocess import ImagePreprocessor
 @torch.no_grad()
 def block_maps(enc: ImageEncoder, px: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every block output and the head conv, average-pooled onto the 7x7 grid."""
-    net = enc.trunk.net
-    x = net._swish(net._bn0(net._conv_stem(px)))
-    out = {}
-    for i, block in enumerate(net._blocks):
-        x = block(x)
-        out[f"block {i:2d} ({x.shape[1]} ch, stride {224 // x.shape[-1]})"] = F.adaptive_avg_pool2d(x, 7)
-    out["head (1280 ch, stride 32)"] = net._swish(net._bn1(net._conv_head(x)))
+    *blocks, head = enc.trunk.maps(px, range(len(enc.trunk.net._blocks)))
+    out = {f"block {i:2d} ({x.shape[1]} ch, stride {224 // x.shape[-1]})": F.adaptive_avg_pool2d(x, 7)
+           for i, x in enumerate(blocks)}
+    out[f"head ({head.shape[1]} ch, stride {224 // head.shape[-1]})"] = head
     return out
 
 

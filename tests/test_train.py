@@ -184,3 +184,15 @@ def test_edit_view_names_what_the_other_item_lacks():
     nbrs = title_neighbours(states, torch.ones(4, 1, dtype=torch.bool), k=2, chunk=3)
     assert nbrs[:, 0].tolist() == [1, 0, 3, 2]
     assert all(i not in row for i, row in enumerate(nbrs.tolist()))
+
+
+@pytest.mark.slow
+def test_train_command_writes_a_loadable_checkpoint(small_catalog, tmp_path, capsys):
+    from xmsearch.cli import main
+
+    out = tmp_path / "fusion.pt"
+    assert main(["train", str(small_catalog), "--out", str(out), "--epochs", "2",
+                 "--text-model", "minilm-l6"]) == 0
+    assert f"saved {out}" in capsys.readouterr().out
+    ckpt = FusionCheckpoint.load(out)
+    assert ckpt.meta["epochs"] == 2 and ckpt.meta["items"] == 48

@@ -25,6 +25,38 @@ def _progress_bar(desc: str, total: int | None = None):
     return tqdm(total=total, desc=desc, unit="it", dynamic_ncols=True, leave=False, file=sys.stderr)
 
 
+class TrainingProgress:
+    """Progress bars of ``train_catalog``, one at a time: each frozen-encoder pass
+    (``progress``), then the epochs with loss and held-out recall (``on_epoch``)."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+        self.key: tuple | None = None  # what the open bar shows
+        self.bar = None
+
+    def _switch(self, key: tuple, desc: str, total: int):
+        if key != self.key:
+            self.close()
+            self.key, self.bar = key, _progress_bar(desc, total)
+        return self.bar
+
+    def progress(self, label: str, done: int, total: int) -> None:
+        bar = self._switch(("encoding", label), f"encoding {label}", total)
+        bar.n = done
+        bar.refresh()
+
+    def on_epoch(self, rec: dict) -> None:
+        bar = self._switch(("training",), "training", self.epochs)
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", img_r1=f"{rec['val_image_r1']:.2f}",
+                        txt_r10=f"{rec['val_text_r10']:.2f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.key = self.bar = None
+
+
 # ----------------------------------------------------------------------- arguments
 
 
@@ -122,30 +154,12 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
                       val_fraction=a.val_fraction)
-    bars: dict = {}
-
-    def progress(label: str, done: int, total: int) -> None:
-        bar = bars.get(label) or bars.setdefault(label, _progress_bar(f"encoding {label}", total))
-        bar.n = done
-        bar.refresh()
-
-    epoch_bar = None
-
-    def on_epoch(rec: dict) -> None:
-        nonlocal epoch_bar
-        for b in bars.values():
-            b.close()
-        bars.clear()
-        if epoch_bar is None:
-            epoch_bar = _progress_bar("training", cfg.epochs)
-        epoch_bar.update(1)
-        epoch_bar.set_postfix(loss=f"{rec['loss']:.3f}", img_r1=f"{rec['val_image_r1']:.2f}",
-                              txt_r10=f"{rec['val_text_r10']:.2f}")
-
-    res = train_catalog(a.catalog, a.out, a.text_model, a.image_model, cfg, progress=progress,
-                        on_epoch=on_epoch, image_checkpoint=a.image_checkpoint)
-    if epoch_bar is not None:
-        epoch_bar.close()
+    bars = TrainingProgress(cfg.epochs)
+    try:
+        res = train_catalog(a.catalog, a.out, a.text_model, a.image_model, cfg, progress=bars.progress,
+                            on_epoch=bars.on_epoch, image_checkpoint=a.image_checkpoint)
+    finally:
+        bars.close()
     last = res.history[-1]
     print(f"trained fusion on {res.checkpoint.meta['items']} items in {res.seconds:.1f}s: "
           f"loss {res.history[0]['loss']:.3f} -> {last['loss']:.3f}, held-out photo R@1 "

@@ -50,6 +50,7 @@ def run(a: argparse.Namespace) -> None:
     from xmsearch import server as srv
     from xmsearch.client.embed import Embedder
     from xmsearch.client.ingest import ingest_catalog
+    from xmsearch.cli import TrainingProgress
     from xmsearch.client.search import Searcher
     from xmsearch.demo import generate_demo_catalog
     from xmsearch.export.pipeline import export_repository
@@ -81,29 +82,12 @@ def run(a: argparse.Namespace) -> None:
             print(f"reusing {ckpt} (pass --retrain to train again)")
         else:
             cfg = TrainConfig(epochs=a.epochs, seed=a.seed)
-            bars: dict = {}
-
-            def encoding(label: str, done: int, total: int) -> None:  # frozen-encoder features, once
-                if label not in bars:  # one bar at a time: titles, text views, photos
-                    for b in bars.values():
-                        b.close()
-                    bars[label] = _bar(f"encoding {label}", total)
-                bar = bars[label]
-                bar.n = done
-                bar.refresh()
-
-            def epoch(r: dict) -> None:
-                if "training" not in bars:
-                    for b in bars.values():
-                        b.close()
-                    bars["training"] = _bar("training", cfg.epochs)
-                bars["training"].update(1)
-                bars["training"].set_postfix(loss=f"{r['loss']:.3f}", img_r1=f"{r['val_image_r1']:.2f}")
-
-            res = train_catalog(catalog, ckpt, a.text_model, DEFAULT_IMAGE_MODEL, cfg, progress=encoding,
-                                on_epoch=epoch)
-            for b in bars.values():
-                b.close()
+            bars = TrainingProgress(cfg.epochs)
+            try:
+                res = train_catalog(catalog, ckpt, a.text_model, DEFAULT_IMAGE_MODEL, cfg,
+                                    progress=bars.progress, on_epoch=bars.on_epoch)
+            finally:
+                bars.close()
             features = res.features
             h0, h1 = res.history[0], res.history[-1]
             print(f"loss {h0['loss']:.3f} -> {h1['loss']:.3f}; held-out photo R@1 {h1['val_image_r1']:.3f}, "

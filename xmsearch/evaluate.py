@@ -102,23 +102,24 @@ def run_baselines(catalog: Path, queries: list[dict], text_model: str, image_mod
     if features is not None and list(features.ids) != ids:
         raise InputError("run_baselines: the cached features are of another catalogue (ids differ)")
 
+    # The baselines' pooling: mean over tokens (text) and over regions (image).
+    def text_vec(states, mask):
+        return F.normalize(mean_pool(states.float(), mask), dim=-1)
+
+    def image_vec(regions):
+        return F.normalize(regions.float().mean(1), dim=-1)
+
     def text_vecs(texts, role):
-        out = []
-        for i in range(0, len(texts), batch):
-            s, m = enc.text_states(texts[i:i + batch], role)
-            out.append(F.normalize(mean_pool(s, m), dim=-1))
-        return torch.cat(out)
+        return torch.cat([text_vec(*enc.text_states(texts[i:i + batch], role))
+                          for i in range(0, len(texts), batch)])
 
     def image_vecs(paths):
-        out = []
-        for i in range(0, len(paths), batch):
-            r = enc.image_regions([Path(p).read_bytes() for p in paths[i:i + batch]])
-            out.append(F.normalize(r.mean(1), dim=-1))
-        return torch.cat(out)
+        return torch.cat([image_vec(enc.image_regions([Path(p).read_bytes() for p in paths[i:i + batch]]))
+                          for i in range(0, len(paths), batch)])
 
     if features is not None:
-        titles = F.normalize(mean_pool(features.item_states.float(), features.item_mask), dim=-1)
-        photos = F.normalize(features.regions[:, 0].float().mean(1), dim=-1)
+        titles = text_vec(features.item_states, features.item_mask)
+        photos = image_vec(features.regions[:, 0])
     else:
         titles = text_vecs([r.title for r in rows], "passage")
         photos = image_vecs([r.image for r in rows])

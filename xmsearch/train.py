@@ -325,6 +325,14 @@ def evaluate_views(fusion: AttentionFusion, f: Features, reduced: torch.Tensor, 
     return {"val_image_r1": r1, "val_text_r10": r10}
 
 
+MIN_ITEMS = 8
+
+
+def _check_enough_items(n: int) -> None:
+    if n < MIN_ITEMS:
+        raise InputError(f"training needs at least {MIN_ITEMS} items, the catalogue has {n}")
+
+
 def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfig = TrainConfig(),
                  on_epoch: Callable[[dict], None] | None = None,
                  on_step: Callable[[int, float], None] | None = None) -> TrainResult:
@@ -332,8 +340,7 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(f.ids)
-    if n < 8:
-        raise InputError(f"training needs at least 8 items, the catalogue has {n}")
+    _check_enough_items(n)
     perm = torch.randperm(n, generator=gen)
     n_val = int(round(n * cfg.val_fraction)) if n >= 50 else 0
     val_idx, train_idx = perm[:n_val].sort().values, perm[n_val:]
@@ -405,8 +412,7 @@ def train_catalog(catalog: Path, out: Path, text_model: str, image_model: str,
     rows, bad = read_catalog(Path(catalog))
     if not rows:
         raise InputError(f"catalogue {catalog} has no usable rows ({len(bad)} bad)")
-    if len(rows) < 8:  # before the expensive encoding, which also needs neighbours
-        raise InputError(f"training needs at least 8 items, the catalogue has {len(rows)}")
+    _check_enough_items(len(rows))  # before the expensive encoding, which also needs neighbours
     enc = Encoders.load(text_model, image_model, image_checkpoint)
     cache_dir = cache_dir or Path(out).parent / ".feature-cache"
     feats = load_or_compute_features(Path(catalog), enc, rows, cache_dir, cfg.seed, progress)

@@ -77,12 +77,16 @@ class _LiteTrunk(nn.Module):
             + [net._conv_head.out_channels]
 
     def forward(self, x):
+        return self.maps(x, self.TAPS)
+
+    def maps(self, x, taps) -> list:
+        """The outputs of blocks ``taps`` (shallow to deep), then of the head conv."""
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(x)))
         maps = []
         for i, block in enumerate(net._blocks):
             x = block(x)  # eval mode: no drop-connect
-            if i in self.TAPS:
+            if i in taps:
                 maps.append(x)
         maps.append(net._swish(net._bn1(net._conv_head(x))))
         return maps
@@ -95,8 +99,7 @@ class _ResNetTrunk(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1)
         self.layers = nn.ModuleList([net.layer2, net.layer3, net.layer4])
-        self.widths = [_out_channels(layer)
-                       for layer in self.layers]
+        self.widths = [_out_channels(layer) for layer in self.layers]
 
     def forward(self, x):
         x = self.stem(x)
