@@ -63,13 +63,31 @@ def test_tampered_checkpoint_is_refused(trained, tmp_path):
         FusionCheckpoint.load(tmp_path / "junk.pt")
 
 
-def test_text_views_are_generic_and_partial(small_catalog):
+def test_text_views_are_titles_then_short_queries_in_title_order(small_catalog):
     import random
 
+    from xmsearch.train import FILLERS, TEXT_VIEWS, catalogue_words
+
     rows, _ = read_catalog(small_catalog)
-    views, partial = text_views(rows[0], random.Random(0))
-    assert views[0] == rows[0].title and not partial[0]
-    assert any(partial) and all(v.strip() for v in views)
+    words = catalogue_words(rows)
+    for row in rows[:10]:
+        views = text_views(row, random.Random(0), words)
+        titles = [row.title] + row.attributes["alt_titles"]
+        assert len(views) == TEXT_VIEWS and views[:3] == titles[:3]
+        for view in views[3:]:
+            for f in FILLERS:  # strip a filler, if any
+                if view.startswith(f + " "):
+                    view = view[len(f) + 1:]
+                    break
+            kept = view.split()
+            assert 1 <= len(kept) <= 4
+            # The kept words appear, in order, in one of the item's titles.
+            assert any(_in_order(kept, words(t)) for t in titles), (view, titles)
+
+
+def _in_order(kept: list[str], source: list[str]) -> bool:
+    it = iter(source)
+    return all(any(w == s for s in it) for w in kept)
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -156,30 +174,66 @@ def test_baselines_from_the_training_features_match_fresh_encoding(trained, smal
         ev.run_baselines(small_catalog, queries, "minilm-l6", "efficientnet-lite0", features=other_ids)
 
 
-def test_words_split_latin_and_cjk_runs():
-    from xmsearch.train import _words
+def test_title_words_learn_chinese_words_from_the_catalogue():
+    from xmsearch.train import TitleWords
 
-    assert _words("Aurelle黄色鸭舌帽，条纹款") == ["Aurelle", "黄色", "鸭舌", "帽", "条纹款"]
-    assert _words("navy blue puffer coat, men") == ["navy", "blue", "puffer", "coat", "men"]
+    # Colours, patterns and kinds recombined, as in a catalogue: each word is preceded and
+    # followed by many different characters, the strings across word edges are not.
+    colours, patterns = ["墨绿色", "大红色", "藏青色", "米白色"], ["格纹", "条纹", "波点"]
+    kinds = ["手提包", "羽绒服", "连衣裙", "卫衣"]
+    titles = [f"{c}{p}{k}" for c in colours for p in patterns for k in kinds]
+    titles += [f"男士{k} {c}" for c in colours for k in kinds] + [f"{k}{p}女款" for p in patterns for k in kinds]
+    words = TitleWords(titles)
+    assert words("墨绿色格纹手提包") == ["墨绿色", "格纹", "手提包"]
+    assert words("Aurelle 大红色波点卫衣, women") == ["Aurelle", "大红色", "波点", "卫衣", "women"]
+    # Characters no learned word covers stay together as one unknown word.
+    assert words("藏青色面包服") == ["藏青色", "面包服"]
+    # Without a catalogue to learn from, a CJK run is one word; Latin words split on spaces.
+    assert TitleWords()("墨绿色格纹手提包") == ["墨绿色格纹手提包"]
+    assert TitleWords()("navy blue puffer coat, men") == ["navy", "blue", "puffer", "coat", "men"]
+
+
+def test_onnx_image_path_matches_pytorch(tmp_path):
+    """Training features go through ONNX Runtime (3x faster on CPU); same regions as PyTorch."""
+    from xmsearch.export.pipeline import sample_images
+    from xmsearch.pipeline import Encoders
+
+    enc = Encoders.load("minilm-l6", "efficientnet-lite0")
+    photos = sample_images(3, seed=5)
+    ref = enc.image_regions(photos)
+    path = enc.use_onnx_images(tmp_path)
+    assert path.exists() and enc.image_session is not None
+    got = enc.image_regions(photos)
+    assert got.shape == ref.shape
+    cos = torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1), dim=1)
+    assert float(cos.min()) > 0.9999
+    # A second call reuses the exported graph (same weights, same file).
+    assert enc.use_onnx_images(tmp_path) == path
+    assert len(list(tmp_path.glob("*.onnx"))) == 1
 
 
 def test_edit_view_names_what_the_other_item_lacks():
     import random
 
     from xmsearch.catalog import CatalogRow
-    from xmsearch.train import FILLERS, edit_view, title_neighbours
+    from xmsearch.train import FILLERS, TitleWords, edit_view, title_neighbours
 
+    words = TitleWords()
     red = CatalogRow(1, "a", "red down jacket, men", Path("a.jpg"))
     blue = CatalogRow(2, "b", "blue down jacket, men", Path("b.jpg"))
     for seed in range(10):
-        text = edit_view(red, blue, random.Random(seed))
-        words = text.split()
-        assert words[-1] == "red" and "down" not in words and "blue" not in words
+        text = edit_view(red, blue, random.Random(seed), words)
+        said = text.split()
+        assert said[-1] == "red" and "down" not in said and "blue" not in said
         assert text == "red" or any(text.startswith(f + " ") for f in FILLERS)
     from xmsearch.train import edit_partner
 
     far = CatalogRow(3, "c", "Nordvik green striped down jacket, women", Path("c.jpg"))
-    assert edit_partner(red, [far, blue], random.Random(0)) == 1
+    assert edit_partner(red, [far, blue], random.Random(0), words) == 1
+    # The other item's titles in every language count: a Chinese-titled red jacket whose
+    # English alt title has "red" lacks nothing but "men".
+    red_zh = CatalogRow(4, "d", "红色羽绒服", Path("d.jpg"), {"alt_titles": ["red down jacket"]})
+    assert edit_view(red, red_zh, random.Random(1), words).split()[-1] == "men"
     states = torch.tensor([[[1.0, 0.0]], [[0.9, 0.1]], [[0.0, 1.0]], [[0.1, 0.9]]])
     nbrs = title_neighbours(states, torch.ones(4, 1, dtype=torch.bool), k=2, chunk=3)
     assert nbrs[:, 0].tolist() == [1, 0, 3, 2]

@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "catalogue's own title/photo pairs; encoders frozen, features cached.")
     t.add_argument("catalog", type=Path, help="catalogue JSONL/CSV (id, title, image, ...)")
     t.add_argument("--out", type=Path, required=True, metavar="CKPT")
-    t.add_argument("--epochs", type=int, default=12, help="passes over the catalogue (default 12)")
+    t.add_argument("--epochs", type=int, default=20, help="passes over the catalogue (default 20)")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)

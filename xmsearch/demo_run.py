@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1500, help="catalogue size")
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--text-model", default=DEFAULT_TEXT_MODEL)
     p.add_argument("--repository", default="model_repository")
     p.add_argument("--grpc-port", type=int, default=8001)

@@ -7,7 +7,10 @@ reproduce) and the baselines of the benchmarks.  Preprocessing is
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +20,8 @@ from xmsearch.models.image import DEFAULT_IMAGE_MODEL, ImageEncoder
 from xmsearch.models.text import DEFAULT_TEXT_MODEL, TextEncoder, resolve_text_model
 from xmsearch.preprocess import ImagePreprocessor, TextPreprocessor, decode_text
 from xmsearch.spec import Dims
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,6 +34,7 @@ class Encoders:
     image_pre: ImagePreprocessor
     text_model: str
     image_model: str
+    image_session: object | None = None  # ONNX Runtime session, once use_onnx_images() was called
 
     @classmethod
     def load(cls, text_model: str = DEFAULT_TEXT_MODEL, image_model: str = DEFAULT_IMAGE_MODEL,
@@ -56,7 +62,39 @@ class Encoders:
     @torch.no_grad()
     def image_regions(self, images: list[bytes]) -> torch.Tensor:
         px = np.stack([self.image_pre(b, what=f"image[{i}]") for i, b in enumerate(images)])
+        if self.image_session is not None:
+            sess = self.image_session
+            return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: px})[0])
         return self.image(torch.from_numpy(px))
+
+    def use_onnx_images(self, folder: Path, min_cosine: float = 0.9999) -> Path:
+        """Run the image encoder through ONNX Runtime from now on.
+
+        On CPU, ONNX Runtime encodes EfficientNet-Lite0 photos about 3x faster than PyTorch
+        eager (depthwise convolutions), which is most of what caching training features
+        costs; it is also the runtime that serves the model.  The graph is exported once
+        into ``folder``, named by a hash of the weights, and checked against PyTorch on
+        real photos before it is used (a failed check raises ModelError).
+        """
+        from xmsearch.export import onnx as onnx_export
+        from xmsearch.export.pipeline import sample_images
+        from xmsearch.spec import IMAGE_ENCODER, member_specs
+
+        h = hashlib.sha256(self.image_model.encode())
+        for name, t in self.image.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().numpy().tobytes())
+        path = Path(folder) / f"image-encoder-{self.image_model}-{h.hexdigest()[:16]}.onnx"
+        spec = member_specs(self.dims)[IMAGE_ENCODER]
+        px = torch.from_numpy(np.stack([self.image_pre(b) for b in sample_images(3)]))
+        if not path.exists():
+            logger.info("exporting the image encoder to %s for ONNX Runtime", path)
+            tmp = path.with_name(path.name + ".tmp")
+            onnx_export.export_onnx(self.image, spec, (px[:2],), tmp)
+            tmp.replace(path)
+        onnx_export.check_parity(self.image, spec, path, [(px,)], min_cosine)
+        self.image_session = onnx_export.onnx_session(path)
+        return path
 
 
 class ReferencePipeline:

@@ -1,23 +1,26 @@
 """Contrastive training of the fusion module on a catalogue's own title/photo pairs.
 
-Encoders stay frozen; their outputs are computed once and cached, so an epoch is a few
-small matrix products per batch and takes seconds on 2 cores.
+Encoders stay frozen; their outputs are computed once and cached (photos through ONNX
+Runtime, 3x PyTorch eager on CPU), so an epoch is a few small matrix products per batch
+and takes seconds on 2 cores.
 
 Each item ``i`` is anchored by its *item embedding* (title with the passage role + the
 catalogue photo, the same path ``xmsearch index`` takes).  Four *query views* of the item
 are pulled towards the anchor with a symmetric InfoNCE loss against the other items of
 the batch:
 
-- text: the title, an alternative title, or a partial title (some words, sometimes
-  behind generic shopping filler such as "looking for" / "同款"), with the query role;
+- text: the title, an alternative title, or a short query cut from one (1-4 of its
+  words in title order, sometimes behind generic shopping filler such as "looking for" /
+  "同款"), with the query role; Chinese titles are cut into words learned from the
+  catalogue itself (:class:`TitleWords`);
 - image: one of ``AUG_VIEWS`` re-shots of the photo (backdrop, framing, rotation, mirror,
   light, noise, JPEG; see :func:`augment_photo`);
 - text+image: a text view together with the augmented photo;
 - edit ("like this, but ..."): the photo of ``j`` with the words of ``i``'s title that
-  ``j``'s lacks ("red" when ``j`` is the blue one), sometimes behind a filler, against the
-  anchor of ``i``; ``j`` is, of the items whose titles are closest to ``i``'s, the one that
-  lacks the fewest of its words.  The module learns to take the kind of product from the
-  photo and let the words override what they name.
+  none of ``j``'s titles has ("red" when ``j`` is the blue one), sometimes behind a
+  filler, against the anchor of ``i``; ``j`` is, of the items whose titles are closest to
+  ``i``'s, the one that lacks the fewest of its words.  The module learns to take the
+  kind of product from the photo and let the words override what they name.
 
 Nothing here depends on the demo catalogue: views come from ``title``, optional
 ``alt_titles`` and the image of any catalogue in the ingest format.
@@ -31,7 +34,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +58,7 @@ AUG_VIEWS = 3  # augmented re-shots cached per catalogue photo
 
 @dataclass
 class TrainConfig:
-    epochs: int = 12
+    epochs: int = 20
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -94,37 +97,99 @@ class TrainResult:
 
 
 _WORD = re.compile(r"[\u4e00-\u9fff]+|[^\u4e00-\u9fff\s,，]+")
+_CJK = re.compile(r"[\u4e00-\u9fff]+")
 
 
-def _words(title: str) -> list[str]:
-    """Space-separated words; runs of CJK characters (no spaces) in rough 2-character chunks."""
-    out = []
-    for p in _WORD.findall(title):
-        if "\u4e00" <= p[0] <= "\u9fff" and len(p) > 3:
-            out.extend(p[k:k + 2] for k in range(0, len(p), 2))
-        else:
-            out.append(p)
-    return out or [title]
+class TitleWords:
+    """Splits titles into words, learning the words of space-less (CJK) runs from the catalogue.
+
+    Latin-script words are what lies between spaces and commas.  Chinese is written
+    without spaces, so a run such as 墨绿色格纹手提包 is cut into the catalogue's own words
+    (墨绿色 / 格纹 / 手提包) by *accessor variety*: a string of 2-4 characters is a word when
+    at least ``min_variety`` different characters (or a run boundary) come before it and
+    after it across the catalogue's titles: 格纹 follows every colour and precedes many
+    kinds of product, while 色格 is always followed by 纹 or 子.  Each run is then split into
+    the sequence of words with the most ``len * log(variety)``; characters no word covers
+    stay together as one unknown word.  Nothing is language- or catalogue-specific: with
+    no titles to learn from, every CJK run is a single word.
+    """
+
+    def __init__(self, titles: Iterable[str] = (), max_len: int = 4, min_variety: int = 3):
+        left: dict[str, set] = {}
+        right: dict[str, set] = {}
+        boundary = 0  # every run boundary is a new, distinct context
+        for title in titles:
+            for run in _CJK.findall(title):
+                for n in range(2, min(max_len, len(run)) + 1):
+                    for i in range(len(run) - n + 1):
+                        piece = run[i:i + n]
+                        boundary += 1
+                        left.setdefault(piece, set()).add(run[i - 1] if i else boundary)
+                        right.setdefault(piece, set()).add(run[i + n] if i + n < len(run) else -boundary)
+        self.max_len = max_len
+        self.score = {}
+        for piece, before in left.items():
+            variety = min(len(before), len(right[piece]))
+            if variety >= min_variety:
+                self.score[piece] = len(piece) * math.log(variety)
+
+    def split_run(self, run: str) -> list[str]:
+        """The best-scoring cut of one CJK run (Viterbi over known words and single characters)."""
+        n = len(run)
+        best, back = [0.0] + [-math.inf] * n, [0] * (n + 1)
+        for end in range(1, n + 1):
+            for start in range(max(0, end - self.max_len), end):
+                gain = 0.0 if end - start == 1 else self.score.get(run[start:end])
+                if gain is not None and best[start] + gain > best[end]:
+                    best[end], back[end] = best[start] + gain, start
+        pieces, end = [], n
+        while end:
+            pieces.append(run[back[end]:end])
+            end = back[end]
+        words, unknown = [], ""
+        for piece in reversed(pieces):
+            if len(piece) == 1:
+                unknown += piece
+                continue
+            if unknown:
+                words.append(unknown)
+                unknown = ""
+            words.append(piece)
+        return words + ([unknown] if unknown else [])
+
+    def __call__(self, title: str) -> list[str]:
+        out = []
+        for part in _WORD.findall(title):
+            out.extend(self.split_run(part) if _CJK.fullmatch(part) else [part])
+        return out or [title]
 
 
-def text_views(row: CatalogRow, rng: random.Random, n: int = TEXT_VIEWS) -> tuple[list[str], list[bool]]:
-    """``n`` query-style texts for an item, and which of them are partial titles."""
+def _all_titles(row: CatalogRow) -> list[str]:
     alts = [t for t in row.attributes.get("alt_titles", []) or [] if isinstance(t, str) and t.strip()]
-    full = [row.title] + alts
-    views, partial = [], []
-    words = _words(row.title)
+    return [row.title] + alts
+
+
+def catalogue_words(rows: list[CatalogRow]) -> TitleWords:
+    return TitleWords(t for r in rows for t in _all_titles(r))
+
+
+def text_views(row: CatalogRow, rng: random.Random, words: TitleWords, n: int = TEXT_VIEWS) -> list[str]:
+    """``n`` query-style texts for an item: its titles, then short queries cut from them.
+
+    A short query keeps 1-4 words of one of the titles in their order ("blue down
+    jacket" from "Nordvik men's blue striped down jacket"), half of the time behind
+    generic shopping filler.
+    """
+    full = _all_titles(row)
+    views = full[: min(len(full), n // 2)]
     while len(views) < n:
-        k = len(views)
-        if k < min(2, len(full)) or (k < len(full) and k < n // 2):
-            views.append(full[k]), partial.append(False)
-            continue
-        src = _words(rng.choice(full)) if rng.random() < 0.5 else words
-        keep = rng.sample(src, k=max(1, min(len(src), rng.randint(1, 2))))
-        text = " ".join(keep)
-        if rng.random() < 0.6:
+        src = words(rng.choice(full))
+        keep = sorted(rng.sample(range(len(src)), k=min(len(src), rng.randint(1, 4))))
+        text = " ".join(src[i] for i in keep)
+        if rng.random() < 0.5:
             text = f"{rng.choice(FILLERS)} {text}"
-        views.append(text), partial.append(True)
-    return views, partial
+        views.append(text)
+    return views
 
 
 @torch.no_grad()
@@ -142,22 +207,23 @@ def title_neighbours(states: torch.Tensor, mask: torch.Tensor, k: int = 5, chunk
     return torch.cat(out)
 
 
-def _missing_words(row: CatalogRow, other: CatalogRow) -> list[str]:
-    theirs = {w.lower() for w in _words(other.title)}
-    return [w for w in _words(row.title) if w.lower() not in theirs]
+def _missing_words(row: CatalogRow, other: CatalogRow, words: TitleWords) -> list[str]:
+    """The words of ``row``'s title that none of ``other``'s titles (in any language) has."""
+    theirs = {w.lower() for t in _all_titles(other) for w in words(t)}
+    return [w for w in words(row.title) if w.lower() not in theirs]
 
 
-def edit_partner(row: CatalogRow, candidates: list[CatalogRow], rng: random.Random) -> int:
-    """Index of the candidate whose title lacks the fewest of ``row``'s words (ties: random):
+def edit_partner(row: CatalogRow, candidates: list[CatalogRow], rng: random.Random, words: TitleWords) -> int:
+    """Index of the candidate whose titles lack the fewest of ``row``'s words (ties: random):
     the item that differs from ``row`` in as little as a colour."""
-    counts = [len(_missing_words(row, c)) for c in candidates]
+    counts = [len(_missing_words(row, c, words)) for c in candidates]
     best = [i for i, n in enumerate(counts) if n == min(counts)]
     return best[rng.randrange(len(best))]
 
 
-def edit_view(row: CatalogRow, other: CatalogRow, rng: random.Random) -> str:
-    """"Like <other's photo>, but <the words of row's title that other's title lacks>"."""
-    diff = _missing_words(row, other) or _words(row.title)[:2]
+def edit_view(row: CatalogRow, other: CatalogRow, rng: random.Random, words: TitleWords) -> str:
+    """"Like <other's photo>, but <the words of row's title that other's titles lack>"."""
+    diff = _missing_words(row, other, words) or words(row.title)[:2]
     text = " ".join(diff)
     return f"{rng.choice(FILLERS)} {text}" if rng.random() < 0.7 else text
 
@@ -231,7 +297,8 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
                      progress: Callable[[str, int, int], None] | None = None) -> Features:
     """Run the frozen encoders over every item once (the expensive part of training)."""
     rng = random.Random(seed)
-    views = [text_views(r, rng)[0] for r in rows]
+    words = catalogue_words(rows)
+    views = [text_views(r, rng, words) for r in rows]
     flat_views = [v for vs in views for v in vs]
 
     def run_text(texts: list[str], role: str, label: str):
@@ -247,8 +314,8 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
     nbrs = title_neighbours(item_states, item_mask)
     others = []
     for row, cand in zip(rows, nbrs.tolist()):
-        others.append(cand[edit_partner(row, [rows[j] for j in cand], rng)])
-    es, em = run_text([edit_view(r, rows[j], rng) for r, j in zip(rows, others)], "query", "edit views")
+        others.append(cand[edit_partner(row, [rows[j] for j in cand], rng, words)])
+    es, em = run_text([edit_view(r, rows[j], rng, words) for r, j in zip(rows, others)], "query", "edit views")
     n, step = len(rows), max(1, batch // (1 + AUG_VIEWS))
     regions = []
     for i in range(0, n, step):
@@ -267,7 +334,7 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
 
 def features_key(catalog: Path, enc: Encoders, seed: int) -> str:
     h = hashlib.sha256(Path(catalog).read_bytes())
-    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|v5".encode())
+    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|v6".encode())
     return h.hexdigest()[:16]
 
 
@@ -280,6 +347,7 @@ def load_or_compute_features(catalog: Path, enc: Encoders, rows: list[CatalogRow
             return Features(**torch.load(str(path), weights_only=True))
         except Exception:  # a stale or damaged cache is recomputed, never trusted
             path.unlink()
+    enc.use_onnx_images(cache_dir)  # ~3x PyTorch eager on CPU for the photos (checked for parity)
     feats = compute_features(enc, rows, seed, progress=progress)
     tmp = path.with_suffix(".tmp")
     torch.save(feats.__dict__, str(tmp))
