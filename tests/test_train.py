@@ -250,3 +250,26 @@ def test_train_command_writes_a_loadable_checkpoint(small_catalog, tmp_path, cap
     assert f"saved {out}" in capsys.readouterr().out
     ckpt = FusionCheckpoint.load(out)
     assert ckpt.meta["epochs"] == 2 and ckpt.meta["items"] == 48
+
+
+def test_views_share_positives_with_items_that_have_all_their_words():
+    from xmsearch.train import info_nce, shared_word_positives
+
+    items = [frozenset({"blue", "down", "jacket", "men"}), frozenset({"blue", "down", "jacket", "striped"}),
+             frozenset({"red", "down", "jacket"})]
+    views = [frozenset({"blue", "jacket"}), frozenset({"striped"}), frozenset({"down", "jacket"})]
+    pos = shared_word_positives(views, items)
+    assert pos.tolist() == [[True, True, False], [False, True, False], [True, True, True]]
+    scale = torch.tensor(10.0)
+    gen = torch.Generator().manual_seed(0)
+    q, z = (torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=1) for _ in range(2))
+    # Only the diagonal: the plain symmetric InfoNCE.
+    assert torch.allclose(info_nce(q, z, scale, torch.eye(3, dtype=torch.bool)), info_nce(q, z, scale))
+    # Queries 0 and 1 fit anchors 0 and 1 alike: with them as shared positives the loss
+    # prefers queries between the two anchors, the plain loss each query on its own anchor.
+    z = torch.eye(3)
+    own = torch.eye(3)
+    between = torch.stack([(z[0] + z[1]) / 2 ** 0.5, (z[0] + z[1]) / 2 ** 0.5, z[2]])
+    shared = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
+    assert info_nce(between, z, scale, shared) < info_nce(own, z, scale, shared)
+    assert info_nce(own, z, scale) < info_nce(between, z, scale)

@@ -12,7 +12,8 @@ the batch:
 - text: the title, an alternative title, or a short query cut from one (1-4 of its
   words in title order, sometimes behind generic shopping filler such as "looking for" /
   "同款"), with the query role; Chinese titles are cut into words learned from the
-  catalogue itself (:class:`TitleWords`);
+  catalogue itself (:class:`TitleWords`).  Every item of the batch whose titles have
+  all the words of a text view counts as its positive too (:func:`shared_word_positives`);
 - image: one of ``AUG_VIEWS`` re-shots of the photo (backdrop, framing, rotation, mirror,
   light, noise, JPEG; see :func:`augment_photo`);
 - text+image: a text view together with the augmented photo;
@@ -83,6 +84,8 @@ class Features:
     edit_mask: torch.Tensor  # [N, S]
     edit_other: torch.Tensor  # [N] long: the item j whose photo goes with the edit words
     regions: torch.Tensor  # [N, 1 + AUG_VIEWS, R, Hi]: catalogue photo, then its re-shots
+    view_words: list  # [N][V] the lower-case words of each text view, filler left out
+    item_words: list  # [N] the lower-case words of all of an item's titles
 
 
 @dataclass
@@ -207,6 +210,13 @@ def title_neighbours(states: torch.Tensor, mask: torch.Tensor, k: int = 5, chunk
     return torch.cat(out)
 
 
+def strip_filler(text: str) -> str:
+    for filler in FILLERS:
+        if text.startswith(filler + " "):
+            return text[len(filler) + 1:]
+    return text
+
+
 def _missing_words(row: CatalogRow, other: CatalogRow, words: TitleWords) -> list[str]:
     """The words of ``row``'s title that none of ``other``'s titles (in any language) has."""
     theirs = {w.lower() for t in _all_titles(other) for w in words(t)}
@@ -329,12 +339,14 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
     return Features(
         ids=[r.id for r in rows], item_states=item_states, item_mask=item_mask,
         view_states=vs.view(n, TEXT_VIEWS, *vs.shape[1:]), view_mask=vm.view(n, TEXT_VIEWS, -1),
-        edit_states=es, edit_mask=em, edit_other=torch.tensor(others), regions=torch.cat(regions))
+        edit_states=es, edit_mask=em, edit_other=torch.tensor(others), regions=torch.cat(regions),
+        view_words=[[sorted({w.lower() for w in words(strip_filler(v))}) for v in vs_] for vs_ in views],
+        item_words=[sorted({w.lower() for t in _all_titles(r) for w in words(t)}) for r in rows])
 
 
 def features_key(catalog: Path, enc: Encoders, seed: int) -> str:
     h = hashlib.sha256(Path(catalog).read_bytes())
-    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|v6".encode())
+    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|v7".encode())
     return h.hexdigest()[:16]
 
 
@@ -358,10 +370,34 @@ def load_or_compute_features(catalog: Path, enc: Encoders, rows: list[CatalogRow
 # ------------------------------------------------------------------------- training
 
 
-def info_nce(q: torch.Tensor, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def info_nce(q: torch.Tensor, z: torch.Tensor, scale: torch.Tensor,
+             positives: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of queries ``q`` against anchors ``z`` (row i belongs to row i).
+
+    ``positives`` [B, B] (bool, diagonal set) marks further anchors that answer a query
+    as well as its own: the target of each row (and column) is then spread evenly over
+    its positives instead of pushing them away as negatives.
+    """
     logits = scale * q @ z.T
-    target = torch.arange(len(q))
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    if positives is None:
+        target = torch.arange(len(q))
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    p = positives.to(logits.dtype)
+    rows = -(p / p.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1).mean()
+    cols = -(p.T / p.T.sum(1, keepdim=True) * logits.T.log_softmax(1)).sum(1).mean()
+    return 0.5 * (rows + cols)
+
+
+def shared_word_positives(view_words: list[frozenset], item_words: list[frozenset]) -> torch.Tensor:
+    """[B, B]: item b answers view a when b's titles have every word of the view.
+
+    "blue down jacket", cut from one item's title, fits every blue down jacket whose title
+    says so; in-batch InfoNCE would otherwise teach the model to tell them apart by words
+    the query does not have.  The view's own item always counts (its words come from it).
+    """
+    pos = torch.tensor([[vw <= iw for iw in item_words] for vw in view_words])
+    pos.fill_diagonal_(True)
+    return pos
 
 
 def _embed_items(fusion: AttentionFusion, f: Features, reduced: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -424,6 +460,8 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
     steps_per_epoch = max(1, math.ceil(len(train_idx) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                 pct_start=0.1)
+    view_words = [[frozenset(v) for v in vs] for vs in f.view_words]
+    item_words = [frozenset(w) for w in f.item_words]
     history, t0, step = [], time.time(), 0
     for epoch in range(1, cfg.epochs + 1):
         fusion.train()
@@ -445,9 +483,11 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
             # Edit view: the words of i that j lacks over a photo of j.
             other_v = fusion.reduced_image_tokens(reduced[j, torch.randint(0, n_views, (k,), generator=gen)])
             vm = f.view_mask[idx, v]
+            positives = shared_word_positives([view_words[a][b] for a, b in zip(idx.tolist(), v.tolist())],
+                                              [item_words[a] for a in idx.tolist()])
             z = fusion.joint(title_t, f.item_mask[idx], photo_v)
             scale = log_scale.exp().clamp(max=100)
-            loss = (info_nce(fusion.text_only(view_t, vm), z, scale)
+            loss = (info_nce(fusion.text_only(view_t, vm), z, scale, positives)
                     + info_nce(fusion.image_only(aug_v), z, scale)
                     + info_nce(fusion.image_only(photo_v), z, scale)
                     + info_nce(fusion.joint(view_t, vm, aug_v), z, scale)
