@@ -74,7 +74,7 @@ class Encoders:
         eager (depthwise convolutions), which is most of what caching training features
         costs; it is also the runtime that serves the model.  The graph is exported once
         into ``folder``, named by a hash of the weights, and checked against PyTorch on
-        real photos before it is used (a failed check raises ModelError).
+        sample photo-like images before it is used (a failed check raises ModelError).
         """
         from xmsearch.export import onnx as onnx_export
         from xmsearch.export.pipeline import sample_images
