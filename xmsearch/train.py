@@ -176,6 +176,11 @@ def catalogue_words(rows: list[CatalogRow]) -> TitleWords:
     return TitleWords(t for r in rows for t in _all_titles(r))
 
 
+def _word_set(row: CatalogRow, words: TitleWords) -> set[str]:
+    """The lower-case words of all of an item's titles, in every language."""
+    return {w.lower() for t in _all_titles(row) for w in words(t)}
+
+
 def text_views(row: CatalogRow, rng: random.Random, words: TitleWords, n: int = TEXT_VIEWS) -> list[str]:
     """``n`` query-style texts for an item: its titles, then short queries cut from them.
 
@@ -219,7 +224,7 @@ def strip_filler(text: str) -> str:
 
 def _missing_words(row: CatalogRow, other: CatalogRow, words: TitleWords) -> list[str]:
     """The words of ``row``'s title that none of ``other``'s titles (in any language) has."""
-    theirs = {w.lower() for t in _all_titles(other) for w in words(t)}
+    theirs = _word_set(other, words)
     return [w for w in words(row.title) if w.lower() not in theirs]
 
 
@@ -341,7 +346,7 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
         view_states=vs.view(n, TEXT_VIEWS, *vs.shape[1:]), view_mask=vm.view(n, TEXT_VIEWS, -1),
         edit_states=es, edit_mask=em, edit_other=torch.tensor(others), regions=torch.cat(regions),
         view_words=[[sorted({w.lower() for w in words(strip_filler(v))}) for v in vs_] for vs_ in views],
-        item_words=[sorted({w.lower() for t in _all_titles(r) for w in words(t)}) for r in rows])
+        item_words=[sorted(_word_set(r, words)) for r in rows])
 
 
 def features_key(catalog: Path, enc: Encoders, seed: int) -> str:
