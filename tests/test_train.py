@@ -230,6 +230,11 @@ def test_edit_view_names_what_the_other_item_lacks():
 
     far = CatalogRow(3, "c", "Nordvik green striped down jacket, women", Path("c.jpg"))
     assert edit_partner(red, [far, blue], random.Random(0), words) == 1
+    # A candidate with every one of the item's words is the same product in other words,
+    # no edit: the nearest one that lacks something is taken.
+    same = CatalogRow(5, "e", "down jacket in red, men", Path("e.jpg"))
+    assert edit_partner(red, [same, far, blue], random.Random(0), words) == 2
+    assert edit_partner(red, [same], random.Random(0), words) == 0
     # The other item's titles in every language count: a Chinese-titled red jacket whose
     # English alt title has "red" lacks nothing but "men".
     red_zh = CatalogRow(4, "d", "红色羽绒服", Path("d.jpg"), {"alt_titles": ["red down jacket"]})
@@ -273,3 +278,40 @@ def test_views_share_positives_with_items_that_have_all_their_words():
     shared = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
     assert info_nce(between, z, scale, shared) < info_nce(own, z, scale, shared)
     assert info_nce(own, z, scale) < info_nce(between, z, scale)
+
+
+def test_neighbour_batches_group_look_alikes_and_keep_every_item_once():
+    from xmsearch.train import neighbour_batches
+
+    items = torch.arange(100, 112)
+    # Rows index positions in ``items``: 0-3, 4-7 and 8-11 are three groups of look-alikes.
+    neighbours = torch.tensor([[(i // 4) * 4 + (i + d) % 4 for d in (1, 2, 3)] for i in range(12)])
+    gen = torch.Generator().manual_seed(0)
+    order = neighbour_batches(items, neighbours, 4, gen)
+    assert sorted(order.tolist()) == items.tolist()
+    # Cut into batches of 4, every batch is one whole group.
+    assert [len({(int(x) - 100) // 4 for x in order[i:i + 4]}) for i in range(0, 12, 4)] == [1, 1, 1]
+    # Group size 1, or no neighbours yet: a plain shuffle of the same items.
+    for plain in (neighbour_batches(items, neighbours, 1, gen), neighbour_batches(items, None, 4, gen)):
+        assert sorted(plain.tolist()) == items.tolist()
+
+
+@pytest.mark.slow
+def test_item_neighbours_are_the_nearest_item_embeddings(trained):
+    from xmsearch.train import _embed_items, item_neighbours
+
+    result, _ = trained
+    f = result.features
+    fusion = result.checkpoint.fusion
+    idx = torch.arange(len(f.ids))[::2]
+    with torch.no_grad():
+        reduced = fusion.image_reduce(f.regions.float())  # the module's own frozen PCA, as in training
+    nb = item_neighbours(fusion, f, reduced, idx, k=3)
+    assert nb.shape == (len(idx), 3) and fusion.training is False
+    z = _embed_items(fusion.eval(), f, reduced, idx)
+    sims = z @ z.T
+    for a in range(len(idx)):
+        assert a not in nb[a].tolist()
+        others = sims[a].clone()
+        others[a] = -2
+        assert torch.allclose(sims[a, nb[a]], others.topk(3).values, atol=1e-5)

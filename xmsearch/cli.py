@@ -153,7 +153,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from xmsearch.train import TrainConfig, train_catalog
 
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                      val_fraction=a.val_fraction)
+                      val_fraction=a.val_fraction, group_size=a.group_size)
     bars = TrainingProgress(cfg.epochs)
     try:
         res = train_catalog(a.catalog, a.out, a.text_model, a.image_model, cfg, progress=bars.progress,
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--val-fraction", type=float, default=0.05, help="items held out for validation recall")
+    t.add_argument("--group-size", type=int, default=4,
+                   help="look-alike items per group in the extra photo batches that teach the photo path "
+                        "to tell near-duplicates apart (1: off; default 4)")
     _model_args(t)
     t.set_defaults(func=cmd_train)
 

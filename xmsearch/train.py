@@ -15,13 +15,16 @@ the batch:
   catalogue itself (:class:`TitleWords`).  Every item of the batch whose titles have
   all the words of a text view counts as its positive too (:func:`shared_word_positives`);
 - image: one of ``AUG_VIEWS`` re-shots of the photo (backdrop, framing, rotation, mirror,
-  light, noise, JPEG; see :func:`augment_photo`);
+  light, noise, JPEG; see :func:`augment_photo`); from the second epoch on, also against a
+  batch made of groups of look-alikes (nearest items in the model's own item space:
+  :func:`neighbour_batches`), the near-duplicates that random batches almost never pair;
 - text+image: a text view together with the augmented photo;
 - edit ("like this, but ..."): the photo of ``j`` with the words of ``i``'s title that
   none of ``j``'s titles has ("red" when ``j`` is the blue one), sometimes behind a
-  filler, against the anchor of ``i``; ``j`` is, of the items whose titles are closest to
-  ``i``'s, the one that lacks the fewest of its words.  The module learns to take the
-  kind of product from the photo and let the words override what they name.
+  filler, against the anchor of ``i``; ``j`` is, of the ``EDIT_CANDIDATES`` items whose
+  titles are closest to ``i``'s, the one that lacks the fewest (but at least one) of its
+  words.  The module learns to take the kind of product from the photo and let the words
+  override what they name.
 
 Nothing here depends on the demo catalogue: views come from ``title``, optional
 ``alt_titles`` and the image of any catalogue in the ingest format.
@@ -54,6 +57,7 @@ from xmsearch.pipeline import Encoders
 FILLERS = ["like this but", "similar but", "same style in", "looking for", "show me",
            "something like this in", "this one in", "i want", "同款", "类似的", "想要", "找"]
 TEXT_VIEWS = 6  # query-role text views cached per item
+EDIT_CANDIDATES = 32  # nearest titles searched for an edit partner
 AUG_VIEWS = 3  # augmented re-shots cached per catalogue photo
 
 
@@ -69,6 +73,7 @@ class TrainConfig:
     width: int = 256
     embed_dim: int = 256
     image_reduce_dim: int = 256  # frozen PCA of the regions before the trained projection
+    group_size: int = 4  # >1: an extra photo -> item loss on batches of look-alike groups (neighbour_batches)
 
 
 @dataclass
@@ -229,10 +234,13 @@ def _missing_words(row: CatalogRow, other: CatalogRow, words: TitleWords) -> lis
 
 
 def edit_partner(row: CatalogRow, candidates: list[CatalogRow], rng: random.Random, words: TitleWords) -> int:
-    """Index of the candidate whose titles lack the fewest of ``row``'s words (ties: random):
-    the item that differs from ``row`` in as little as a colour."""
+    """Index of the candidate whose titles lack the fewest of ``row``'s words, but at least
+    one (ties: random): the item that differs from ``row`` in as little as a colour.  A
+    candidate that lacks none of them (the same product under other words) is only taken
+    when every candidate is one."""
     counts = [len(_missing_words(row, c, words)) for c in candidates]
-    best = [i for i, n in enumerate(counts) if n == min(counts)]
+    low = min((n for n in counts if n > 0), default=0)
+    best = [i for i, n in enumerate(counts) if n == low]
     return best[rng.randrange(len(best))]
 
 
@@ -326,7 +334,7 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
 
     item_states, item_mask = run_text([r.title for r in rows], "passage", "titles")
     vs, vm = run_text(flat_views, "query", "text views")
-    nbrs = title_neighbours(item_states, item_mask)
+    nbrs = title_neighbours(item_states, item_mask, k=EDIT_CANDIDATES)
     others = []
     for row, cand in zip(rows, nbrs.tolist()):
         others.append(cand[edit_partner(row, [rows[j] for j in cand], rng, words)])
@@ -351,7 +359,7 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
 
 def features_key(catalog: Path, enc: Encoders, seed: int) -> str:
     h = hashlib.sha256(Path(catalog).read_bytes())
-    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|v7".encode())
+    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|{EDIT_CANDIDATES}|v8".encode())
     return h.hexdigest()[:16]
 
 
@@ -434,6 +442,44 @@ def evaluate_views(fusion: AttentionFusion, f: Features, reduced: torch.Tensor, 
     return {"val_image_r1": r1, "val_text_r10": r10}
 
 
+@torch.no_grad()
+def item_neighbours(fusion: AttentionFusion, f: Features, reduced: torch.Tensor, idx: torch.Tensor,
+                    k: int, bs: int = 256) -> torch.Tensor:
+    """[len(idx), k] for each item of ``idx``, the positions in ``idx`` of the items closest
+    to it in the model's own item space (cosine of the item embeddings), itself excluded."""
+    was_training = fusion.training
+    fusion.eval()
+    z = torch.cat([_embed_items(fusion, f, reduced, idx[i:i + bs]) for i in range(0, len(idx), bs)])
+    fusion.train(was_training)
+    sims = z @ z.T
+    sims.fill_diagonal_(-2.0)
+    return sims.topk(min(k, len(idx) - 1), dim=1).indices
+
+
+def neighbour_batches(items: torch.Tensor, neighbours: torch.Tensor | None, group: int,
+                      gen: torch.Generator) -> torch.Tensor:
+    """A permutation of ``items`` laid out in groups of up to ``group`` look-alikes.
+
+    Seeds are taken in random order; each is followed by those of its ``neighbours`` (rows
+    index ``items``) not placed yet.  Cut into batches, every batch then holds several
+    near-duplicates of each other (same kind, colour and pattern, told apart only by details),
+    the negatives that in-batch InfoNCE over random batches almost never shows: at 128 of
+    1500 items, an item meets one of its two or three look-alikes in a quarter of its batches.
+    Without ``neighbours`` (or with ``group`` 1) it is a plain shuffle.
+    """
+    if group <= 1 or neighbours is None:
+        return items[torch.randperm(len(items), generator=gen)]
+    placed = torch.zeros(len(items), dtype=torch.bool)
+    order: list[int] = []
+    for seed in torch.randperm(len(items), generator=gen).tolist():
+        if placed[seed]:
+            continue
+        members = [seed] + [j for j in neighbours[seed].tolist() if not placed[j]][: group - 1]
+        placed[members] = True
+        order.extend(members)
+    return items[torch.tensor(order)]
+
+
 MIN_ITEMS = 8
 
 
@@ -469,8 +515,13 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
     item_words = [frozenset(w) for w in f.item_words]
     history, t0, step = [], time.time(), 0
     for epoch in range(1, cfg.epochs + 1):
+        # Look-alikes by the model itself (after one epoch of random batches its item space
+        # already groups kind, colour and pattern; raw photo features group backdrops).
+        neighbours = (item_neighbours(fusion, f, reduced, train_idx, 2 * cfg.group_size)
+                      if cfg.group_size > 1 and epoch > 1 else None)
         fusion.train()
         order = train_idx[torch.randperm(len(train_idx), generator=gen)]
+        hard = neighbour_batches(train_idx, neighbours, cfg.group_size, gen) if neighbours is not None else None
         losses = []
         for b in range(0, len(order), cfg.batch_size):
             idx = order[b:b + cfg.batch_size]
@@ -497,6 +548,14 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
                     + info_nce(fusion.image_only(photo_v), z, scale)
                     + info_nce(fusion.joint(view_t, vm, aug_v), z, scale)
                     + info_nce(fusion.joint(edit_t, f.edit_mask[idx], other_v), z, scale))
+            if hard is not None and len(hard[b:b + cfg.batch_size]) > 1:
+                # Photo -> item again, on a batch of look-alike groups: only the photo path
+                # has to tell them apart (text and edit queries name no detail that could).
+                h = hard[b:b + cfg.batch_size]
+                zh = fusion.joint(fusion.text_tokens(f.item_states[h].float()), f.item_mask[h],
+                                  fusion.reduced_image_tokens(reduced[h, 0]))
+                shots = reduced[h, torch.randint(1, n_views, (len(h),), generator=gen)]
+                loss = loss + info_nce(fusion.image_only(fusion.reduced_image_tokens(shots)), zh, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -1,0 +1,165 @@
+"""Side-by-side retrieval quality of training variants, on one catalogue's query set.
+
+Every variant is a set of :class:`xmsearch.train.TrainConfig` overrides; each is trained
+on the same cached frozen-encoder features (the ones ``xmsearch train`` / ``make demo``
+cached next to the checkpoint) for each seed, and evaluated in process on the catalogue's
+``queries.jsonl`` with :func:`xmsearch.metrics.evaluate`: the fusion module's three entry
+points against the item embeddings, exact cosine search.  That is what the served
+ensembles and the FAISS Flat index compute, so the figures equal ``xmsearch eval``'s to
+about 3 decimals, at a fraction of the cost (no export, server or index).
+
+    .venv/bin/python -m benchmarks.quality_ab --catalog demo \\
+        --variant base: --variant grouped:group_size=4 --seeds 0 1 \\
+        --out benchmarks/results/quality_ab.md
+
+A variant is ``NAME:KEY=VALUE,KEY=VALUE`` (``NAME:`` alone for the defaults).  Seeds
+change the initialisation and the batch order, not the features: the spread between
+seeds is the noise level a difference has to clear.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from xmsearch.catalog import read_catalog
+from xmsearch.evaluate import load_queries
+from xmsearch.metrics import evaluate
+from xmsearch.models.image import DEFAULT_IMAGE_MODEL
+from xmsearch.pipeline import Encoders
+from xmsearch.train import Features, TrainConfig, load_or_compute_features, train_fusion
+
+# The figure per query kind that issue #4's quality bar is about.
+HEADLINE = {"text": "recall@10", "image": "recall@1", "text_image": "recall@10"}
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``"name:epochs=10,lr=0.001"`` -> ``("name", {"epochs": 10, "lr": 0.001})``."""
+    name, _, rest = spec.partition(":")
+    if not name:
+        raise ValueError(f"variant {spec!r}: give it a name, as NAME:KEY=VALUE,...")
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in fields:
+            raise ValueError(f"variant {spec!r}: {item!r} is not KEY=VALUE with KEY one of {sorted(fields)}")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return name, overrides
+
+
+@torch.no_grad()
+def query_features(enc: Encoders, queries: list[dict]) -> dict:
+    """Frozen-encoder outputs of every query, computed once for all variants."""
+    out = {}
+    for q in queries:
+        text = image = None
+        if q.get("text"):
+            text = enc.text_states([q["text"]], "query")
+        if q.get("image"):
+            image = enc.image_regions([Path(q["image"]).read_bytes()])
+        out[q["qid"]] = (text, image)
+    return out
+
+
+@torch.no_grad()
+def rank(fusion, f: Features, qf: dict, queries: list[dict], k: int = 10, bs: int = 256) -> dict[str, list[str]]:
+    """Top-k catalogue ids per query: what the served ensembles + a Flat index return."""
+    fusion.eval()
+    z = torch.cat([fusion.encode_joint(f.item_states[i:i + bs].float(), f.item_mask[i:i + bs],
+                                       f.regions[i:i + bs, 0].float()) for i in range(0, len(f.ids), bs)])
+    out = {}
+    for q in queries:
+        text, image = qf[q["qid"]]
+        if text is not None and image is not None:
+            e = fusion.encode_joint(text[0], text[1], image)
+        elif text is not None:
+            e = fusion.encode_text(*text)
+        else:
+            e = fusion.encode_image(image)
+        out[q["qid"]] = [f.ids[i] for i in (e[0] @ z.T).topk(k).indices.tolist()]
+    return out
+
+
+def run(catalog: Path, variants: list[tuple[str, dict]], seeds: list[int], text_model: str,
+        image_model: str, cache_dir: Path, log=print) -> list[dict]:
+    rows, _ = read_catalog(catalog / "catalog.jsonl")
+    queries = load_queries(catalog / "queries.jsonl")
+    enc = Encoders.load(text_model, image_model)
+    t0 = time.time()
+    feats = load_or_compute_features(catalog / "catalog.jsonl", enc, rows, cache_dir, seed=0)
+    if enc.image_session is None:  # the cache was there: still encode the query photos with ORT
+        enc.use_onnx_images(cache_dir)
+    qf = query_features(enc, queries)
+    log(f"features for {len(rows)} items and {len(queries)} queries: {time.time() - t0:.0f} s")
+    results = []
+    for name, overrides in variants:
+        for seed in seeds:
+            cfg = TrainConfig(**{**overrides, "seed": seed})
+            t1 = time.time()
+            trained = train_fusion(feats, text_model, image_model, cfg)
+            metrics = evaluate(rank(trained.checkpoint.fusion, feats, qf, queries), queries)
+            results.append({"variant": name, "overrides": overrides, "seed": seed,
+                            "train_s": round(time.time() - t1, 1), "metrics": metrics})
+            log(f"{name} seed {seed}: " + "  ".join(
+                f"{kind} {m}={metrics[kind][m]:.3f}" for kind, m in HEADLINE.items() if kind in metrics)
+                + f"  ({time.time() - t1:.0f} s)")
+    return results
+
+
+def table(results: list[dict]) -> str:
+    kinds = [k for k in HEADLINE if any(k in r["metrics"] for r in results)]
+    head = ["variant", "overrides", "seeds"] + [f"{k} {HEADLINE[k]}" for k in kinds] + ["nDCG@10 (all)", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+    for name in dict.fromkeys(r["variant"] for r in results):
+        rs = [r for r in results if r["variant"] == name]
+
+        def cell(kind, metric):
+            vals = [r["metrics"][kind][metric] for r in rs]
+            mean = statistics.fmean(vals)
+            return f"{mean:.3f}" + (f" ({min(vals):.3f}-{max(vals):.3f})" if len(vals) > 1 else "")
+
+        over = ", ".join(f"{k}={v}" for k, v in rs[0]["overrides"].items()) or "defaults"
+        lines.append("| " + " | ".join([name, over, " ".join(str(r["seed"]) for r in rs)]
+                                       + [cell(k, HEADLINE[k]) for k in kinds] + [cell("all", "ndcg@10")]
+                                       + [f"{statistics.fmean(r['train_s'] for r in rs):.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--catalog", type=Path, required=True, help="dir with catalog.jsonl and queries.jsonl")
+    p.add_argument("--variant", action="append", required=True, help="NAME:KEY=VALUE,... (repeatable)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--text-model", default="multilingual-e5-small-q4")
+    p.add_argument("--image-model", default=DEFAULT_IMAGE_MODEL)
+    p.add_argument("--cache-dir", type=Path, help="feature cache (default CATALOG/.feature-cache, where make demo puts it)")
+    p.add_argument("--out", type=Path, help="also write the table (markdown, with this command) here")
+    a = p.parse_args(argv)
+    try:
+        variants = [parse_variant(v) for v in a.variant]
+    except ValueError as e:
+        p.error(str(e))
+    results = run(a.catalog, variants, a.seeds, a.text_model, a.image_model,
+                  a.cache_dir or a.catalog / ".feature-cache")
+    text = table(results)
+    print(text)
+    if a.out:
+        cmd = " ".join(["python -m benchmarks.quality_ab"] + (argv if argv is not None else sys.argv[1:]))
+        a.out.write_text(f"$ {cmd}\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
