@@ -9,3 +9,13 @@ import os as _os
 # against each other and other processes (PQ training measured 3.5x slower).  This must be
 # set before the OpenMP runtime starts, i.e. before faiss is first imported.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def write_result(path, module: str, argv, text: str) -> None:
+    """Write a small benchmark's printed ``text`` to ``path`` under the command that made it
+    (``argv``: the arguments given to ``main``, None for the process's own)."""
+    import sys
+    from pathlib import Path
+
+    args = list(argv) if argv is not None else sys.argv[1:]
+    Path(path).write_text(f"$ python -m {module} {' '.join(args)}\n\n{text}\n")

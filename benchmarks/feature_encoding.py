@@ -16,7 +16,6 @@ import argparse
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import write_result
 from xmsearch.catalog import read_catalog
 from xmsearch.models.image import DEFAULT_IMAGE_MODEL
 from xmsearch.pipeline import Encoders
@@ -83,8 +83,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if a.out:
-        cmd = " ".join(["python -m benchmarks.feature_encoding"] + (argv if argv is not None else sys.argv[1:]))
-        a.out.write_text(f"$ {cmd}\n\n{text}\n")
+        write_result(a.out, "benchmarks.feature_encoding", argv, text)
     return 0
 
 

@@ -23,12 +23,12 @@ import argparse
 import ast
 import dataclasses
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks import write_result
 from xmsearch.catalog import read_catalog
 from xmsearch.evaluate import load_queries
 from xmsearch.metrics import evaluate
@@ -156,8 +156,7 @@ def main(argv=None) -> int:
     text = table(results)
     print(text)
     if a.out:
-        cmd = " ".join(["python -m benchmarks.quality_ab"] + (argv if argv is not None else sys.argv[1:]))
-        a.out.write_text(f"$ {cmd}\n\n{text}\n")
+        write_result(a.out, "benchmarks.quality_ab", argv, text)
     return 0
 
 

@@ -315,3 +315,23 @@ def test_item_neighbours_are_the_nearest_item_embeddings(trained):
         others = sims[a].clone()
         others[a] = -2
         assert torch.allclose(sims[a, nb[a]], others.topk(3).values, atol=1e-5)
+
+
+def test_edit_partners_are_ranked_by_what_they_lack():
+    import random
+
+    from xmsearch.catalog import CatalogRow
+    from xmsearch.train import TitleWords, edit_partners
+
+    words = TitleWords()
+    red = CatalogRow(1, "a", "red down jacket, men", Path("a.jpg"))
+    cands = [CatalogRow(2, "b", "down jacket in red, men", Path("b.jpg")),  # lacks nothing
+             CatalogRow(3, "c", "green striped down jacket, women", Path("c.jpg")),  # lacks red, men
+             CatalogRow(4, "d", "blue down jacket, men", Path("d.jpg")),  # lacks red
+             CatalogRow(5, "e", "red hat, men", Path("e.jpg"))]  # lacks down, jacket
+    for seed in range(5):
+        got = edit_partners(red, cands, random.Random(seed), words, n=4)
+        assert got[0] == 2 and set(got[1:3]) == {1, 3} and got[3] == 0
+    # Asking for more than there are returns them all, in the same order.
+    assert (edit_partners(red, cands, random.Random(0), words, n=9)
+            == edit_partners(red, cands, random.Random(0), words, n=4))

@@ -22,8 +22,8 @@ the batch:
 - edit ("like this, but ..."): the photo of ``j`` with the words of ``i``'s title that
   none of ``j``'s titles has ("red" when ``j`` is the blue one), sometimes behind a
   filler, against the anchor of ``i``; ``j`` is, of the ``EDIT_CANDIDATES`` items whose
-  titles are closest to ``i``'s, the one that lacks the fewest (but at least one) of its
-  words.  The module learns to take the kind of product from the photo and let the words
+  titles are closest to ``i``'s, the ``EDIT_VIEWS`` that lack the fewest (but at least
+  one) of its words, one of them per step.  The module learns to take the kind of product from the photo and let the words
   override what they name.
 
 Nothing here depends on the demo catalogue: views come from ``title``, optional
@@ -57,7 +57,8 @@ from xmsearch.pipeline import Encoders
 FILLERS = ["like this but", "similar but", "same style in", "looking for", "show me",
            "something like this in", "this one in", "i want", "同款", "类似的", "想要", "找"]
 TEXT_VIEWS = 6  # query-role text views cached per item
-EDIT_CANDIDATES = 32  # nearest titles searched for an edit partner
+EDIT_CANDIDATES = 32  # nearest titles searched for edit partners
+EDIT_VIEWS = 3  # edit views (partners) cached per item
 AUG_VIEWS = 3  # augmented re-shots cached per catalogue photo
 
 
@@ -85,9 +86,9 @@ class Features:
     item_mask: torch.Tensor  # [N, S]
     view_states: torch.Tensor  # [N, V, S, Ht] query-role text views
     view_mask: torch.Tensor  # [N, V, S]
-    edit_states: torch.Tensor  # [N, S, Ht] query-role "the words of i that j lacks"
-    edit_mask: torch.Tensor  # [N, S]
-    edit_other: torch.Tensor  # [N] long: the item j whose photo goes with the edit words
+    edit_states: torch.Tensor  # [N, E, S, Ht] query-role "the words of i that j lacks", E partners j
+    edit_mask: torch.Tensor  # [N, E, S]
+    edit_other: torch.Tensor  # [N, E] long: the item j whose photo goes with the edit words
     regions: torch.Tensor  # [N, 1 + AUG_VIEWS, R, Hi]: catalogue photo, then its re-shots
     view_words: list  # [N][V] the lower-case words of each text view, filler left out
     item_words: list  # [N] the lower-case words of all of an item's titles
@@ -233,15 +234,25 @@ def _missing_words(row: CatalogRow, other: CatalogRow, words: TitleWords) -> lis
     return [w for w in words(row.title) if w.lower() not in theirs]
 
 
-def edit_partner(row: CatalogRow, candidates: list[CatalogRow], rng: random.Random, words: TitleWords) -> int:
-    """Index of the candidate whose titles lack the fewest of ``row``'s words, but at least
-    one (ties: random): the item that differs from ``row`` in as little as a colour.  A
-    candidate that lacks none of them (the same product under other words) is only taken
-    when every candidate is one."""
+def edit_partners(row: CatalogRow, candidates: list[CatalogRow], rng: random.Random, words: TitleWords,
+                  n: int = 1) -> list[int]:
+    """Indices of the ``n`` candidates whose titles lack the fewest of ``row``'s words, but
+    at least one (ties: random): the items that differ from ``row`` in as little as a
+    colour.  Candidates that lack none of them (the same product under other words) are
+    only taken when no other is left."""
     counts = [len(_missing_words(row, c, words)) for c in candidates]
-    low = min((n for n in counts if n > 0), default=0)
-    best = [i for i, n in enumerate(counts) if n == low]
-    return best[rng.randrange(len(best))]
+    left, picked = list(range(len(candidates))), []
+    while left and len(picked) < n:
+        low = min((counts[i] for i in left if counts[i] > 0), default=0)
+        best = [i for i in left if counts[i] == low]
+        picked.append(best[rng.randrange(len(best))])
+        left.remove(picked[-1])
+    return picked
+
+
+def edit_partner(row: CatalogRow, candidates: list[CatalogRow], rng: random.Random, words: TitleWords) -> int:
+    """The best of :func:`edit_partners`."""
+    return edit_partners(row, candidates, rng, words, 1)[0]
 
 
 def edit_view(row: CatalogRow, other: CatalogRow, rng: random.Random, words: TitleWords) -> str:
@@ -335,10 +346,12 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
     item_states, item_mask = run_text([r.title for r in rows], "passage", "titles")
     vs, vm = run_text(flat_views, "query", "text views")
     nbrs = title_neighbours(item_states, item_mask, k=EDIT_CANDIDATES)
-    others = []
+    others = []  # [N][EDIT_VIEWS]
     for row, cand in zip(rows, nbrs.tolist()):
-        others.append(cand[edit_partner(row, [rows[j] for j in cand], rng, words)])
-    es, em = run_text([edit_view(r, rows[j], rng, words) for r, j in zip(rows, others)], "query", "edit views")
+        best = edit_partners(row, [rows[j] for j in cand], rng, words, EDIT_VIEWS)
+        others.append([cand[best[e % len(best)]] for e in range(EDIT_VIEWS)])
+    es, em = run_text([edit_view(r, rows[j], rng, words) for r, js in zip(rows, others) for j in js],
+                      "query", "edit views")
     n, step = len(rows), max(1, batch // (1 + AUG_VIEWS))
     regions = []
     for i in range(0, n, step):
@@ -352,14 +365,15 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
     return Features(
         ids=[r.id for r in rows], item_states=item_states, item_mask=item_mask,
         view_states=vs.view(n, TEXT_VIEWS, *vs.shape[1:]), view_mask=vm.view(n, TEXT_VIEWS, -1),
-        edit_states=es, edit_mask=em, edit_other=torch.tensor(others), regions=torch.cat(regions),
+        edit_states=es.view(n, EDIT_VIEWS, *es.shape[1:]), edit_mask=em.view(n, EDIT_VIEWS, -1),
+        edit_other=torch.tensor(others), regions=torch.cat(regions),
         view_words=[[sorted({w.lower() for w in words(strip_filler(v))}) for v in vs_] for vs_ in views],
         item_words=[sorted(_word_set(r, words)) for r in rows])
 
 
 def features_key(catalog: Path, enc: Encoders, seed: int) -> str:
     h = hashlib.sha256(Path(catalog).read_bytes())
-    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|{EDIT_CANDIDATES}|v8".encode())
+    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|{EDIT_CANDIDATES}|{EDIT_VIEWS}|v9".encode())
     return h.hexdigest()[:16]
 
 
@@ -529,11 +543,12 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
                 continue
             k = len(idx)
             v = torch.randint(0, f.view_states.shape[1], (k,), generator=gen)
-            j = f.edit_other[idx]
+            e = torch.randint(0, f.edit_other.shape[1], (k,), generator=gen)
+            j = f.edit_other[idx, e]
             # Project every feature tensor once; the views below reuse the tokens.
             title_t = fusion.text_tokens(f.item_states[idx].float())
             view_t = fusion.text_tokens(f.view_states[idx, v].float())
-            edit_t = fusion.text_tokens(f.edit_states[idx].float())
+            edit_t = fusion.text_tokens(f.edit_states[idx, e].float())
             photo_v = fusion.reduced_image_tokens(reduced[idx, 0])
             aug_v = fusion.reduced_image_tokens(reduced[idx, torch.randint(1, n_views, (k,), generator=gen)])
             # Edit view: the words of i that j lacks over a photo of j.
@@ -547,7 +562,7 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
                     + info_nce(fusion.image_only(aug_v), z, scale)
                     + info_nce(fusion.image_only(photo_v), z, scale)
                     + info_nce(fusion.joint(view_t, vm, aug_v), z, scale)
-                    + info_nce(fusion.joint(edit_t, f.edit_mask[idx], other_v), z, scale))
+                    + info_nce(fusion.joint(edit_t, f.edit_mask[idx, e], other_v), z, scale))
             if hard is not None and len(hard[b:b + cfg.batch_size]) > 1:
                 # Photo -> item again, on a batch of look-alike groups: only the photo path
                 # has to tell them apart (text and edit queries name no detail that could).
