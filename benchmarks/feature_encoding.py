@@ -49,8 +49,16 @@ def main(argv=None) -> int:
     n = len(photos)
     enc = Encoders.load(image_model=a.image_model)
     with tempfile.TemporaryDirectory() as tmp:
-        enc.use_onnx_images(Path(tmp))
-        session, enc.image_session = enc.image_session, None
+        path = enc.use_onnx_images(Path(tmp))
+        enc.image_session = None
+        # The training session as built by use_onnx_images, except that its idle threads do
+        # not spin: spinning ORT threads would steal the cores from the PyTorch round after.
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         rng = random.Random(0)
         shots = [augment_photo(p, rng) for p in photos]
         px = np.stack([enc.image_pre(b) for b in shots])

@@ -70,9 +70,9 @@ class Encoders:
     def use_onnx_images(self, folder: Path, min_cosine: float = 0.9999) -> Path:
         """Run the image encoder through ONNX Runtime from now on.
 
-        On CPU, ONNX Runtime encodes EfficientNet-Lite0 photos about 3x faster than PyTorch
-        eager (depthwise convolutions), which is most of what caching training features
-        costs; it is also the runtime that serves the model.  The graph is exported once
+        On CPU, ONNX Runtime encodes EfficientNet-Lite0 photos several times faster than
+        PyTorch eager (depthwise convolutions; ``benchmarks/feature_encoding.py`` measured
+        6x on 2 cores), which is most of what caching training features costs; it is also the runtime that serves the model.  The graph is exported once
         into ``folder``, named by a hash of the weights, and checked against PyTorch on
         sample photo-like images before it is used (a failed check raises ModelError).
         """

@@ -1,8 +1,8 @@
 """Contrastive training of the fusion module on a catalogue's own title/photo pairs.
 
 Encoders stay frozen; their outputs are computed once and cached (photos through ONNX
-Runtime, 3x PyTorch eager on CPU), so an epoch is a few small matrix products per batch
-and takes seconds on 2 cores.
+Runtime, 6x PyTorch eager on 2 CPU cores: ``benchmarks/feature_encoding.py``), so an epoch
+is a few small matrix products per batch and takes seconds on 2 cores.
 
 Each item ``i`` is anchored by its *item embedding* (title with the passage role + the
 catalogue photo, the same path ``xmsearch index`` takes).  Four *query views* of the item
@@ -23,8 +23,8 @@ the batch:
   none of ``j``'s titles has ("red" when ``j`` is the blue one), sometimes behind a
   filler, against the anchor of ``i``; ``j`` is, of the ``EDIT_CANDIDATES`` items whose
   titles are closest to ``i``'s, the ``EDIT_VIEWS`` that lack the fewest (but at least
-  one) of its words, one of them per step.  The module learns to take the kind of product from the photo and let the words
-  override what they name.
+  one) of its words, one of them per step.  The module learns to take the kind of
+  product from the photo and let the words override what they name.
 
 Nothing here depends on the demo catalogue: views come from ``title``, optional
 ``alt_titles`` and the image of any catalogue in the ingest format.
@@ -386,7 +386,7 @@ def load_or_compute_features(catalog: Path, enc: Encoders, rows: list[CatalogRow
             return Features(**torch.load(str(path), weights_only=True))
         except Exception:  # a stale or damaged cache is recomputed, never trusted
             path.unlink()
-    enc.use_onnx_images(cache_dir)  # ~3x PyTorch eager on CPU for the photos (checked for parity)
+    enc.use_onnx_images(cache_dir)  # ~6x PyTorch eager on CPU for the photos (checked for parity)
     feats = compute_features(enc, rows, seed, progress=progress)
     tmp = path.with_suffix(".tmp")
     torch.save(feats.__dict__, str(tmp))
