@@ -72,9 +72,10 @@ class Encoders:
 
         On CPU, ONNX Runtime encodes EfficientNet-Lite0 photos several times faster than
         PyTorch eager (depthwise convolutions; ``benchmarks/feature_encoding.py`` measured
-        6x on 2 cores), which is most of what caching training features costs; it is also the runtime that serves the model.  The graph is exported once
-        into ``folder``, named by a hash of the weights, and checked against PyTorch on
-        sample photo-like images before it is used (a failed check raises ModelError).
+        6x on 2 cores), which is most of what caching training features costs; it is also
+        the runtime that serves the model.  The graph is exported once into ``folder``,
+        named by a hash of the weights, and checked against PyTorch on sample photo-like
+        images before it is used (a failed check raises ModelError).
         """
         from xmsearch.export import onnx as onnx_export
         from xmsearch.export.pipeline import sample_images
