@@ -226,15 +226,15 @@ def test_edit_view_names_what_the_other_item_lacks():
         said = text.split()
         assert said[-1] == "red" and "down" not in said and "blue" not in said
         assert text == "red" or any(text.startswith(f + " ") for f in FILLERS)
-    from xmsearch.train import edit_partner
+    from xmsearch.train import edit_partners
 
     far = CatalogRow(3, "c", "Nordvik green striped down jacket, women", Path("c.jpg"))
-    assert edit_partner(red, [far, blue], random.Random(0), words) == 1
+    assert edit_partners(red, [far, blue], random.Random(0), words)[0] == 1
     # A candidate with every one of the item's words is the same product in other words,
     # no edit: the nearest one that lacks something is taken.
     same = CatalogRow(5, "e", "down jacket in red, men", Path("e.jpg"))
-    assert edit_partner(red, [same, far, blue], random.Random(0), words) == 2
-    assert edit_partner(red, [same], random.Random(0), words) == 0
+    assert edit_partners(red, [same, far, blue], random.Random(0), words)[0] == 2
+    assert edit_partners(red, [same], random.Random(0), words)[0] == 0
     # The other item's titles in every language count: a Chinese-titled red jacket whose
     # English alt title has "red" lacks nothing but "men".
     red_zh = CatalogRow(4, "d", "红色羽绒服", Path("d.jpg"), {"alt_titles": ["red down jacket"]})
@@ -298,7 +298,7 @@ def test_neighbour_batches_group_look_alikes_and_keep_every_item_once():
 
 @pytest.mark.slow
 def test_item_neighbours_are_the_nearest_item_embeddings(trained):
-    from xmsearch.train import _embed_items, item_neighbours
+    from xmsearch.train import _embed_items, embed_all_items, nearest_rows
 
     result, _ = trained
     f = result.features
@@ -306,7 +306,8 @@ def test_item_neighbours_are_the_nearest_item_embeddings(trained):
     idx = torch.arange(len(f.ids))[::2]
     with torch.no_grad():
         reduced = fusion.image_reduce(f.regions.float())  # the module's own frozen PCA, as in training
-    nb = item_neighbours(fusion, f, reduced, idx, k=3)
+    fusion.train()
+    nb = nearest_rows(embed_all_items(fusion, f, reduced)[idx], k=3, chunk=7)
     assert nb.shape == (len(idx), 3) and fusion.training is False
     z = _embed_items(fusion.eval(), f, reduced, idx)
     sims = z @ z.T

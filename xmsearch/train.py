@@ -207,18 +207,23 @@ def text_views(row: CatalogRow, rng: random.Random, words: TitleWords, n: int = 
 
 
 @torch.no_grad()
+def nearest_rows(x: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """[N, k] for each row of the unit vectors ``x``, the rows of highest cosine, itself excluded."""
+    k = min(k, len(x) - 1)
+    out = []
+    for i in range(0, len(x), chunk):
+        sims = x[i:i + chunk] @ x.T
+        sims[torch.arange(len(sims)), torch.arange(i, i + len(sims))] = -2.0
+        out.append(sims.topk(k, dim=1).indices)
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def title_neighbours(states: torch.Tensor, mask: torch.Tensor, k: int = 5, chunk: int = 1024) -> torch.Tensor:
     """[N, k] the items whose titles are closest to each item's (mean-pooled states), itself excluded."""
     from xmsearch.models.text import mean_pool
 
-    pooled = F.normalize(mean_pool(states.float(), mask), dim=-1)
-    k = min(k, len(pooled) - 1)
-    out = []
-    for i in range(0, len(pooled), chunk):
-        sims = pooled[i:i + chunk] @ pooled.T
-        sims[torch.arange(len(sims)), torch.arange(i, i + len(sims))] = -2.0
-        out.append(sims.topk(k, dim=1).indices)
-    return torch.cat(out)
+    return nearest_rows(F.normalize(mean_pool(states.float(), mask), dim=-1), k, chunk)
 
 
 def strip_filler(text: str) -> str:
@@ -248,11 +253,6 @@ def edit_partners(row: CatalogRow, candidates: list[CatalogRow], rng: random.Ran
         picked.append(best[rng.randrange(len(best))])
         left.remove(picked[-1])
     return picked
-
-
-def edit_partner(row: CatalogRow, candidates: list[CatalogRow], rng: random.Random, words: TitleWords) -> int:
-    """The best of :func:`edit_partners`."""
-    return edit_partners(row, candidates, rng, words, 1)[0]
 
 
 def edit_view(row: CatalogRow, other: CatalogRow, rng: random.Random, words: TitleWords) -> str:
@@ -442,32 +442,25 @@ def reduce_regions(fusion: AttentionFusion, regions: torch.Tensor, sample_idx: t
 
 
 @torch.no_grad()
-def evaluate_views(fusion: AttentionFusion, f: Features, reduced: torch.Tensor, eval_idx: torch.Tensor,
-                   bs: int = 256) -> dict:
-    """Recall of held-out items: augmented photo -> item (R@1), full title -> item (R@10)."""
+def embed_all_items(fusion: AttentionFusion, f: Features, reduced: torch.Tensor, bs: int = 256) -> torch.Tensor:
+    """[N, D] every item's embedding (title + catalogue photo), the module in eval mode."""
     fusion.eval()
     all_idx = torch.arange(len(f.ids))
-    z = torch.cat([_embed_items(fusion, f, reduced, all_idx[i:i + bs]) for i in range(0, len(all_idx), bs)])
+    return torch.cat([_embed_items(fusion, f, reduced, all_idx[i:i + bs]) for i in range(0, len(all_idx), bs)])
+
+
+@torch.no_grad()
+def evaluate_views(fusion: AttentionFusion, f: Features, reduced: torch.Tensor, eval_idx: torch.Tensor,
+                   z: torch.Tensor) -> dict:
+    """Recall of held-out items against the item embeddings ``z``: augmented photo -> item
+    (R@1), full title -> item (R@10)."""
+    fusion.eval()
     qi = fusion.image_only(fusion.reduced_image_tokens(reduced[eval_idx, 1]))
     qt = fusion.encode_text(f.view_states[eval_idx, 0].float(), f.view_mask[eval_idx, 0])
     r1 = (qi @ z.T).argmax(1).eq(eval_idx).float().mean().item()
     top10 = (qt @ z.T).topk(10, dim=1).indices
     r10 = top10.eq(eval_idx[:, None]).any(1).float().mean().item()
     return {"val_image_r1": r1, "val_text_r10": r10}
-
-
-@torch.no_grad()
-def item_neighbours(fusion: AttentionFusion, f: Features, reduced: torch.Tensor, idx: torch.Tensor,
-                    k: int, bs: int = 256) -> torch.Tensor:
-    """[len(idx), k] for each item of ``idx``, the positions in ``idx`` of the items closest
-    to it in the model's own item space (cosine of the item embeddings), itself excluded."""
-    was_training = fusion.training
-    fusion.eval()
-    z = torch.cat([_embed_items(fusion, f, reduced, idx[i:i + bs]) for i in range(0, len(idx), bs)])
-    fusion.train(was_training)
-    sims = z @ z.T
-    sims.fill_diagonal_(-2.0)
-    return sims.topk(min(k, len(idx) - 1), dim=1).indices
 
 
 def neighbour_batches(items: torch.Tensor, neighbours: torch.Tensor | None, group: int,
@@ -527,12 +520,13 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
                                                 pct_start=0.1)
     view_words = [[frozenset(v) for v in vs] for vs in f.view_words]
     item_words = [frozenset(w) for w in f.item_words]
-    history, t0, step = [], time.time(), 0
+    history, t0, step, z_all = [], time.time(), 0, None
     for epoch in range(1, cfg.epochs + 1):
-        # Look-alikes by the model itself (after one epoch of random batches its item space
-        # already groups kind, colour and pattern; raw photo features group backdrops).
-        neighbours = (item_neighbours(fusion, f, reduced, train_idx, 2 * cfg.group_size)
-                      if cfg.group_size > 1 and epoch > 1 else None)
+        # Look-alikes by the model itself, from the item embeddings the last epoch's
+        # validation computed (after one epoch of random batches its item space already
+        # groups kind, colour and pattern; raw photo features group backdrops).
+        neighbours = (nearest_rows(z_all[train_idx], 2 * cfg.group_size)
+                      if cfg.group_size > 1 and z_all is not None else None)
         fusion.train()
         order = train_idx[torch.randperm(len(train_idx), generator=gen)]
         hard = neighbour_batches(train_idx, neighbours, cfg.group_size, gen) if neighbours is not None else None
@@ -580,8 +574,9 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
             losses.append(loss.item())
             if on_step:
                 on_step(step, loss.item())
+        z_all = embed_all_items(fusion, f, reduced)
         record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
-                  **evaluate_views(fusion, f, reduced, eval_idx), "seconds": round(time.time() - t0, 2)}
+                  **evaluate_views(fusion, f, reduced, eval_idx, z_all), "seconds": round(time.time() - t0, 2)}
         history.append(record)
         if on_epoch:
             on_epoch(record)
