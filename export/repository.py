@@ -33,12 +33,28 @@ class TargetSettings:
     device: str = "auto"  # for onnxruntime: "gpu" or "cpu"; "auto" = gpu
     ort_threads: int = 2
     trt_accelerator: bool = False  # onnxruntime target: TensorRT execution provider
+    # ONNX Runtime idle-thread spinning in the cpu target's members: off, because five
+    # members' pools spinning on 2 cores took the CPU from the one doing work
+    # (benchmarks/results/serving_ab.md: query_text 1.3x queries/s at concurrency 16).
+    ort_spinning: bool = False
+    # max_queue_delay_microseconds of every member; None: 0 where the members run on CPU
+    # (waiting to form a batch only added latency there, throughput unchanged: serving_ab.md),
+    # the spec's batch-forming delay on GPU.
+    queue_delay_us: int | None = None
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.target == "tensorrt" or (self.target == "onnxruntime" and self.device != "cpu")
+
+    def queue_delay(self, spec: S.ModelSpec) -> int:
+        if self.queue_delay_us is not None:
+            return self.queue_delay_us
+        return spec.max_queue_delay_us if self.on_gpu else 0
 
     def instances(self, model: str) -> tuple[int, int]:
         """(count, kind) of the instance group for a member."""
-        gpu = self.target == "tensorrt" or (self.target == "onnxruntime" and self.device != "cpu")
         if model in NEURAL:
-            return 1, (mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)
+            return 1, (mc.ModelInstanceGroup.KIND_GPU if self.on_gpu else mc.ModelInstanceGroup.KIND_CPU)
         # Python preprocessing holds the GIL per stub: two stubs decode images in parallel
         # (photo queries, and catalogue ingestion, where decoding is the bulk of the work).
         count = 2 if model in (S.IMAGE_PREPROCESS, S.ITEM_PREPROCESS) else 1
@@ -67,6 +83,7 @@ def member_config(spec: S.ModelSpec, settings: TargetSettings, extra_params: dic
         cfg.backend = "python"
         if neural:
             _param(cfg, "intra_op_threads", str(settings.ort_threads))
+            _param(cfg, "allow_spinning", "1" if settings.ort_spinning else "0")
     elif settings.target == "onnxruntime":
         cfg.backend = "onnxruntime"
         cfg.default_model_filename = "model.onnx"
@@ -81,7 +98,7 @@ def member_config(spec: S.ModelSpec, settings: TargetSettings, extra_params: dic
         cfg.default_model_filename = "model.plan"
     db = cfg.dynamic_batching
     db.preferred_batch_size.extend(spec.preferred_batch_sizes)
-    db.max_queue_delay_microseconds = spec.max_queue_delay_us
+    db.max_queue_delay_microseconds = settings.queue_delay(spec)
     # Bounded queue: under overload, fail fast with UNAVAILABLE instead of growing latency.
     db.default_queue_policy.max_queue_size = 1024
     count, kind = settings.instances(spec.name)

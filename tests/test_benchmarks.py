@@ -677,6 +677,41 @@ def test_item_wiring_rebuilds_the_parallel_item_ensemble(tmp_path: Path) -> None
     assert configs[item_wiring.OLD_TOKENIZER].parameters["role"].string_value == "passage"
 
 
+def test_serving_ab_variants_override_member_configs(tmp_path: Path) -> None:
+    from benchmarks import serving_ab
+    from xmsearch.export.repository import TargetSettings, read_repository, repository_configs, write_config
+
+    repo = tmp_path / "exported"
+    for name, cfg in repository_configs(spec.Dims(384, 1800), TargetSettings("cpu"), "fp").items():
+        write_config(cfg, repo / name)
+    v = serving_ab.parse_variant("lean:spin=1,delay=300,text_encoder.threads=1,image_encoder.instances=2,"
+                                 "fusion_text.preferred=4/8")
+    serving_ab.make_variant(repo, tmp_path / "lean", v.overrides)
+    configs = read_repository(tmp_path / "lean")
+    members = [c for c in configs.values() if c.platform != "ensemble"]
+    assert {c.dynamic_batching.max_queue_delay_microseconds for c in members} == {300}
+    onnx = [c for c in members if "intra_op_threads" in c.parameters]
+    assert {c.name for c in onnx} == {spec.TEXT_ENCODER, spec.IMAGE_ENCODER, spec.FUSION_TEXT,
+                                      spec.FUSION_IMAGE, spec.FUSION_JOINT}
+    assert {c.parameters["allow_spinning"].string_value for c in onnx} == {"1"}
+    assert {c.name: c.parameters["intra_op_threads"].string_value for c in onnx}[spec.TEXT_ENCODER] == "1"
+    assert configs[spec.IMAGE_ENCODER].parameters["intra_op_threads"].string_value == "2"
+    assert configs[spec.IMAGE_ENCODER].instance_group[0].count == 2
+    assert list(configs[spec.FUSION_TEXT].dynamic_batching.preferred_batch_size) == [4, 8]
+    # The exported repository itself is left as it was.
+    assert read_repository(repo)[spec.TEXT_ENCODER].parameters["allow_spinning"].string_value == "0"
+    assert serving_ab.parse_variant("as-is:").overrides == []
+    for bad in (":delay=1", "x:speed=2", "x:delay"):
+        with pytest.raises(ConfigError, match="variant"):
+            serving_ab.parse_variant(bad)
+    with pytest.raises(ConfigError, match="no member 'text_encodr'"):
+        serving_ab.make_variant(repo, tmp_path / "typo", serving_ab.parse_variant("t:text_encodr.delay=0").overrides)
+    with pytest.raises(ConfigError, match="spin='2'"):
+        serving_ab.make_variant(repo, tmp_path / "spin", serving_ab.parse_variant("s:spin=2").overrides)
+    with pytest.raises(ConfigError, match="applies to none"):
+        serving_ab.make_variant(repo, tmp_path / "tok", serving_ab.parse_variant("t:tokenizer_query.threads=1").overrides)
+
+
 def test_image_layers_recall_counts_the_right_product_at_rank_1_and_10() -> None:
     import torch
 

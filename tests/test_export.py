@@ -86,7 +86,11 @@ def test_members_have_backend_batching_and_instances(target: str) -> None:
         db = cfg.dynamic_batching
         assert list(db.preferred_batch_size), name
         assert all(1 <= b <= cfg.max_batch_size for b in db.preferred_batch_size), name
-        assert db.max_queue_delay_microseconds > 0, name
+        # CPU members batch what queued while they were busy; GPU members wait to form one.
+        if target == "cpu":
+            assert db.max_queue_delay_microseconds == 0, name
+        else:
+            assert db.max_queue_delay_microseconds > 0, name
         assert len(cfg.instance_group) >= 1 and all(g.count >= 1 for g in cfg.instance_group), name
         if name in PREPROCESSING or target == "cpu":
             assert (cfg.backend, cfg.platform) == ("python", ""), name
@@ -101,6 +105,23 @@ def test_members_have_backend_batching_and_instances(target: str) -> None:
     for name in S.ENSEMBLES:
         assert configs[name].platform == "ensemble"
         assert configs[name].max_batch_size == 32
+
+
+def test_cpu_onnx_runtime_members_settings() -> None:
+    cpu = configs_for("cpu")
+    for name in NEURAL:
+        params = cpu[name].parameters
+        assert params["intra_op_threads"].string_value == "2", name
+        assert params["allow_spinning"].string_value == "0", name
+    spinning = repository_configs(DIMS, TargetSettings("cpu", ort_spinning=True, ort_threads=1), "fp")
+    assert spinning[S.TEXT_ENCODER].parameters["allow_spinning"].string_value == "1"
+    assert spinning[S.TEXT_ENCODER].parameters["intra_op_threads"].string_value == "1"
+    # The queue delay: chosen for every member, or 0 whenever the members run on CPU.
+    for settings, want in ((TargetSettings("cpu", queue_delay_us=250), 250),
+                           (TargetSettings("onnxruntime", device="cpu"), 0),
+                           (TargetSettings("tensorrt", queue_delay_us=0), 0)):
+        configs = repository_configs(DIMS, settings, "fp")
+        assert {configs[m].dynamic_batching.max_queue_delay_microseconds for m in MEMBERS} == {want}, settings
 
 
 def test_ensembles_expose_the_public_contract() -> None:

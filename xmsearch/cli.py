@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from xmsearch.errors import XmsearchError
+from xmsearch.errors import InputError, XmsearchError
 
 DEFAULT_URL = "localhost:8001"
 DEFAULT_REPOSITORY = Path("model_repository")
@@ -89,8 +89,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     from xmsearch.export.pipeline import export_repository
     from xmsearch.export.repository import TargetSettings
 
+    if a.queue_delay_us is not None and a.queue_delay_us < 0:
+        raise InputError(f"--queue-delay-us must be 0 or more, got {a.queue_delay_us}")
     settings = TargetSettings(a.target, device=a.device, ort_threads=a.ort_threads,
-                              trt_accelerator=a.trt_accelerator)
+                              trt_accelerator=a.trt_accelerator, queue_delay_us=a.queue_delay_us)
     t0 = time.time()
     res = export_repository(a.out, a.target, a.fusion, a.untrained, a.text_model, a.image_model,
                             a.image_checkpoint, settings, a.precision, step=lambda m: print(m, flush=True))
@@ -198,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="onnxruntime target instance kind (default: gpu)")
     e.add_argument("--ort-threads", type=int, default=2, help="ONNX Runtime intra-op threads per instance")
+    e.add_argument("--queue-delay-us", type=int, metavar="US",
+                   help="dynamic-batching max_queue_delay_microseconds of every member (default: 0 "
+                        "when the members run on CPU, a per-member batch-forming delay on GPU)")
     e.add_argument("--trt-accelerator", action="store_true",
                    help="onnxruntime target: enable the TensorRT execution provider")
     _model_args(e)

@@ -106,8 +106,10 @@ class Dims:
 def member_specs(d: Dims) -> dict[str, ModelSpec]:
     """The served members with their tensors and batching settings.
 
-    Batch settings are the tuned defaults for 2 CPU cores (see benchmarks/); preferred
-    sizes and the queue delay trade a little latency at concurrency 1 for throughput.
+    Preferred sizes give the TensorRT optimisation profiles their batch points; the queue
+    delays are the batch-forming wait for GPU targets.  The cpu target serves with no
+    queue delay (``TargetSettings.queue_delay``): on CPU cores the members batch whatever
+    queued while they were busy, and waiting only added latency (benchmarks/results/serving_ab.md).
     """
     text_in = (TensorSpec(INPUT_IDS, "int64", (-1,), ("sequence",)),
                TensorSpec(ATTENTION_MASK, "int64", (-1,), ("sequence",)))

@@ -135,6 +135,12 @@ class OnnxModel(_Base):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = int(self.params.get("intra_op_threads", "0"))
         opts.inter_op_num_threads = 1
+        # Idle ORT workers busy-wait by default; with several members sharing few cores,
+        # the spinning threads of one member take the CPU another member needs.
+        spin = self.params.get("allow_spinning", "1")
+        if spin not in ("0", "1"):
+            raise ValueError(f"{self.name}: parameter allow_spinning must be 0 or 1, got {spin!r}")
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
         self.session = ort.InferenceSession(str(self.folder / "model.onnx"), opts,
                                             providers=["CPUExecutionProvider"])
         self.inputs = [(i["name"], i["data_type"]) for i in self.config["input"]]

@@ -1,0 +1,213 @@
+"""Side-by-side serving speed of model-config variants of one exported repository.
+
+Each variant is a copy of the cached cpu-target repository (``benchmarks.stack``) with some
+member settings overridden; all variants are served at once by private tritonservers and
+measured in alternating order each round, so machine noise hits them alike.  Per round and
+variant: perf_analyzer on ``query_text`` and ``query_image`` at concurrency 1 (p50) and 16
+(infer/s), and the client's catalogue ingest (items/s).  Prints the median of each figure
+over the rounds and its ratio to the first variant.
+
+    .venv/bin/python -m benchmarks.serving_ab --variant now: \\
+        --variant nospin:spin=0 --variant nodelay:delay=0 --rounds 3 \\
+        --out benchmarks/results/serving_ab.md
+
+A variant is ``NAME:KEY=VALUE,...`` (``NAME:`` alone serves the repository as exported).
+KEY is ``FIELD`` (every member the field applies to) or ``MEMBER.FIELD``; FIELDs:
+
+* ``delay``: dynamic batcher ``max_queue_delay_microseconds``;
+* ``preferred``: preferred batch sizes, ``/``-separated (``8/16``; empty for none);
+* ``instances``: instance count;
+* ``threads``: ONNX Runtime intra-op threads (members that run ONNX Runtime);
+* ``spin``: ONNX Runtime idle-thread spinning, 0 or 1 (same members).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks import input_data, perf_sweep, stack, write_result
+from benchmarks.e2e import measure_ingest
+from xmsearch.errors import ConfigError
+from xmsearch.export.repository import read_config, read_repository, write_config
+
+ORT_FIELDS = {"threads": "intra_op_threads", "spin": "allow_spinning"}
+FIELDS = ("delay", "preferred", "instances", *ORT_FIELDS)
+KINDS = ("text", "image")
+LEVELS = (1, 16)
+
+
+@dataclass(frozen=True)
+class Override:
+    member: str | None  # None: every member the field applies to
+    field: str
+    value: str
+
+
+@dataclass
+class Variant:
+    name: str
+    overrides: list[Override]
+    figures: dict[str, list[float]] = field(default_factory=dict)
+
+
+def parse_variant(spec: str) -> Variant:
+    """``"lean:delay=0,text_encoder.threads=1"`` -> a Variant with two overrides."""
+    name, _, rest = spec.partition(":")
+    if not name:
+        raise ConfigError(f"variant {spec!r}: give it a name, as NAME:KEY=VALUE,...")
+    overrides = []
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        member, _, fld = key.rpartition(".")
+        if not eq or fld not in FIELDS:
+            raise ConfigError(f"variant {spec!r}: {item!r} is not [MEMBER.]FIELD=VALUE with FIELD one of "
+                              f"{', '.join(FIELDS)}")
+        overrides.append(Override(member or None, fld, value))
+    return Variant(name, overrides)
+
+
+def _int(o: Override) -> int:
+    try:
+        return int(o.value)
+    except ValueError:
+        raise ConfigError(f"{o.field}={o.value!r}: expected an integer") from None
+
+
+def _apply(cfg, o: Override) -> bool:
+    """Apply ``o`` to one member config; False when the field does not apply to it."""
+    if o.field in ORT_FIELDS:
+        key = ORT_FIELDS[o.field]
+        if "intra_op_threads" not in cfg.parameters:  # not an ONNX Runtime member
+            return False
+        if o.field == "spin" and o.value not in ("0", "1"):
+            raise ConfigError(f"spin={o.value!r}: expected 0 or 1")
+        cfg.parameters[key].string_value = str(_int(o))
+        return True
+    if not cfg.HasField("dynamic_batching"):
+        return False
+    if o.field == "delay":
+        cfg.dynamic_batching.max_queue_delay_microseconds = _int(o)
+    elif o.field == "preferred":
+        sizes = [int(s) for s in filter(None, o.value.split("/"))]
+        del cfg.dynamic_batching.preferred_batch_size[:]
+        cfg.dynamic_batching.preferred_batch_size.extend(sizes)
+    elif o.field == "instances":
+        cfg.instance_group[0].count = _int(o)
+    return True
+
+
+def make_variant(repository: Path, out: Path, overrides: list[Override]) -> None:
+    """Copy ``repository`` to ``out`` with ``overrides`` applied to its member configs."""
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(repository, out)
+    configs = read_repository(out)
+    for o in overrides:
+        targets = [o.member] if o.member else [n for n, c in configs.items() if c.platform != "ensemble"]
+        if o.member and o.member not in configs:
+            raise ConfigError(f"{o.member}.{o.field}: no member {o.member!r} in the repository "
+                              f"(members: {', '.join(sorted(configs))})")
+        applied = [n for n in targets if _apply(configs[n], o)]
+        if not applied:
+            raise ConfigError(f"{o.field}={o.value}: applies to none of {', '.join(targets)}")
+        for n in applied:
+            write_config(configs[n], out / n)
+
+
+def _measure(v: Variant, url: str, inputs: dict[str, Path], catalog_file: Path, work: Path,
+             settings: perf_sweep.SweepSettings) -> None:
+    for kind in KINDS:
+        model = input_data.KIND_MODEL[kind]
+        result = perf_sweep.run_sweep(model, url, inputs[kind], work / "perf" / v.name, settings)
+        by_level = {r.concurrency: r for r in result.rows}
+        if 1 in by_level:
+            v.figures.setdefault(f"{model} p50 ms c=1", []).append(by_level[1].p50_us / 1000)
+        if 16 in by_level:
+            v.figures.setdefault(f"{model} infer/s c=16", []).append(by_level[16].throughput)
+    ingest = measure_ingest(catalog_file, work / f"index-{v.name}", url)
+    v.figures.setdefault("ingest items/s", []).append(ingest.items / ingest.seconds)
+
+
+def table(variants: list[Variant]) -> str:
+    """Median (min-max) of each figure per variant, and its ratio to the first variant."""
+    base = variants[0]
+    lines = ["| figure | " + " | ".join(v.name for v in variants) + " |",
+             "|---|" + "---:|" * len(variants)]
+    for fig in base.figures:
+        cells = []
+        for v in variants:
+            vals = v.figures.get(fig, [])
+            if not vals:
+                cells.append("-")
+                continue
+            med = statistics.median(vals)
+            cell = f"{med:.1f} ({min(vals):.1f}-{max(vals):.1f})"
+            if v is not base and base.figures.get(fig):
+                cell += f" **{med / statistics.median(base.figures[fig]):.2f}x**"
+            cells.append(cell)
+        lines.append(f"| {fig} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--variant", action="append", required=True, metavar="NAME:KEY=VALUE,...",
+                   help="a variant (repeat; the first is the reference of the ratios)")
+    p.add_argument("--rounds", type=int, default=3, help="measurements per variant (default 3)")
+    p.add_argument("--items", type=int, default=300, help="demo catalogue size (default 300)")
+    p.add_argument("--interval-ms", type=int, default=2000, help="perf_analyzer window (default 2000)")
+    p.add_argument("--work", type=Path, help="folder for repositories, indexes and raw output "
+                                             "(default: a temporary folder)")
+    p.add_argument("--out", type=Path, help="also write the table (with this command) to this file")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        variants = [parse_variant(s) for s in a.variant]
+    except ConfigError as e:
+        p.error(str(e))
+    if len({v.name for v in variants}) != len(variants):
+        p.error("variant names must differ")
+    work = a.work or Path(tempfile.mkdtemp(prefix="xmsearch-serving-ab-"))
+    cat = stack.demo_catalogue(a.items, max(30, a.items // 3))
+    repo = stack.exported_repository(step=lambda m: print(m, flush=True))
+    inputs = {k: input_data.write_input_data(work / f"{k}.json", cat.queries_file, k) for k in KINDS}
+    settings = perf_sweep.SweepSettings(concurrency=LEVELS, measurement_interval_ms=a.interval_ms,
+                                        stability_percentage=30.0, max_trials=5)
+    t0 = time.perf_counter()
+    with ExitStack() as servers:
+        urls = {}
+        for v in variants:
+            path = work / f"repo-{v.name}"
+            make_variant(repo.path, path, v.overrides)
+            urls[v.name] = servers.enter_context(
+                stack.PrivateServer(path, log_file=work / f"{v.name}.log")).url
+        for rnd in range(a.rounds):
+            order = variants if rnd % 2 == 0 else variants[::-1]
+            for v in order:
+                _measure(v, urls[v.name], inputs, cat.catalog_file, work, settings)
+                print(f"round {rnd} {v.name}: " + ", ".join(f"{k} {vals[-1]:.1f}" for k, vals in v.figures.items()),
+                      flush=True)
+    described = "\n".join(f"- `{v.name}`: " + (", ".join(f"{o.member + '.' if o.member else ''}{o.field}={o.value}"
+                                                         for o in v.overrides) or "as exported")
+                          for v in variants)
+    text = (f"{described}\n\n{table(variants)}\n\nMedian (min-max) over {a.rounds} rounds, variants served at "
+            f"once and measured in alternating order; {cat.n_items}-item demo catalogue, untrained fusion; "
+            f"{time.perf_counter() - t0:.0f} s.")
+    print(text)
+    if a.out:
+        write_result(a.out, "benchmarks.serving_ab", argv, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
