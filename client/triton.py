@@ -532,6 +532,12 @@ class TritonClient(_ClientBase):
         if n == 0:
             return _empty_outputs(info, outputs)
         chunks = _chunks(n, size)
+        if len(chunks) == 1 and not progress:
+            # One request (a single query): sent from this thread, no pool to start and join.
+            try:
+                return self._infer_arrays(model, arrays, outputs)
+            except XmsearchError as exc:
+                raise _chunk_error(exc, model, 0, n, n) from exc
         parts: list[dict[str, np.ndarray] | None] = [None] * len(chunks)
         bar = _progress_bar(progress, n, model)
         pool = ThreadPoolExecutor(max(1, min(max_in_flight, len(chunks))),
