@@ -11,11 +11,14 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def write_result(path, module: str, argv, text: str) -> None:
-    """Write a small benchmark's printed ``text`` to ``path`` under the command that made it
-    (``argv``: the arguments given to ``main``, None for the process's own)."""
+def publish(text: str, path, module: str, argv) -> None:
+    """Print a small benchmark's result ``text`` and, when ``path`` is given, write it there
+    under the command that made it (``argv``: the arguments given to ``main``, None for the
+    process's own)."""
     import sys
     from pathlib import Path
 
-    args = list(argv) if argv is not None else sys.argv[1:]
-    Path(path).write_text(f"$ python -m {module} {' '.join(args)}\n\n{text}\n")
+    print(text)
+    if path:
+        args = list(argv) if argv is not None else sys.argv[1:]
+        Path(path).write_text(f"$ python -m {module} {' '.join(args)}\n\n{text}\n")

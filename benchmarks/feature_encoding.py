@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import write_result
+from benchmarks import publish
 from xmsearch.catalog import read_catalog
 from xmsearch.models.image import DEFAULT_IMAGE_MODEL
 from xmsearch.pipeline import Encoders
@@ -89,9 +89,7 @@ def main(argv=None) -> int:
     lines += ["", f"ONNX Runtime / PyTorch eager: {ratio:.2f}x the photos per second "
               f"(same process, alternated rounds); lowest cosine between the two outputs {cos:.6f}"]
     text = "\n".join(lines)
-    print(text)
-    if a.out:
-        write_result(a.out, "benchmarks.feature_encoding", argv, text)
+    publish(text, a.out, "benchmarks.feature_encoding", argv)
     return 0
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import write_result
+from benchmarks import publish
 from xmsearch.catalog import read_catalog
 from xmsearch.evaluate import load_queries
 from xmsearch.metrics import evaluate
@@ -154,9 +154,7 @@ def main(argv=None) -> int:
     results = run(a.catalog, variants, a.seeds, a.text_model, a.image_model,
                   a.cache_dir or a.catalog / ".feature-cache")
     text = table(results)
-    print(text)
-    if a.out:
-        write_result(a.out, "benchmarks.quality_ab", argv, text)
+    publish(text, a.out, "benchmarks.quality_ab", argv)
     return 0
 
 

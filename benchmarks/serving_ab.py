@@ -33,7 +33,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import input_data, perf_sweep, stack, write_result
+from benchmarks import input_data, perf_sweep, publish, stack
 from benchmarks.e2e import measure_ingest
 from xmsearch.errors import ConfigError
 from xmsearch.export.repository import read_config, read_repository, write_config
@@ -203,9 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"{described}\n\n{table(variants)}\n\nMedian (min-max) over {a.rounds} rounds, variants served at "
             f"once and measured in alternating order; {cat.n_items}-item demo catalogue, untrained fusion; "
             f"{time.perf_counter() - t0:.0f} s.")
-    print(text)
-    if a.out:
-        write_result(a.out, "benchmarks.serving_ab", argv, text)
+    publish(text, a.out, "benchmarks.serving_ab", argv)
     return 0
 
 
