@@ -231,6 +231,13 @@ def test_export_needs_fusion_or_untrained(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "repo").exists()  # refused before anything was written
 
 
+def test_export_refuses_a_negative_queue_delay(tmp_path: Path, capsys) -> None:
+    code = main(["export", "--untrained", "--queue-delay-us", "-5", "--out", str(tmp_path / "repo")])
+    assert code == 2
+    assert "--queue-delay-us must be 0 or more, got -5" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+
+
 # ----------------------------------------------------------------------------- help
 
 
