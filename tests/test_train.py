@@ -38,6 +38,22 @@ def test_training_reduces_loss_and_beats_chance(trained):
 
 
 @pytest.mark.slow
+def test_training_features_are_found_again_in_the_cache(trained, small_catalog):
+    """What `make demo` reloads for the baselines when it reuses a checkpoint."""
+    from xmsearch.train import cached_features, features_path
+
+    result, out = trained
+    path = features_path(small_catalog, "minilm-l6", "efficientnet-lite0", 0, out.parent / ".feature-cache")
+    again = cached_features(path)
+    assert again is not None and again.ids == result.features.ids
+    assert torch.equal(again.item_states, result.features.item_states)
+    assert torch.equal(again.regions, result.features.regions)
+    # Another seed (other augmented views) has its own entry: none cached yet.
+    assert cached_features(features_path(small_catalog, "minilm-l6", "efficientnet-lite0", 1,
+                                         out.parent / ".feature-cache")) is None
+
+
+@pytest.mark.slow
 def test_checkpoint_records_encoders_and_loads(trained):
     _, path = trained
     ckpt = FusionCheckpoint.load(path)
@@ -336,3 +352,13 @@ def test_edit_partners_are_ranked_by_what_they_lack():
     # Asking for more than there are returns them all, in the same order.
     assert (edit_partners(red, cands, random.Random(0), words, n=9)
             == edit_partners(red, cands, random.Random(0), words, n=4))
+
+
+def test_a_damaged_feature_cache_is_dropped_not_trusted(tmp_path):
+    from xmsearch.train import cached_features
+
+    path = tmp_path / "features-0123456789abcdef.pt"
+    assert cached_features(path) is None  # nothing cached
+    path.write_bytes(b"not a torch file")
+    assert cached_features(path) is None
+    assert not path.exists()

@@ -371,21 +371,31 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
         item_words=[sorted(_word_set(r, words)) for r in rows])
 
 
-def features_key(catalog: Path, enc: Encoders, seed: int) -> str:
+def features_path(catalog: Path, text_model: str, image_model: str, seed: int, cache_dir: Path) -> Path:
+    """Where the features of ``catalog`` under these encoders and seed are cached."""
     h = hashlib.sha256(Path(catalog).read_bytes())
-    h.update(f"{enc.text_model}|{enc.image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|{EDIT_CANDIDATES}|{EDIT_VIEWS}|v9".encode())
-    return h.hexdigest()[:16]
+    h.update(f"{text_model}|{image_model}|{seed}|{TEXT_VIEWS}|{AUG_VIEWS}|{EDIT_CANDIDATES}|{EDIT_VIEWS}|v9".encode())
+    return Path(cache_dir) / f"features-{h.hexdigest()[:16]}.pt"
+
+
+def cached_features(path: Path) -> Features | None:
+    """The features cached at ``path``; None when there are none (a damaged file is removed)."""
+    if not path.exists():
+        return None
+    try:
+        return Features(**torch.load(str(path), weights_only=True))
+    except Exception:  # a stale or damaged cache is recomputed, never trusted
+        path.unlink()
+        return None
 
 
 def load_or_compute_features(catalog: Path, enc: Encoders, rows: list[CatalogRow], cache_dir: Path,
                              seed: int, progress=None) -> Features:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"features-{features_key(catalog, enc, seed)}.pt"
-    if path.exists():
-        try:
-            return Features(**torch.load(str(path), weights_only=True))
-        except Exception:  # a stale or damaged cache is recomputed, never trusted
-            path.unlink()
+    path = features_path(catalog, enc.text_model, enc.image_model, seed, cache_dir)
+    feats = cached_features(path)
+    if feats is not None:
+        return feats
     enc.use_onnx_images(cache_dir)  # ~6x PyTorch eager on CPU for the photos (checked for parity)
     feats = compute_features(enc, rows, seed, progress=progress)
     tmp = path.with_suffix(".tmp")
