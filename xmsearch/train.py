@@ -571,8 +571,7 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
                 # Photo -> item again, on a batch of look-alike groups: only the photo path
                 # has to tell them apart (text and edit queries name no detail that could).
                 h = hard[b:b + cfg.batch_size]
-                zh = fusion.joint(fusion.text_tokens(f.item_states[h].float()), f.item_mask[h],
-                                  fusion.reduced_image_tokens(reduced[h, 0]))
+                zh = _embed_items(fusion, f, reduced, h)
                 shots = reduced[h, torch.randint(1, n_views, (len(h),), generator=gen)]
                 loss = loss + info_nce(fusion.image_only(fusion.reduced_image_tokens(shots)), zh, scale)
             opt.zero_grad(set_to_none=True)
