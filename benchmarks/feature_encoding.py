@@ -25,6 +25,7 @@ import torch
 
 from benchmarks import publish
 from xmsearch.catalog import read_catalog
+from xmsearch.export.onnx import onnx_session
 from xmsearch.models.image import DEFAULT_IMAGE_MODEL
 from xmsearch.pipeline import Encoders
 from xmsearch.train import augment_photo
@@ -53,12 +54,7 @@ def main(argv=None) -> int:
         enc.image_session = None
         # The training session as built by use_onnx_images, except that its idle threads do
         # not spin: spinning ORT threads would steal the cores from the PyTorch round after.
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        session = onnx_session(path, spinning=False)
         rng = random.Random(0)
         shots = [augment_photo(p, rng) for p in photos]
         px = np.stack([enc.image_pre(b) for b in shots])

@@ -92,7 +92,9 @@ def _pin_declared_shapes(path: Path, spec: ModelSpec) -> None:
     onnx.save(model, str(path))
 
 
-def onnx_session(path: Path, threads: int = 0):
+def onnx_session(path: Path, threads: int = 0, spinning: bool = True):
+    """A CPU ONNX Runtime session; ``spinning=False`` keeps idle intra-op threads from
+    busy-waiting (they would take cores from other work in the same process)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -100,6 +102,8 @@ def onnx_session(path: Path, threads: int = 0):
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -427,3 +427,22 @@ def test_export_needs_trained_weights_or_an_explicit_untrained(reference_pipelin
     again = load_fusion(enc, None, untrained=True)
     for (k, a), (_, b) in zip(untrained.fusion.state_dict().items(), again.fusion.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_onnx_session_can_keep_idle_threads_from_spinning(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    from xmsearch.export.onnx import onnx_session
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "id.onnx"
+    onnx.save(model, str(path))
+    quiet = onnx_session(path, spinning=False)
+    assert quiet.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert quiet.run(None, {"x": np.array([2.5], dtype=np.float32)})[0].tolist() == [2.5]
+    default = onnx_session(path).get_session_options()
+    with pytest.raises(RuntimeError, match="allow_spinning"):  # not set: ONNX Runtime's own default
+        default.get_session_config_entry("session.intra_op.allow_spinning")
