@@ -55,7 +55,7 @@ def run(a: argparse.Namespace) -> None:
     from xmsearch.demo import generate_demo_catalog
     from xmsearch.export.pipeline import export_repository
     from xmsearch.models.image import DEFAULT_IMAGE_MODEL
-    from xmsearch.train import TrainConfig, cached_features, features_path, train_catalog
+    from xmsearch.train import TrainConfig, cached_features, feature_cache_dir, features_path, train_catalog
 
     root = Path(a.dir)
     catalog, queries_path = root / "catalog.jsonl", root / "queries.jsonl"
@@ -82,7 +82,7 @@ def run(a: argparse.Namespace) -> None:
             print(f"reusing {ckpt} (pass --retrain to train again)")
             # Its training features, when cached, spare the baselines encoding every photo again.
             features = cached_features(features_path(catalog, a.text_model, DEFAULT_IMAGE_MODEL, a.seed,
-                                                     ckpt.parent / ".feature-cache"))
+                                                     feature_cache_dir(ckpt)))
         else:
             cfg = TrainConfig(epochs=a.epochs, seed=a.seed)
             bars = TrainingProgress(cfg.epochs)

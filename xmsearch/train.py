@@ -378,6 +378,11 @@ def features_path(catalog: Path, text_model: str, image_model: str, seed: int, c
     return Path(cache_dir) / f"features-{h.hexdigest()[:16]}.pt"
 
 
+def feature_cache_dir(checkpoint: Path) -> Path:
+    """Where ``xmsearch train`` caches features by default: beside the checkpoint."""
+    return Path(checkpoint).parent / ".feature-cache"
+
+
 def cached_features(path: Path) -> Features | None:
     """The features cached at ``path``; None when there are none (a damaged file is removed)."""
     if not path.exists():
@@ -605,7 +610,7 @@ def train_catalog(catalog: Path, out: Path, text_model: str, image_model: str,
         raise InputError(f"catalogue {catalog} has no usable rows ({len(bad)} bad)")
     _check_enough_items(len(rows))  # before the expensive encoding, which also needs neighbours
     enc = Encoders.load(text_model, image_model, image_checkpoint)
-    cache_dir = cache_dir or Path(out).parent / ".feature-cache"
+    cache_dir = cache_dir or feature_cache_dir(out)
     feats = load_or_compute_features(Path(catalog), enc, rows, cache_dir, cfg.seed, progress)
     result = train_fusion(feats, text_model, image_model, cfg, on_epoch, on_step)
     result.features = feats
