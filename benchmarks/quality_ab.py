@@ -82,7 +82,7 @@ def rank(fusion, f: Features, qf: dict, queries: list[dict], k: int = 10, bs: in
     for q in queries:
         text, image = qf[q["qid"]]
         if text is not None and image is not None:
-            e = fusion.encode_joint(text[0], text[1], image)
+            e = fusion.encode_joint(text[0], text[1], image, query=True)
         elif text is not None:
             e = fusion.encode_text(*text)
         else:

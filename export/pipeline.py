@@ -28,11 +28,12 @@ from xmsearch import spec as S
 from xmsearch.checkpoint import FusionCheckpoint
 from xmsearch.errors import CheckpointError, ModelError
 from xmsearch.export import onnx as onnx_export
-from xmsearch.export.repository import TARGETS, TargetSettings, repository_configs, write_config
+from xmsearch.export.repository import NEURAL, TARGETS, TargetSettings, repository_configs, write_config
 from xmsearch.models.fusion import AttentionFusion, FusionEntry
 from xmsearch.models.image import DEFAULT_IMAGE_MODEL
 from xmsearch.models.text import DEFAULT_TEXT_MODEL
 from xmsearch.pipeline import Encoders
+from xmsearch.train import TrainConfig
 from xmsearch.triton_models import shim_source
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,10 @@ def load_fusion(encoders: Encoders, checkpoint: Path | None, untrained: bool) ->
     d = encoders.dims
     if checkpoint is None:
         torch.manual_seed(0)
-        return FusionCheckpoint(AttentionFusion(d.text_dim, d.image_dim, embed_dim=d.embed_dim).eval(),
+        # The layout training produces (TrainConfig's), so that plumbing tests serve the
+        # same graphs: with query_cross, fusion_joint and fusion_item differ.
+        return FusionCheckpoint(AttentionFusion(d.text_dim, d.image_dim, embed_dim=d.embed_dim,
+                                                query_cross=TrainConfig.query_cross).eval(),
                                 encoders.text_model, encoders.image_model, trained=False)
     ckpt = FusionCheckpoint.load(checkpoint)
     ckpt.check_encoders(encoders.text_model, d.text_dim, encoders.image_model, d.image_dim, checkpoint)
@@ -113,8 +117,9 @@ def _graphs(enc: Encoders, fusion: AttentionFusion, dims: S.Dims):
            [(states, m), (short_states, short_mask)])
     yield (S.FUSION_IMAGE, FusionEntry(fusion, "image"), (regions[:2],), [(regions,), (regions[:1],)])
     n = min(len(texts), len(images))
-    yield (S.FUSION_JOINT, FusionEntry(fusion, "joint"), (states[:2], m[:2], regions[:2]),
-           [(states[:n], m[:n], regions[:n]), (short_states, short_mask, regions[:3])])
+    for member, kind in ((S.FUSION_JOINT, "joint"), (S.FUSION_ITEM, "item")):
+        yield (member, FusionEntry(fusion, kind), (states[:2], m[:2], regions[:2]),
+               [(states[:n], m[:n], regions[:n]), (short_states, short_mask, regions[:3])])
 
 
 def fingerprint_of(folder: Path, members: list[str]) -> str:
@@ -198,7 +203,7 @@ def _build_engines(stage: Path, specs: dict[str, S.ModelSpec], precision: str, s
     from xmsearch.export import tensorrt as trt_export
 
     infos = []
-    for member in (S.TEXT_ENCODER, S.IMAGE_ENCODER, S.FUSION_TEXT, S.FUSION_IMAGE, S.FUSION_JOINT):
+    for member in NEURAL:
         onnx_path = stage / member / "1" / "model.onnx"
         plan = onnx_path.with_name("model.plan")
         step(f"building TensorRT engine for {member} ({precision})")

@@ -19,7 +19,7 @@ from xmsearch import spec as S
 from xmsearch.errors import ConfigError
 
 TARGETS = ("cpu", "onnxruntime", "tensorrt")
-NEURAL = (S.TEXT_ENCODER, S.IMAGE_ENCODER, S.FUSION_TEXT, S.FUSION_IMAGE, S.FUSION_JOINT)
+NEURAL = (S.TEXT_ENCODER, S.IMAGE_ENCODER, S.FUSION_TEXT, S.FUSION_IMAGE, S.FUSION_JOINT, S.FUSION_ITEM)
 
 _DTYPES = {"TYPE_INT64": mc.TYPE_INT64, "TYPE_FP32": mc.TYPE_FP32, "TYPE_FP16": mc.TYPE_FP16,
            "TYPE_STRING": mc.TYPE_STRING, "TYPE_BOOL": mc.TYPE_BOOL}

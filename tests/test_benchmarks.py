@@ -692,7 +692,7 @@ def test_serving_ab_variants_override_member_configs(tmp_path: Path) -> None:
     assert {c.dynamic_batching.max_queue_delay_microseconds for c in members} == {300}
     onnx = [c for c in members if "intra_op_threads" in c.parameters]
     assert {c.name for c in onnx} == {spec.TEXT_ENCODER, spec.IMAGE_ENCODER, spec.FUSION_TEXT,
-                                      spec.FUSION_IMAGE, spec.FUSION_JOINT}
+                                      spec.FUSION_IMAGE, spec.FUSION_JOINT, spec.FUSION_ITEM}
     assert {c.parameters["allow_spinning"].string_value for c in onnx} == {"1"}
     assert {c.name: c.parameters["intra_op_threads"].string_value for c in onnx}[spec.TEXT_ENCODER] == "1"
     assert configs[spec.IMAGE_ENCODER].parameters["intra_op_threads"].string_value == "2"

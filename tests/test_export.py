@@ -167,7 +167,7 @@ def _batch_above_member(c: dict[str, mc.ModelConfig]) -> None:
 
 
 def _output_not_produced(c: dict[str, mc.ModelConfig]) -> None:
-    step_of(c[S.ITEM], S.FUSION_JOINT).output_map[S.EMBEDDING] = "other_embedding"
+    step_of(c[S.ITEM], S.FUSION_ITEM).output_map[S.EMBEDDING] = "other_embedding"
 
 
 @pytest.mark.parametrize("target", TARGETS)

@@ -1,4 +1,4 @@
-"""Fusion module: shapes, normalisation, masking, and the three entry points."""
+"""Fusion module: shapes, normalisation, masking, and the entry points."""
 
 import pytest
 import torch
@@ -20,10 +20,11 @@ def _inputs(b=3, s=8, r=5):
     return states, mask, torch.randn(b, r, 48, generator=g)
 
 
-@pytest.mark.parametrize("kind", ["text", "image", "joint"])
+@pytest.mark.parametrize("kind", ["text", "image", "joint", "item"])
 def test_entry_points_give_unit_vectors(fusion, kind):
     states, mask, regions = _inputs()
-    args = {"text": (states, mask), "image": (regions,), "joint": (states, mask, regions)}[kind]
+    args = {"text": (states, mask), "image": (regions,), "joint": (states, mask, regions),
+            "item": (states, mask, regions)}[kind]
     with torch.no_grad():
         out = FusionEntry(fusion, kind)(*args)
     assert out.shape == (3, 16)
@@ -59,8 +60,28 @@ def test_joint_depends_on_both_modalities(fusion):
 
 
 def test_unknown_entry_point_is_refused(fusion):
-    with pytest.raises(ValueError, match="text, image or joint"):
+    with pytest.raises(ValueError, match="text, image, joint or item"):
         FusionEntry(fusion, "audio")
+
+
+def test_query_cross_gives_text_image_queries_their_own_cross_attention():
+    states, mask, regions = _inputs()
+    torch.manual_seed(0)
+    shared = AttentionFusion(text_dim=32, image_dim=48, width=64, heads=4, embed_dim=16).eval()
+    torch.manual_seed(0)
+    own = AttentionFusion(text_dim=32, image_dim=48, width=64, heads=4, embed_dim=16, query_cross=True).eval()
+    assert own.config()["query_cross"] and not shared.config()["query_cross"]
+    # The query-side modules are extra parameters; everything the items use is the same.
+    extra = set(own.state_dict()) - set(shared.state_dict())
+    assert extra and all(k.split(".")[0] in ("t2i_q", "i2t_q", "norm_t_q", "norm_i_q") for k in extra)
+    own.load_state_dict({**own.state_dict(), **shared.state_dict()})
+    with torch.no_grad():
+        item = FusionEntry(own, "item")(states, mask, regions)
+        query = FusionEntry(own, "joint")(states, mask, regions)
+        assert torch.equal(item, FusionEntry(shared, "item")(states, mask, regions))
+        assert not torch.allclose(item, query, atol=1e-3)  # the query weights are its own
+        # Without query_cross both entry points are one computation.
+        assert torch.equal(FusionEntry(shared, "joint")(states, mask, regions), item)
 
 
 def test_frozen_image_reduction_is_pca_and_consistent():

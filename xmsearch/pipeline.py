@@ -120,5 +120,6 @@ class ReferencePipeline:
             out = self.fusion.encode_image(self.encoders.image_regions(images))
         else:
             states, mask = self.encoders.text_states(texts, role)
-            out = self.fusion.encode_joint(states, mask, self.encoders.image_regions(images))
+            out = self.fusion.encode_joint(states, mask, self.encoders.image_regions(images),
+                                           query=role == "query")
         return out.numpy().astype(np.float32)

@@ -36,7 +36,8 @@ TEXT_ENCODER = "text_encoder"
 IMAGE_ENCODER = "image_encoder"
 FUSION_TEXT = "fusion_text"
 FUSION_IMAGE = "fusion_image"
-FUSION_JOINT = "fusion_joint"
+FUSION_JOINT = "fusion_joint"  # text+image queries
+FUSION_ITEM = "fusion_item"  # catalogue items (title + photo): same inputs, the item-side weights
 
 # Tensor names shared by the client, the ensembles and the members.
 TEXT = "TEXT"  # BYTES [1]: UTF-8 text
@@ -132,6 +133,7 @@ def member_specs(d: Dims) -> dict[str, ModelSpec]:
         ModelSpec(FUSION_TEXT, (states, mask), (emb,), 64, (8, 16, 32), 1000, **seq),
         ModelSpec(FUSION_IMAGE, (regions,), (emb,), 64, (8, 16, 32), 1000),
         ModelSpec(FUSION_JOINT, (states, mask, regions), (emb,), 64, (8, 16, 32), 1000, **seq),
+        ModelSpec(FUSION_ITEM, (states, mask, regions), (emb,), 64, (16, 32), 1000, **seq),
     ]
     return {s.name: s for s in specs}
 
@@ -174,17 +176,19 @@ def ensemble_specs() -> dict[str, EnsembleSpec]:
                             {INPUT_IDS: "input_ids", ATTENTION_MASK: "attention_mask",
                              PIXEL_VALUES: "pixel_values"})
 
+    def fusion_of(model: str) -> EnsembleStep:
+        return EnsembleStep(model, {TOKEN_STATES: "token_states", ATTENTION_MASK: "attention_mask",
+                                    IMAGE_REGIONS: "image_regions"}, {EMBEDDING: EMBEDDING})
+
     img_enc = EnsembleStep(IMAGE_ENCODER, {PIXEL_VALUES: "pixel_values"}, {IMAGE_REGIONS: "image_regions"})
     f_text = EnsembleStep(FUSION_TEXT, {TOKEN_STATES: "token_states", ATTENTION_MASK: "attention_mask"},
                           {EMBEDDING: EMBEDDING})
     f_image = EnsembleStep(FUSION_IMAGE, {IMAGE_REGIONS: "image_regions"}, {EMBEDDING: EMBEDDING})
-    f_joint = EnsembleStep(FUSION_JOINT, {TOKEN_STATES: "token_states",
-                                          ATTENTION_MASK: "attention_mask",
-                                          IMAGE_REGIONS: "image_regions"}, {EMBEDDING: EMBEDDING})
     ens = [
         EnsembleSpec(QUERY_TEXT, (TEXT,), (tok, text_enc, f_text)),
         EnsembleSpec(QUERY_IMAGE, (IMAGE,), (img_pre, img_enc, f_image)),
-        EnsembleSpec(QUERY_TEXT_IMAGE, (TEXT, IMAGE), (both(JOINT_PREPROCESS), text_enc, img_enc, f_joint)),
-        EnsembleSpec(ITEM, (TEXT, IMAGE), (both(ITEM_PREPROCESS), text_enc, img_enc, f_joint)),
+        EnsembleSpec(QUERY_TEXT_IMAGE, (TEXT, IMAGE), (both(JOINT_PREPROCESS), text_enc, img_enc,
+                                                          fusion_of(FUSION_JOINT))),
+        EnsembleSpec(ITEM, (TEXT, IMAGE), (both(ITEM_PREPROCESS), text_enc, img_enc, fusion_of(FUSION_ITEM))),
     ]
     return {e.name: e for e in ens}

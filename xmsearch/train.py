@@ -26,6 +26,15 @@ the batch:
   one) of its words, one of them per step.  The module learns to take the kind of
   product from the photo and let the words override what they name.
 
+The text+image and edit views are *queries* and go through the query-side cross-attention
+(``query_cross``, exported as ``fusion_joint``); the anchors go through the item-side one
+(``fusion_item``), and their losses do not move the anchors (``query_detach``): the item
+embeddings are shaped by the text and photo views alone.  With one set of weights for
+both, the edit task underfit (42% of the top-10 slots of the training items' own edit
+views right) and weighting it up made every kind worse; with two and the detached
+anchors, photo+text R@10 rose by 0.09 and photo R@1 by 0.06 over three seeds, text R@10
+fell by 0.03 (benchmarks/results/quality_ab.md).
+
 Nothing here depends on the demo catalogue: views come from ``title``, optional
 ``alt_titles`` and the image of any catalogue in the ingest format.
 """
@@ -74,6 +83,10 @@ class TrainConfig:
     width: int = 256
     embed_dim: int = 256
     image_reduce_dim: int = 256  # frozen PCA of the regions before the trained projection
+    query_cross: bool = True  # text+image queries get their own cross-attention (AttentionFusion)
+    # The text+image and edit losses train the query side only: they do not move the item
+    # embeddings they are matched against (photo R@1 +0.06, text R@10 -0.03 over 3 seeds).
+    query_detach: bool = True
     group_size: int = 4  # >1: an extra photo -> item loss on batches of look-alike groups (neighbour_batches)
 
 
@@ -524,7 +537,8 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
     eval_idx = val_idx if n_val else perm[: min(n, 200)]
     n_views = f.regions.shape[1]  # catalogue photo + augmented re-shots
     fusion = AttentionFusion(f.item_states.shape[-1], f.regions.shape[-1], width=cfg.width,
-                             embed_dim=cfg.embed_dim, image_reduce_dim=cfg.image_reduce_dim)
+                             embed_dim=cfg.embed_dim, image_reduce_dim=cfg.image_reduce_dim,
+                             query_cross=cfg.query_cross)
     reduced = reduce_regions(fusion, f.regions, train_idx)
     log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
     trainable = [p for p in fusion.parameters() if p.requires_grad]
@@ -567,11 +581,12 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
                                               [item_words[a] for a in idx.tolist()])
             z = fusion.joint(title_t, f.item_mask[idx], photo_v)
             scale = log_scale.exp().clamp(max=100)
+            zq = z.detach() if cfg.query_detach else z
             loss = (info_nce(fusion.text_only(view_t, vm), z, scale, positives)
                     + info_nce(fusion.image_only(aug_v), z, scale)
                     + info_nce(fusion.image_only(photo_v), z, scale)
-                    + info_nce(fusion.joint(view_t, vm, aug_v), z, scale)
-                    + info_nce(fusion.joint(edit_t, f.edit_mask[idx, e], other_v), z, scale))
+                    + info_nce(fusion.joint(view_t, vm, aug_v, query=True), zq, scale)
+                    + info_nce(fusion.joint(edit_t, f.edit_mask[idx, e], other_v, query=True), zq, scale))
             if hard is not None and len(hard[b:b + cfg.batch_size]) > 1:
                 # Photo -> item again, on a batch of look-alike groups: only the photo path
                 # has to tell them apart (text and edit queries name no detail that could).

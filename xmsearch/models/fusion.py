@@ -14,6 +14,13 @@ Structure (all trained, encoders frozen):
 Text-only, image-only and text+image are three entry points over the same weights;
 each is exported as its own graph (``fusion_text``, ``fusion_image``, ``fusion_joint``) so
 a query never pays for, nor needs placeholders for, a modality it does not have.
+
+With ``query_cross``, text+image *queries* ("like this photo, but red") get their own
+cross-attention (step 2), while catalogue items (title + photo) keep the shared one:
+an item's photo and title agree, a query's words override part of its photo, and one
+set of weights trained for both underfits the second (benchmarks/results/quality_ab.md).
+Items are then exported as a fourth graph, ``fusion_item``; without ``query_cross`` it
+computes the same as ``fusion_joint``.
 """
 
 from __future__ import annotations
@@ -54,7 +61,8 @@ class Attention(nn.Module):
 
 class AttentionFusion(nn.Module):
     def __init__(self, text_dim: int, image_dim: int, width: int = 256, heads: int = 4,
-                 embed_dim: int = 256, dropout: float = 0.1, image_reduce_dim: int | None = None):
+                 embed_dim: int = 256, dropout: float = 0.1, image_reduce_dim: int | None = None,
+                 query_cross: bool = False):
         super().__init__()
         self.text_dim, self.image_dim, self.width, self.embed_dim = text_dim, image_dim, width, embed_dim
         self.image_reduce_dim = image_reduce_dim
@@ -75,6 +83,12 @@ class AttentionFusion(nn.Module):
         self.i2t = Attention(width, heads, dropout)
         self.norm_t = nn.LayerNorm(width)
         self.norm_i = nn.LayerNorm(width)
+        self.query_cross = query_cross
+        if query_cross:
+            self.t2i_q = Attention(width, heads, dropout)
+            self.i2t_q = Attention(width, heads, dropout)
+            self.norm_t_q = nn.LayerNorm(width)
+            self.norm_i_q = nn.LayerNorm(width)
         self.pool_query = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.pool = Attention(width, heads, dropout)
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(),
@@ -83,7 +97,7 @@ class AttentionFusion(nn.Module):
     def config(self) -> dict:
         return {"text_dim": self.text_dim, "image_dim": self.image_dim, "width": self.width,
                 "heads": self.heads, "embed_dim": self.embed_dim,
-                "image_reduce_dim": self.image_reduce_dim}
+                "image_reduce_dim": self.image_reduce_dim, "query_cross": self.query_cross}
 
     # The three entry points -------------------------------------------------------
 
@@ -94,8 +108,9 @@ class AttentionFusion(nn.Module):
         return self.image_only(self.image_tokens(image_regions))
 
     def encode_joint(self, text_states: torch.Tensor, text_mask: torch.Tensor,
-                     image_regions: torch.Tensor) -> torch.Tensor:
-        return self.joint(self.text_tokens(text_states), text_mask, self.image_tokens(image_regions))
+                     image_regions: torch.Tensor, query: bool = False) -> torch.Tensor:
+        """Title + photo of an item, or with ``query`` a text+image query (see ``query_cross``)."""
+        return self.joint(self.text_tokens(text_states), text_mask, self.image_tokens(image_regions), query)
 
     # The same on projected tokens: training projects each feature tensor once and
     # reuses it across views (the 1280-wide region projection dominates its cost).
@@ -132,10 +147,14 @@ class AttentionFusion(nn.Module):
         valid = torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)
         return self._pool_and_project(v, valid)
 
-    def joint(self, t: torch.Tensor, text_mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def joint(self, t: torch.Tensor, text_mask: torch.Tensor, v: torch.Tensor, query: bool = False) -> torch.Tensor:
         tmask = text_mask.bool()
-        t2 = self.norm_t(t + self.t2i(t, v))
-        v2 = self.norm_i(v + self.i2t(v, t, tmask))
+        if query and self.query_cross:
+            t2 = self.norm_t_q(t + self.t2i_q(t, v))
+            v2 = self.norm_i_q(v + self.i2t_q(v, t, tmask))
+        else:
+            t2 = self.norm_t(t + self.t2i(t, v))
+            v2 = self.norm_i(v + self.i2t(v, t, tmask))
         tokens = torch.cat([t2, v2], dim=1)
         valid = torch.cat([tmask, torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)], dim=1)
         return self._pool_and_project(tokens, valid)
@@ -154,8 +173,8 @@ class FusionEntry(nn.Module):
 
     def __init__(self, fusion: AttentionFusion, kind: str):
         super().__init__()
-        if kind not in ("text", "image", "joint"):
-            raise ValueError(f"kind must be text, image or joint, got {kind!r}")
+        if kind not in ("text", "image", "joint", "item"):
+            raise ValueError(f"kind must be text, image, joint or item, got {kind!r}")
         self.fusion, self.kind = fusion, kind
 
     def forward(self, *args):
@@ -164,4 +183,4 @@ class FusionEntry(nn.Module):
             return f.encode_text(args[0], args[1])
         if self.kind == "image":
             return f.encode_image(args[0])
-        return f.encode_joint(args[0], args[1], args[2])
+        return f.encode_joint(args[0], args[1], args[2], query=self.kind == "joint")
