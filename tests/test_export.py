@@ -365,6 +365,22 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
                                       fusion.encode_joint(states, mask, regions).numpy())
 
 
+def test_checkpoint_from_before_query_cross_loads_with_one_joint_path(tmp_path: Path) -> None:
+    """Checkpoints written before ``query_cross`` existed have no such config key: they load
+    as the shared-weights module, whose item and text+image graphs are one computation."""
+    path = tmp_path / "fusion.pt"
+    FusionCheckpoint(tiny_fusion(), "minilm-l6", "efficientnet-lite0", trained=True).save(path)
+    payload = torch.load(str(path), weights_only=True)
+    del payload["fusion_config"]["query_cross"]
+    torch.save(payload, str(path))
+    back = FusionCheckpoint.load(path).fusion
+    assert back.config()["query_cross"] is False
+    states, mask, regions = tiny_cases()[0]
+    with torch.no_grad():
+        assert torch.equal(FusionEntry(back, "item")(states, mask, regions),
+                           FusionEntry(back, "joint")(states, mask, regions))
+
+
 def test_tampered_checkpoint_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "fusion.pt"
     FusionCheckpoint(tiny_fusion(), "minilm-l6", "efficientnet-lite0", trained=True).save(path)
