@@ -150,11 +150,11 @@ class AttentionFusion(nn.Module):
     def joint(self, t: torch.Tensor, text_mask: torch.Tensor, v: torch.Tensor, query: bool = False) -> torch.Tensor:
         tmask = text_mask.bool()
         if query and self.query_cross:
-            t2 = self.norm_t_q(t + self.t2i_q(t, v))
-            v2 = self.norm_i_q(v + self.i2t_q(v, t, tmask))
+            t2i, i2t, norm_t, norm_i = self.t2i_q, self.i2t_q, self.norm_t_q, self.norm_i_q
         else:
-            t2 = self.norm_t(t + self.t2i(t, v))
-            v2 = self.norm_i(v + self.i2t(v, t, tmask))
+            t2i, i2t, norm_t, norm_i = self.t2i, self.i2t, self.norm_t, self.norm_i
+        t2 = norm_t(t + t2i(t, v))
+        v2 = norm_i(v + i2t(v, t, tmask))
         tokens = torch.cat([t2, v2], dim=1)
         valid = torch.cat([tmask, torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)], dim=1)
         return self._pool_and_project(tokens, valid)
