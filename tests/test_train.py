@@ -74,6 +74,12 @@ def test_tampered_checkpoint_is_refused(trained, tmp_path):
     torch.save(payload, str(bad))
     with pytest.raises(CheckpointError, match="SHA-256"):
         FusionCheckpoint.load(bad)
+    # A checkpoint from another version (a setting this one lacks) is refused by name.
+    newer = torch.load(str(path), weights_only=True)
+    newer["fusion_config"]["future_setting"] = True
+    torch.save(newer, str(tmp_path / "newer.pt"))
+    with pytest.raises(CheckpointError, match="cannot build .*'future_setting'.*train it again"):
+        FusionCheckpoint.load(tmp_path / "newer.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="unreadable"):
         FusionCheckpoint.load(tmp_path / "junk.pt")

@@ -75,7 +75,11 @@ class FusionCheckpoint:
             raise CheckpointError(
                 f"fusion checkpoint {path} fails its SHA-256 check: the weights were modified "
                 "after training. Re-train or restore the file.")
-        fusion = AttentionFusion(**payload["fusion_config"])
+        try:
+            fusion = AttentionFusion(**payload["fusion_config"])
+        except (TypeError, ValueError, KeyError) as e:  # settings of another xmsearch version
+            raise CheckpointError(f"fusion checkpoint {path} has fusion settings this version of xmsearch "
+                                  f"cannot build ({e}); train it again with this version") from e
         try:
             fusion.load_state_dict(state, strict=True)
         except RuntimeError as e:
