@@ -317,6 +317,28 @@ def _faiss_name(generation: int) -> str:
 # --------------------------------------------------------------------------- locks
 
 
+@contextmanager
+def _omp_threads_at_most(n: int) -> Iterator[None]:
+    """FAISS's OpenMP threads, in the calling thread, limited to ``n`` for one call.
+
+    A search of fewer queries than threads gains nothing from the extra ones, and idle
+    OpenMP threads spin before they sleep (libgomp's default wait policy): a single-query
+    search then burnt about 4 ms of CPU on a second core, four times the rest of the client's
+    work per query, taken from the server on a shared machine (benchmarks/results/NOTES.md).
+    ``omp_set_num_threads`` applies to the calling thread only, so concurrent searches do
+    not see each other's limit.
+    """
+    before = faiss.omp_get_max_threads()
+    if n >= before:
+        yield
+        return
+    faiss.omp_set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 class _ReadWriteLock:
     """Many readers or one writer; waiting writers block new readers (no starvation)."""
 
@@ -1179,7 +1201,8 @@ class CatalogIndex:
                 return self._gpu_index.search(q, k)
         selector, keepalive = self._selector(allowed)
         search_params, more = self._search_parameters(selector, params, exhaustive_ivf)
-        distances, labels = self._index.search(q, k, params=search_params)
+        with _omp_threads_at_most(len(q)):
+            distances, labels = self._index.search(q, k, params=search_params)
         # SWIG pointers do not own their targets: these must outlive the search call.
         del keepalive, more, selector
         return distances, labels

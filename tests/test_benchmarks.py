@@ -722,3 +722,32 @@ def test_image_layers_recall_counts_the_right_product_at_rank_1_and_10() -> None
                            -catalogue[0]])
     r1, r10 = image_layers.recall(catalogue, queries, torch.tensor([3, 7, 0]))
     assert (r1, r10) == pytest.approx((1 / 3, 2 / 3))
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_search_threads_measures_both_variants_and_restores_the_limit(xm_server, tmp_path: Path) -> None:
+    import xmsearch.client.index as client_index
+    from benchmarks import search_threads
+    from xmsearch.client.embed import Embedder
+    from xmsearch.client.ingest import ingest_catalog
+    from xmsearch.demo import MIN_ITEMS, generate_demo_catalog
+
+    generate_demo_catalog(tmp_path / "demo", n=MIN_ITEMS, seed=2, n_queries=0)
+    emb = Embedder(xm_server.url, timeout_s=120.0)
+    try:
+        ingest_catalog(tmp_path / "demo" / "catalog.jsonl", tmp_path / "index", emb)
+    finally:
+        emb.close()
+    limit = client_index._omp_threads_at_most
+    text = search_threads.run(tmp_path / "index", tmp_path / "demo", xm_server.url, rounds=1, seconds=0.2,
+                              log=lambda line: None)
+    assert client_index._omp_threads_at_most is limit  # the real limit is back in place
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| caller's threads | at most one per query | ratio |" in rows["measure"]
+    for metric in ("client CPU ms per text search", "text queries/s at concurrency 16",
+                   "photo p50 ms at concurrency 1"):
+        cells = rows[metric].strip("| ").split(" | ")
+        assert float(cells[1].split()[0]) > 0 and float(cells[2].split()[0]) > 0, rows[metric]
+    with pytest.raises(SystemExit, match="faiss was imported before"):
+        search_threads.main(["--index", "x", "--catalog", "y"])

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 import pytest
 
-from xmsearch.client.index import CatalogIndex, Hit, check_embeddings
+from xmsearch.client.index import CatalogIndex, Hit, _omp_threads_at_most, check_embeddings
 from xmsearch.errors import IndexStoreError, InputError, XmsearchError
 
 DIM = 256
@@ -110,6 +110,32 @@ def test_flat_search_equals_brute_force(catalogue, big_indexes):
     assert [[h.id for h in row] for row in hits] == [[ids[i] for i in r] for r in rows]
     got = np.array([[h.score for h in row] for row in hits])
     np.testing.assert_allclose(got, scores, rtol=0, atol=1e-5)
+
+
+def test_small_searches_limit_faiss_threads_in_the_calling_thread_only():
+    # A one-query search runs FAISS on one OpenMP thread (idle ones spin and take a core
+    # from the server); other threads, and later calls, keep their own setting.
+    seen: dict[str, int] = {}
+
+    def fresh_thread(key: str) -> None:
+        t = threading.Thread(target=lambda: seen.__setitem__(key, faiss.omp_get_max_threads()))
+        t.start()
+        t.join()
+
+    fresh_thread("default")
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(4)
+    try:
+        with _omp_threads_at_most(1):
+            seen["one query"] = faiss.omp_get_max_threads()
+            fresh_thread("meanwhile elsewhere")
+        with _omp_threads_at_most(64):
+            seen["64 queries"] = faiss.omp_get_max_threads()
+        seen["after"] = faiss.omp_get_max_threads()
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert seen == {"default": seen["default"], "one query": 1, "meanwhile elsewhere": seen["default"],
+                    "64 queries": 4, "after": 4}
 
 
 @pytest.mark.slow
