@@ -323,7 +323,7 @@ def _omp_threads_at_most(n: int) -> Iterator[None]:
 
     A search of fewer queries than threads gains nothing from the extra ones, and idle
     OpenMP threads spin before they sleep (libgomp's default wait policy): a single-query
-    search then burnt about 4 ms of CPU on a second core, four times the rest of the client's
+    search then burnt about 4 ms of CPU on a second core, three times the rest of the client's
     work per query, taken from the server on a shared machine (benchmarks/results/NOTES.md).
     ``omp_set_num_threads`` applies to the calling thread only, so concurrent searches do
     not see each other's limit.
