@@ -30,11 +30,6 @@ from benchmarks.loadgen import closed_loop
 from xmsearch.catalog import read_catalog
 
 
-@contextlib.contextmanager
-def _caller_threads(n: int):
-    yield  # FAISS keeps the calling thread's OpenMP setting (all cores by default)
-
-
 def _cpu_ms_per_call(fn, inputs) -> float:
     t0 = time.process_time()
     for x in inputs:
@@ -48,25 +43,32 @@ def run(index_dir: Path, catalog: Path, url: str, rounds: int, seconds: float, l
     from xmsearch.client.search import Searcher
 
     limited = client_index._omp_threads_at_most
-    variants = {"caller's threads": _caller_threads, "at most one per query": limited}
+    # nullcontext(n): FAISS keeps the calling thread's OpenMP setting (all cores by default).
+    variants = {"caller's threads": contextlib.nullcontext, "at most one per query": limited}
     rows, _ = read_catalog(catalog / "catalog.jsonl")
     texts = [r.title for r in rows[:300]]
     photos = [r.image.read_bytes() for r in rows[:100]]
     embedder = Embedder(url)
     searcher = Searcher(index_dir, embedder)
     points: dict[tuple[str, str], list[float]] = {}
+
+    def search_text(text: str) -> object:
+        return searcher.search(text=text, k=10)
+
+    def search_photo(photo: bytes) -> object:
+        return searcher.search(image=photo, k=10)
+
     try:
         for t in texts[:50]:  # warm-up
-            searcher.search(text=t, k=10)
+            search_text(t)
         for rnd in range(rounds):
             for name, limit in variants.items():
                 client_index._omp_threads_at_most = limit
                 points.setdefault((name, "client CPU ms per text search"), []).append(
-                    _cpu_ms_per_call(lambda t: searcher.search(text=t, k=10), texts))
+                    _cpu_ms_per_call(search_text, texts))
                 points.setdefault((name, "client CPU ms per text embedding alone"), []).append(
                     _cpu_ms_per_call(lambda t: embedder.embed_queries([t], None), texts))
-                for kind, data, call in (("text", texts, lambda q: searcher.search(text=q, k=10)),
-                                         ("photo", photos, lambda q: searcher.search(image=q, k=10))):
+                for kind, data, call in (("text", texts, search_text), ("photo", photos, search_photo)):
                     for c in (1, 16):
                         r = closed_loop(call, data, c, seconds, label=kind, warmup_s=min(1.0, seconds))
                         points.setdefault((name, f"{kind} queries/s at concurrency {c}"), []).append(r.qps)
