@@ -4,9 +4,9 @@
   (items/s as the client reports it: reading rows and photos, item ensemble requests,
   index writes and saves);
 * :func:`measure_search` -- ``Searcher.search`` (query encode over gRPC + FAISS top-10) from
-  1, 4, 16 threads sharing one :class:`Searcher`, as a web front end would;
-* :func:`measure_coalesced` -- the same single text queries merged by
-  :class:`xmsearch.client.triton.Coalescer` into batched requests.
+  1, 4, 16 threads sharing one :class:`Searcher`, as a web front end would (concurrent
+  queries answered together, the default), then text queries at 16 threads through a
+  ``Searcher(combine=False)``: one request and one FAISS search per query.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from benchmarks.loadgen import LoadResult, closed_loop
-from xmsearch import spec
 
 
 @dataclass
@@ -61,7 +60,7 @@ class SearchPlan:
     levels: tuple[int, ...] = (1, 4, 16)
     duration_s: float = 5.0
     warmup_s: float = 1.0
-    coalesced_concurrency: int = 16
+    uncombined_concurrency: int = 16
 
 
 def measure_search(index_dir: Path, url: str, texts: Sequence[str], images: Sequence[bytes],
@@ -81,7 +80,7 @@ def measure_search(index_dir: Path, url: str, texts: Sequence[str], images: Sequ
                 result = closed_loop(call, data, level, plan.duration_s, label=kind, warmup_s=plan.warmup_s)
                 results.append(result)
                 on_result(result)
-        results.append(_coalesced(searcher, embedder, texts, plan))
+        results.append(_uncombined(index_dir, embedder, texts, plan))
         on_result(results[-1])
     finally:
         searcher.close()
@@ -89,17 +88,15 @@ def measure_search(index_dir: Path, url: str, texts: Sequence[str], images: Sequ
     return results
 
 
-def _coalesced(searcher, embedder, texts: Sequence[str], plan: SearchPlan) -> LoadResult:
-    from xmsearch.client.triton import Coalescer
+def _uncombined(index_dir: Path, embedder, texts: Sequence[str], plan: SearchPlan) -> LoadResult:
+    from xmsearch.client.search import Searcher
 
-    index = searcher.index
-    with Coalescer(embedder.client, spec.QUERY_TEXT, spec.EMBEDDING) as coalescer:
-        def call(text: str) -> object:
-            vector = coalescer({spec.TEXT: [text]})
-            return index.search(vector[None, :], 10)
-
-        return closed_loop(call, list(texts), plan.coalesced_concurrency, plan.duration_s,
-                           label="text, coalesced", warmup_s=plan.warmup_s)
+    searcher = Searcher(Path(index_dir), embedder, combine=False)
+    try:
+        return closed_loop(lambda q: searcher.search(text=q, k=10), list(texts), plan.uncombined_concurrency,
+                           plan.duration_s, label="text, one request per query", warmup_s=plan.warmup_s)
+    finally:
+        searcher.close()
 
 
 def results_to_json(ingest: IngestResult | None, search: Sequence[LoadResult]) -> str:

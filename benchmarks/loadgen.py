@@ -10,6 +10,7 @@ inside the ``duration_s`` window counts towards throughput and latency percentil
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -131,3 +132,16 @@ def timed_batches(fn: Callable[[Any], object], batches: Sequence[Any], duration_
         latencies.append(time.perf_counter() - t0)
         i += 1
     return summarise(label, latencies, time.perf_counter() - begin, concurrency=1, batch=batch)
+
+
+def ab_table(points: dict[tuple[str, str], list[float]], before: str, after: str) -> str:
+    """Markdown table of an alternated A/B: per metric, the median (min-max) over rounds of
+    variant ``before`` and ``after`` and their ratio.  ``points`` maps (variant, metric) to
+    one figure per round; metrics keep their first-seen order."""
+    lines = [f"| measure | {before} | {after} | ratio |", "|---|---:|---:|---:|"]
+    for metric in dict.fromkeys(m for _, m in points):
+        b, a = points[(before, metric)], points[(after, metric)]
+        mb, ma = statistics.median(b), statistics.median(a)
+        lines.append(f"| {metric} | {mb:.2f} ({min(b):.2f}-{max(b):.2f}) | {ma:.2f} ({min(a):.2f}-{max(a):.2f}) "
+                     f"| {ma / mb:.2f}x |")
+    return "\n".join(lines)

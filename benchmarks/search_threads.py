@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 from benchmarks import publish
-from benchmarks.loadgen import closed_loop
+from benchmarks.loadgen import ab_table, closed_loop
 from xmsearch.catalog import read_catalog
 
 
@@ -78,16 +77,9 @@ def run(index_dir: Path, catalog: Path, url: str, rounds: int, seconds: float, l
         client_index._omp_threads_at_most = limited
         searcher.close()
         embedder.close()
-    before, after = variants
-    lines = [f"| measure | {before} | {after} | ratio |", "|---|---:|---:|---:|"]
-    for metric in dict.fromkeys(m for _, m in points):
-        b, a = points[(before, metric)], points[(after, metric)]
-        mb, ma = statistics.median(b), statistics.median(a)
-        lines.append(f"| {metric} | {mb:.2f} ({min(b):.2f}-{max(b):.2f}) | {ma:.2f} ({min(a):.2f}-{max(a):.2f}) "
-                     f"| {ma / mb:.2f}x |")
     policy = os.environ.get("OMP_WAIT_POLICY", "the OpenMP runtime's default")
     return (f"Medians over {rounds} alternated rounds (min-max), {seconds:.0f} s per load point, "
-            f"index {index_dir}, server {url}, OMP_WAIT_POLICY {policy}.\n\n" + "\n".join(lines))
+            f"index {index_dir}, server {url}, OMP_WAIT_POLICY {policy}.\n\n" + ab_table(points, *variants))
 
 
 def main(argv=None) -> int:

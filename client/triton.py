@@ -40,7 +40,7 @@ import tritonclient.grpc.aio as grpcclient_aio
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
-from xmsearch.errors import InputError, ServerError, XmsearchError
+from xmsearch.errors import InputError, ServerError, XmsearchError, for_caller
 
 log = logging.getLogger(__name__)
 
@@ -736,10 +736,7 @@ class Coalescer:
                 return
             except BaseException as exc:  # noqa: BLE001 - every caller must hear of it
                 for p in live:
-                    err = type(exc)(str(exc)) if isinstance(exc, XmsearchError) else exc
-                    if err is not exc:
-                        err.__cause__ = exc
-                    p.future.set_exception(err)
+                    p.future.set_exception(for_caller(exc))
                 return
             for i, p in enumerate(live):
                 p.future.set_result(self._pick(result, i))

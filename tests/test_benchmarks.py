@@ -591,7 +591,7 @@ def test_unmeasured_comparisons_are_never_met() -> None:
 
 
 def test_new_sections_land_in_the_report(tmp_path: Path) -> None:
-    served = [_load("text", 54.0, c) for c in (1, 4, 16)] + [_load("text, coalesced", 58.0, 16)]
+    served = [_load("text", 54.0, c) for c in (1, 4, 16)] + [_load("text, one request per query", 58.0, 16)]
     items = compare.ratios(served, [_load("text", 30.0)], [], [], 15.0)
     report.write_section_file(tmp_path, "targets", compare.ratio_section(items, "notes here", ["python -m x"]))
     report.write_section_file(tmp_path, "e2e", compare.e2e_section(served, 100, 6.5, "setup"))
@@ -605,7 +605,7 @@ def test_new_sections_land_in_the_report(tmp_path: Path) -> None:
     assert [text.index(f"## {t}") for t in order] == sorted(text.index(f"## {t}") for t in order)
     assert "| text queries, client c=16 vs PyTorch one query at a time | 54.0 queries/s | 30.0 queries/s | 1.80x" in text
     assert "NOT met" in text and "not measured" in text
-    assert "**15.4 items/s**" in text and "| text, coalesced | 16 | 1 |" in text
+    assert "**15.4 items/s**" in text and "| text, one request per query | 16 | 1 |" in text
     assert "| multilingual-e5-small-q4 | 16 | 30.00 | 400 | 600 |" in text
 
 

@@ -32,3 +32,19 @@ class ConfigError(XmsearchError):
 
 class CheckpointError(XmsearchError):
     """A fusion checkpoint is missing, tampered with, or does not match the encoders."""
+
+
+def for_caller(exc: BaseException) -> BaseException:
+    """The error to raise in one of several callers whose rows failed in one shared request.
+
+    An xmsearch error is copied (same type and message, the shared one as its cause) so
+    that each caller's traceback is its own; anything else is handed on as it is.
+    """
+    if not isinstance(exc, XmsearchError):
+        return exc
+    try:
+        copy = type(exc)(str(exc))
+    except TypeError:  # a subclass with another constructor: share it
+        return exc
+    copy.__cause__ = exc
+    return copy
