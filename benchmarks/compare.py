@@ -117,12 +117,16 @@ def load_table(results: Sequence[LoadResult]) -> str:
 
 
 def e2e_section(search: Sequence[LoadResult], ingest_items: int | None, ingest_s: float | None,
-                notes: str = "", commands: Sequence[str] = ()) -> ReportSection:
-    """Ingest throughput and client search latency/throughput."""
+                notes: str = "", commands: Sequence[str] = (),
+                ingest_rounds: Sequence[float] = ()) -> ReportSection:
+    """Ingest throughput (the median of ``ingest_rounds`` items/s when several) and client
+    search latency/throughput."""
     parts = [notes] if notes else []
     if ingest_items is not None and ingest_s:
+        rounds = (f"; the median of {len(ingest_rounds)} ingests: "
+                  + ", ".join(f"{r:.1f}" for r in ingest_rounds) + " items/s") if len(ingest_rounds) > 1 else ""
         parts.append(f"**Ingest:** {ingest_items} items in {ingest_s:.1f} s = "
-                     f"**{ingest_items / ingest_s:.1f} items/s** (`ingest_catalog`, Flat index).")
+                     f"**{ingest_items / ingest_s:.1f} items/s** (`ingest_catalog`, Flat index{rounds}).")
     if search:
         parts.append(load_table(search))
     return ReportSection(title="End to end through the xmsearch client", body="\n\n".join(parts),

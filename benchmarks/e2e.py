@@ -55,6 +55,12 @@ def measure_ingest(catalog_file: Path, index_dir: Path, url: str) -> IngestResul
     return IngestResult(items=report.added, seconds=report.seconds, bad_rows=len(report.bad))
 
 
+def median_ingest(results: Sequence[IngestResult]) -> IngestResult | None:
+    """The ingest of median items/s (the lower middle one of an even count); None for none."""
+    ranked = sorted(results, key=lambda r: r.items_per_second)
+    return ranked[(len(ranked) - 1) // 2] if ranked else None
+
+
 @dataclass(frozen=True)
 class SearchPlan:
     levels: tuple[int, ...] = (1, 4, 16)

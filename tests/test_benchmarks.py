@@ -590,11 +590,21 @@ def test_unmeasured_comparisons_are_never_met() -> None:
     assert items and all(r.value is None and r.met is None and r.verdict() == "not measured" for r in items)
 
 
+def test_the_median_ingest_is_reported() -> None:
+    from benchmarks.e2e import IngestResult, median_ingest
+
+    runs = [IngestResult(300, 5.0, 0), IngestResult(300, 4.0, 0), IngestResult(300, 6.0, 0)]
+    assert median_ingest(runs) is runs[0]  # 60 items/s between 50 and 75
+    assert median_ingest(runs[1:]) is runs[2]  # even count: the lower middle one, never flattering
+    assert median_ingest([]) is None
+
+
 def test_new_sections_land_in_the_report(tmp_path: Path) -> None:
     served = [_load("text", 54.0, c) for c in (1, 4, 16)] + [_load("text, one request per query", 58.0, 16)]
     items = compare.ratios(served, [_load("text", 30.0)], [], [], 15.0)
     report.write_section_file(tmp_path, "targets", compare.ratio_section(items, "notes here", ["python -m x"]))
-    report.write_section_file(tmp_path, "e2e", compare.e2e_section(served, 100, 6.5, "setup"))
+    report.write_section_file(tmp_path, "e2e", compare.e2e_section(served, 100, 6.5, "setup",
+                                                                   ingest_rounds=[14.0, 15.38, 17.2]))
     report.write_section_file(tmp_path, "baselines", compare.baseline_section([_load("text", 30.0)],
                                                                               [_load("image", 9.0, batch=32)]))
     report.write_section_file(tmp_path, "tm", compare.text_model_section(
@@ -605,6 +615,7 @@ def test_new_sections_land_in_the_report(tmp_path: Path) -> None:
     assert [text.index(f"## {t}") for t in order] == sorted(text.index(f"## {t}") for t in order)
     assert "| text queries, client c=16 vs PyTorch one query at a time | 54.0 queries/s | 30.0 queries/s | 1.80x" in text
     assert "NOT met" in text and "not measured" in text
+    assert "**15.4 items/s** (`ingest_catalog`, Flat index; the median of 3 ingests: 14.0, 15.4, 17.2 items/s)" in text
     assert "**15.4 items/s**" in text and "| text, one request per query | 16 | 1 |" in text
     assert "| multilingual-e5-small-q4 | 16 | 30.00 | 400 | 600 |" in text
 
