@@ -11,7 +11,8 @@ ports, and measures
 1. perf_analyzer sweeps of the four ensembles and the members text_encoder,
    image_encoder and fusion_joint;
 2. the xmsearch client end to end: ``ingest_catalog`` items/s, ``Searcher.search``
-   latency and queries/s at 1, 4, 16 threads (text and image), and text queries at 16 threads sent one request per query;
+   latency and queries/s at 1, 4, 16 threads (text and image), and text queries at 16
+   threads sent one request per query;
 3. the in-process baselines on the same queries: PyTorch ReferencePipeline and ONNX
    Runtime on the exported graphs, one query at a time and batched, and the issue's
    served/baseline ratios with a verdict per target;

@@ -762,3 +762,32 @@ def test_search_threads_measures_both_variants_and_restores_the_limit(xm_server,
         assert float(cells[1].split()[0]) > 0 and float(cells[2].split()[0]) > 0, rows[metric]
     with pytest.raises(SystemExit, match="faiss was imported before"):
         search_threads.main(["--index", "x", "--catalog", "y"])
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_search_combine_measures_both_searchers(xm_server, tmp_path: Path) -> None:
+    from benchmarks import search_combine
+    from xmsearch.catalog import read_catalog
+    from xmsearch.client.embed import Embedder
+    from xmsearch.client.ingest import ingest_catalog
+    from xmsearch.demo import MIN_ITEMS, generate_demo_catalog
+
+    generate_demo_catalog(tmp_path / "demo", n=MIN_ITEMS, seed=3, n_queries=0)
+    emb = Embedder(xm_server.url, timeout_s=120.0)
+    try:
+        ingest_catalog(tmp_path / "demo" / "catalog.jsonl", tmp_path / "index", emb)
+    finally:
+        emb.close()
+    rows, _ = read_catalog(tmp_path / "demo" / "catalog.jsonl")
+    text = search_combine.run(tmp_path / "index", xm_server.url, [r.title for r in rows[:8]],
+                              [r.image.read_bytes() for r in rows[:4]], rounds=1, seconds=0.2, levels=(1, 4),
+                              log=lambda line: None)
+    rows_by_metric = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "| one request per query | answered together | ratio |" in rows_by_metric["measure"]
+    metrics = [m for m in rows_by_metric if " at concurrency " in m]
+    # queries/s rows first, then p50, then p99; each kind and level once
+    assert [m.split(" at ")[0].split(" ", 1)[1] for m in metrics] == ["queries/s"] * 4 + ["p50 ms"] * 4 + ["p99 ms"] * 4
+    for metric in metrics:
+        cells = rows_by_metric[metric].strip("| ").split(" | ")
+        assert float(cells[1].split()[0]) > 0 and float(cells[2].split()[0]) > 0, rows_by_metric[metric]
