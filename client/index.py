@@ -288,7 +288,15 @@ def _item_row(item_id: str, meta: Any) -> tuple[str | None, str | None, dict[str
     return title, image, attrs, pairs
 
 
-def _filter_values(field_name: Any, values: Any) -> list[str]:
+def check_k(k: Any) -> int:
+    """``k`` as an int, or an InputError: a search's result count must be a positive integer."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"search(): k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def filter_values(field_name: Any, values: Any) -> list[str]:
+    """One filter clause's values as the index matches them (text forms), or an InputError."""
     if not isinstance(field_name, str) or not field_name:
         raise InputError(f"search(): filter field {field_name!r} must be a non-empty string")
     seq = list(values) if isinstance(values, (list, tuple, set, frozenset)) else [values]
@@ -1152,13 +1160,11 @@ class CatalogIndex:
         ``efSearch`` override the persistent knobs for this call.
         """
         q = check_embeddings(queries, self._dim, what="search(): queries", normalize=normalize)
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise InputError(f"search(): k must be a positive integer, got {k!r}")
-        k = int(k)
+        k = check_k(k)
         if filters is not None and not isinstance(filters, Mapping):
             raise InputError("search(): filters must be a dict {field: value or [values]}, "
                              f"got {type(filters).__name__}")
-        clauses = [(f, _filter_values(f, v)) for f, v in (filters or {}).items()]
+        clauses = [(f, filter_values(f, v)) for f, v in (filters or {}).items()]
         overrides = {}
         if nprobe is not None:
             overrides["nprobe"] = self._valid_nprobe(nprobe)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from xmsearch.client.embed import Embedder, read_image
-from xmsearch.client.index import CatalogIndex, Hit
+from xmsearch.client.index import CatalogIndex, Hit, filter_values, check_k
 from xmsearch.errors import InputError, for_caller
 
 Filters = Mapping[str, str | Sequence[str]]
@@ -39,15 +39,13 @@ class _Query:
 
 
 def _filters_key(filters: Filters | None) -> object:
-    """Queries whose filters have the same key share one FAISS search."""
+    """Queries whose filters mean the same (as the index reads them) share one FAISS search."""
     if not filters:
         return None
     try:
-        key = tuple((f, v if isinstance(v, str) else tuple(v)) for f, v in filters.items())
-        hash(key)
-        return key
-    except (TypeError, AttributeError):  # not a mapping of strings: searched on its own (refused there)
-        return ("unhashable", id(filters))
+        return tuple((f, tuple(filter_values(f, v))) for f, v in filters.items())
+    except (InputError, AttributeError):  # refused by the index: searched on its own, to fail there
+        return ("refused", id(filters))
 
 
 class _Slot:
@@ -159,10 +157,10 @@ class Searcher:
     def search(self, text: str | None = None, image: bytes | str | Path | None = None, k: int = 10,
                filters: Filters | None = None) -> list[Hit]:
         """Top-k products for one query."""
-        _check_k(k)
+        k = check_k(k)
         if text is None and image is None:
             raise InputError("a query needs a text, an image or both")
-        query = _Query(text, read_image(image) if image is not None else None, int(k), filters)
+        query = _Query(text, read_image(image) if image is not None else None, k, filters)
         if self._combiners is None:
             return _unwrap(self._answer([query])[0])
         return self._combiners[query.kind](query)
@@ -171,7 +169,7 @@ class Searcher:
                     images: Sequence[bytes | str | Path] | None = None, k: int = 10,
                     filters: Filters | None = None) -> list[list[Hit]]:
         """Top-k for a batch of queries of one kind (embedded in batched requests)."""
-        _check_k(k)
+        check_k(k)
         photos = [read_image(i) for i in images] if images is not None else None
         vectors = self.embedder.embed_queries(texts, photos)
         return self.index.search(vectors, k, filters)
@@ -217,11 +215,6 @@ class Searcher:
 
     def close(self) -> None:
         self.index.close()
-
-
-def _check_k(k: object) -> None:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise InputError(f"k must be a positive integer, got {k!r}")
 
 
 def _unwrap(outcome: list[Hit] | BaseException) -> list[Hit]:

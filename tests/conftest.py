@@ -126,3 +126,21 @@ def reference_pipeline(exported_repository: Path):
 
     enc = Encoders.load()
     return ReferencePipeline(enc, load_fusion(enc, None, untrained=True).fusion)
+
+
+@pytest.fixture(scope="session")
+def served_demo_index(xm_server: TritonServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(catalogue folder, index folder): the smallest demo catalogue, ingested through
+    :func:`xm_server` into a Flat index once per session.  Read-only for its users."""
+    from xmsearch.client.embed import Embedder
+    from xmsearch.client.ingest import ingest_catalog
+    from xmsearch.demo import MIN_ITEMS, generate_demo_catalog
+
+    root = tmp_path_factory.mktemp("served_demo")
+    generate_demo_catalog(root / "demo", n=MIN_ITEMS, seed=5, n_queries=0)
+    embedder = Embedder(xm_server.url, timeout_s=120.0, retries=3)
+    try:
+        ingest_catalog(root / "demo" / "catalog.jsonl", root / "index", embedder)
+    finally:
+        embedder.close()
+    return root / "demo", root / "index"

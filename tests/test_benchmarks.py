@@ -735,59 +735,50 @@ def test_image_layers_recall_counts_the_right_product_at_rank_1_and_10() -> None
     assert (r1, r10) == pytest.approx((1 / 3, 2 / 3))
 
 
+def _ab_rows(text: str) -> dict[str, str]:
+    """The lines of an A/B table (``benchmarks.loadgen.ab_table``) by their first cell."""
+    return {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+
+
+def _assert_both_measured(row: str) -> None:
+    cells = row.strip("| ").split(" | ")
+    assert float(cells[1].split()[0]) > 0 and float(cells[2].split()[0]) > 0, row
+
+
 @pytest.mark.triton
 @pytest.mark.slow
-def test_search_threads_measures_both_variants_and_restores_the_limit(xm_server, tmp_path: Path) -> None:
+def test_search_threads_measures_both_variants_and_restores_the_limit(xm_server, served_demo_index) -> None:
     import xmsearch.client.index as client_index
     from benchmarks import search_threads
-    from xmsearch.client.embed import Embedder
-    from xmsearch.client.ingest import ingest_catalog
-    from xmsearch.demo import MIN_ITEMS, generate_demo_catalog
 
-    generate_demo_catalog(tmp_path / "demo", n=MIN_ITEMS, seed=2, n_queries=0)
-    emb = Embedder(xm_server.url, timeout_s=120.0)
-    try:
-        ingest_catalog(tmp_path / "demo" / "catalog.jsonl", tmp_path / "index", emb)
-    finally:
-        emb.close()
+    demo, index_dir = served_demo_index
     limit = client_index._omp_threads_at_most
-    text = search_threads.run(tmp_path / "index", tmp_path / "demo", xm_server.url, rounds=1, seconds=0.2,
-                              log=lambda line: None)
+    text = search_threads.run(index_dir, demo, xm_server.url, rounds=1, seconds=0.2, log=lambda line: None)
     assert client_index._omp_threads_at_most is limit  # the real limit is back in place
-    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    rows = _ab_rows(text)
     assert "| caller's threads | at most one per query | ratio |" in rows["measure"]
     for metric in ("client CPU ms per text search", "text queries/s at concurrency 16",
                    "photo p50 ms at concurrency 1"):
-        cells = rows[metric].strip("| ").split(" | ")
-        assert float(cells[1].split()[0]) > 0 and float(cells[2].split()[0]) > 0, rows[metric]
+        _assert_both_measured(rows[metric])
     with pytest.raises(SystemExit, match="faiss was imported before"):
         search_threads.main(["--index", "x", "--catalog", "y"])
 
 
 @pytest.mark.triton
 @pytest.mark.slow
-def test_search_combine_measures_both_searchers(xm_server, tmp_path: Path) -> None:
+def test_search_combine_measures_both_searchers(xm_server, served_demo_index) -> None:
     from benchmarks import search_combine
     from xmsearch.catalog import read_catalog
-    from xmsearch.client.embed import Embedder
-    from xmsearch.client.ingest import ingest_catalog
-    from xmsearch.demo import MIN_ITEMS, generate_demo_catalog
 
-    generate_demo_catalog(tmp_path / "demo", n=MIN_ITEMS, seed=3, n_queries=0)
-    emb = Embedder(xm_server.url, timeout_s=120.0)
-    try:
-        ingest_catalog(tmp_path / "demo" / "catalog.jsonl", tmp_path / "index", emb)
-    finally:
-        emb.close()
-    rows, _ = read_catalog(tmp_path / "demo" / "catalog.jsonl")
-    text = search_combine.run(tmp_path / "index", xm_server.url, [r.title for r in rows[:8]],
-                              [r.image.read_bytes() for r in rows[:4]], rounds=1, seconds=0.2, levels=(1, 4),
+    demo, index_dir = served_demo_index
+    catalogue, _ = read_catalog(demo / "catalog.jsonl")
+    text = search_combine.run(index_dir, xm_server.url, [r.title for r in catalogue[:8]],
+                              [r.image.read_bytes() for r in catalogue[:4]], rounds=1, seconds=0.2, levels=(1, 4),
                               log=lambda line: None)
-    rows_by_metric = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
-    assert "| one request per query | answered together | ratio |" in rows_by_metric["measure"]
-    metrics = [m for m in rows_by_metric if " at concurrency " in m]
+    rows = _ab_rows(text)
+    assert "| one request per query | answered together | ratio |" in rows["measure"]
+    metrics = [m for m in rows if " at concurrency " in m]
     # queries/s rows first, then p50, then p99; each kind and level once
     assert [m.split(" at ")[0].split(" ", 1)[1] for m in metrics] == ["queries/s"] * 4 + ["p50 ms"] * 4 + ["p99 ms"] * 4
     for metric in metrics:
-        cells = rows_by_metric[metric].strip("| ").split(" | ")
-        assert float(cells[1].split()[0]) > 0 and float(cells[2].split()[0]) > 0, rows_by_metric[metric]
+        _assert_both_measured(rows[metric])

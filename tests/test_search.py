@@ -154,18 +154,14 @@ def test_combiner_under_churn_answers_every_call_exactly_once() -> None:
 
 
 @pytest.fixture(scope="module")
-def served_index(xm_server, tmp_path_factory: pytest.TempPathFactory):
+def served_index(xm_server, served_demo_index):
     from xmsearch.catalog import read_catalog
     from xmsearch.client.embed import Embedder
-    from xmsearch.client.ingest import ingest_catalog
-    from xmsearch.demo import MIN_ITEMS, generate_demo_catalog
 
-    root = tmp_path_factory.mktemp("search")
-    generate_demo_catalog(root / "demo", n=MIN_ITEMS, seed=5, n_queries=0)
+    demo, index_dir = served_demo_index
     embedder = Embedder(xm_server.url, timeout_s=120.0, retries=3)
-    ingest_catalog(root / "demo" / "catalog.jsonl", root / "index", embedder)
-    rows, _ = read_catalog(root / "demo" / "catalog.jsonl")
-    yield root / "index", embedder, rows
+    rows, _ = read_catalog(demo / "catalog.jsonl")
+    yield index_dir, embedder, rows
     embedder.close()
 
 
