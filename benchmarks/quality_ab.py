@@ -14,7 +14,9 @@ about 3 decimals, at a fraction of the cost (no export, server or index).
 
 A variant is ``NAME:KEY=VALUE,KEY=VALUE`` (``NAME:`` alone for the defaults).  Seeds
 change the initialisation and the batch order, not the features: the spread between
-seeds is the noise level a difference has to clear.
+seeds is the noise level a difference has to clear.  ``--item-mix M ...`` evaluates each
+trained model once per stored-item mix (``AttentionFusion.item_mix``, set after training),
+one row each, without training again.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def query_features(enc: Encoders, queries: list[dict]) -> dict:
 def rank(fusion, f: Features, qf: dict, queries: list[dict], k: int = 10, bs: int = 256) -> dict[str, list[str]]:
     """Top-k catalogue ids per query: what the served ensembles + a Flat index return."""
     fusion.eval()
-    z = torch.cat([fusion.encode_joint(f.item_states[i:i + bs].float(), f.item_mask[i:i + bs],
+    z = torch.cat([fusion.encode_item(f.item_states[i:i + bs].float(), f.item_mask[i:i + bs],
                                        f.regions[i:i + bs, 0].float()) for i in range(0, len(f.ids), bs)])
     out = {}
     for q in queries:
@@ -92,7 +94,7 @@ def rank(fusion, f: Features, qf: dict, queries: list[dict], k: int = 10, bs: in
 
 
 def run(catalog: Path, variants: list[tuple[str, dict]], seeds: list[int], text_model: str,
-        image_model: str, cache_dir: Path, log=print) -> list[dict]:
+        image_model: str, cache_dir: Path, log=print, item_mixes: list[float] | None = None) -> list[dict]:
     rows, _ = read_catalog(catalog / "catalog.jsonl")
     queries = load_queries(catalog / "queries.jsonl")
     enc = Encoders.load(text_model, image_model)
@@ -107,13 +109,19 @@ def run(catalog: Path, variants: list[tuple[str, dict]], seeds: list[int], text_
         for seed in seeds:
             cfg = TrainConfig(**{**overrides, "seed": seed})
             t1 = time.time()
-            trained = train_fusion(feats, text_model, image_model, cfg)
-            metrics = evaluate(rank(trained.checkpoint.fusion, feats, qf, queries), queries)
-            results.append({"variant": name, "overrides": overrides, "seed": seed,
-                            "train_s": round(time.time() - t1, 1), "metrics": metrics})
-            log(f"{name} seed {seed}: " + "  ".join(
-                f"{kind} {m}={metrics[kind][m]:.3f}" for kind, m in HEADLINE.items() if kind in metrics)
-                + f"  ({time.time() - t1:.0f} s)")
+            fusion = train_fusion(feats, text_model, image_model, cfg).checkpoint.fusion
+            train_s = round(time.time() - t1, 1)
+            for mix in item_mixes or [None]:
+                label, over = name, overrides
+                if mix is not None:
+                    fusion.item_mix = mix
+                    label, over = f"{name} @ item_mix {mix:g}", {**overrides, "item_mix": mix}
+                metrics = evaluate(rank(fusion, feats, qf, queries), queries)
+                results.append({"variant": label, "overrides": over, "seed": seed,
+                                "train_s": train_s, "metrics": metrics})
+                log(f"{label} seed {seed}: " + "  ".join(
+                    f"{kind} {m}={metrics[kind][m]:.3f}" for kind, m in HEADLINE.items() if kind in metrics)
+                    + f"  ({time.time() - t1:.0f} s)")
     return results
 
 
@@ -142,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--catalog", type=Path, required=True, help="dir with catalog.jsonl and queries.jsonl")
     p.add_argument("--variant", action="append", required=True, help="NAME:KEY=VALUE,... (repeatable)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--item-mix", type=float, nargs="+", metavar="M",
+                   help="evaluate each trained model with these stored-item mixes (one row each)")
     p.add_argument("--text-model", default="multilingual-e5-small-q4")
     p.add_argument("--image-model", default=DEFAULT_IMAGE_MODEL)
     p.add_argument("--cache-dir", type=Path, help="feature cache (default CATALOG/.feature-cache, where make demo puts it)")
@@ -152,7 +162,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         p.error(str(e))
     results = run(a.catalog, variants, a.seeds, a.text_model, a.image_model,
-                  a.cache_dir or a.catalog / ".feature-cache")
+                  a.cache_dir or a.catalog / ".feature-cache", item_mixes=a.item_mix)
     text = table(results)
     publish(text, a.out, "benchmarks.quality_ab", argv)
     return 0

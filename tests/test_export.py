@@ -439,6 +439,10 @@ def test_export_needs_trained_weights_or_an_explicit_untrained(reference_pipelin
         load_fusion(enc, Path("fusion.pt"), untrained=True)
     untrained = load_fusion(enc, None, untrained=True)
     assert not untrained.trained
+    # The layout training gives, stored-item mix included (the served fusion_item graph).
+    from xmsearch.train import TrainConfig
+
+    assert untrained.fusion.item_mix == TrainConfig.item_mix > 0 and untrained.fusion.query_cross
     # Seeded: two untrained exports give the same function (what the serving tests rely on).
     again = load_fusion(enc, None, untrained=True)
     for (k, a), (_, b) in zip(untrained.fusion.state_dict().items(), again.fusion.state_dict().items()):

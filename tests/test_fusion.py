@@ -98,3 +98,26 @@ def test_frozen_image_reduction_is_pca_and_consistent():
         via_reduced = f.image_only(f.reduced_image_tokens(f.image_reduce(x)))
     assert torch.allclose(direct, via_reduced, atol=1e-6)
     assert f.config()["image_reduce_dim"] == 8
+
+
+def test_item_mix_adds_the_single_modality_embeddings_to_the_stored_item_vector():
+    states, mask, regions = _inputs()
+    torch.manual_seed(0)
+    plain = AttentionFusion(text_dim=32, image_dim=48, width=64, heads=4, embed_dim=16, query_cross=True).eval()
+    mixed = AttentionFusion(**{**plain.config(), "item_mix": 0.5}).eval()
+    mixed.load_state_dict(plain.state_dict())  # a setting, not weights: old checkpoints load as they were
+    assert plain.config()["item_mix"] == 0.0 and mixed.config()["item_mix"] == 0.5
+    with torch.no_grad():
+        joint = plain.encode_joint(states, mask, regions)
+        assert torch.equal(FusionEntry(plain, "item")(states, mask, regions), joint)
+        want = torch.nn.functional.normalize(
+            joint + 0.5 * (plain.encode_text(states, mask) + plain.encode_image(regions)), dim=-1)
+        got = FusionEntry(mixed, "item")(states, mask, regions)
+        assert torch.allclose(got, want, atol=1e-6)
+        assert not torch.allclose(got, joint, atol=1e-3)
+        # Only the stored item vectors change: every query entry point is the same computation.
+        assert torch.equal(FusionEntry(mixed, "joint")(states, mask, regions),
+                           FusionEntry(plain, "joint")(states, mask, regions))
+        assert torch.equal(mixed.encode_text(states, mask), plain.encode_text(states, mask))
+    with pytest.raises(ValueError, match="item_mix"):
+        AttentionFusion(text_dim=32, image_dim=48, item_mix=-1.0)

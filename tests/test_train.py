@@ -65,6 +65,37 @@ def test_checkpoint_records_encoders_and_loads(trained):
 
 
 @pytest.mark.slow
+def test_a_checkpoint_is_stale_when_its_catalogue_encoders_or_settings_change(trained, small_catalog, tmp_path):
+    """What `make demo` asks before it reuses a checkpoint."""
+    from xmsearch.train import stale_checkpoint
+
+    _, path = trained
+    cfg = TrainConfig(epochs=25, batch_size=48, val_fraction=0.0, seed=0)
+    assert stale_checkpoint(path, small_catalog, "minilm-l6", "efficientnet-lite0", cfg) is None
+    reason = stale_checkpoint(path, small_catalog, "minilm-l6", "efficientnet-lite0",
+                              TrainConfig(epochs=25, batch_size=48, val_fraction=0.0, seed=0, temperature=0.2))
+    assert reason == "its training settings differ: temperature 0.1 -> 0.2"
+    # The seed changes the feature recipe (other augmented views) as well as the settings.
+    assert "feature recipe" in stale_checkpoint(path, small_catalog, "minilm-l6", "efficientnet-lite0",
+                                                TrainConfig(epochs=25, batch_size=48, val_fraction=0.0, seed=1))
+    assert "trained on minilm-l6" in stale_checkpoint(path, small_catalog, "multilingual-e5-small-q4",
+                                                      "efficientnet-lite0", cfg)
+    other = tmp_path / "catalog.jsonl"  # the same rows less one: another catalogue
+    other.write_text("".join(small_catalog.read_text().splitlines(keepends=True)[:-1]))
+    assert "another catalogue" in stale_checkpoint(path, other, "minilm-l6", "efficientnet-lite0", cfg)
+    assert "does not exist" in stale_checkpoint(tmp_path / "none.pt", small_catalog, "minilm-l6",
+                                                "efficientnet-lite0", cfg)
+    older = FusionCheckpoint.load(path)  # saved before checkpoints recorded their features
+    del older.meta["features"]
+    older.save(tmp_path / "older.pt")
+    assert "does not record" in stale_checkpoint(tmp_path / "older.pt", small_catalog, "minilm-l6",
+                                                 "efficientnet-lite0", cfg)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(path.read_bytes()[:1000])
+    assert "unreadable" in stale_checkpoint(damaged, small_catalog, "minilm-l6", "efficientnet-lite0", cfg)
+
+
+@pytest.mark.slow
 def test_tampered_checkpoint_is_refused(trained, tmp_path):
     _, path = trained
     payload = torch.load(str(path), weights_only=True)
@@ -273,10 +304,12 @@ def test_train_command_writes_a_loadable_checkpoint(small_catalog, tmp_path, cap
 
     out = tmp_path / "fusion.pt"
     assert main(["train", str(small_catalog), "--out", str(out), "--epochs", "2",
-                 "--text-model", "minilm-l6"]) == 0
+                 "--text-model", "minilm-l6", "--item-mix", "0.25"]) == 0
     assert f"saved {out}" in capsys.readouterr().out
     ckpt = FusionCheckpoint.load(out)
     assert ckpt.meta["epochs"] == 2 and ckpt.meta["items"] == 48
+    # The stored-item mix travels in the module's own settings, so export serves it.
+    assert ckpt.fusion.item_mix == 0.25 and ckpt.meta["config"]["item_mix"] == 0.25
 
 
 def test_views_share_positives_with_items_that_have_all_their_words():

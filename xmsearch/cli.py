@@ -155,7 +155,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from xmsearch.train import TrainConfig, train_catalog
 
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                      val_fraction=a.val_fraction, group_size=a.group_size)
+                      val_fraction=a.val_fraction, group_size=a.group_size, item_mix=a.item_mix)
     bars = TrainingProgress(cfg.epochs)
     try:
         res = train_catalog(a.catalog, a.out, a.text_model, a.image_model, cfg, progress=bars.progress,
@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--group-size", type=int, default=4,
                    help="look-alike items per group in the extra photo batches that teach the photo path "
                         "to tell near-duplicates apart (1: off; default 4)")
+    t.add_argument("--item-mix", type=float, default=0.5, metavar="M",
+                   help="an item's stored vector is its title+photo embedding plus M times the sum of its "
+                        "title-only and photo-only embeddings, renormalised (0: the joint one alone; default 0.5)")
     _model_args(t)
     t.set_defaults(func=cmd_train)
 

@@ -3,7 +3,8 @@
 generate catalogue -> train fusion -> export repository -> start tritonserver -> index
 the catalogue over gRPC -> example queries of every kind -> evaluation next to the
 raw-encoder baselines -> stop the server.  Stages whose outputs exist are reused
-(catalogue, checkpoint) so a second run is quicker; ``--fresh`` redoes everything.
+(the catalogue while its parameters are the same, the checkpoint while its catalogue,
+encoders and training settings are) so a second run is quicker; ``--fresh`` redoes everything.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def run(a: argparse.Namespace) -> None:
     from xmsearch.demo import generate_demo_catalog
     from xmsearch.export.pipeline import export_repository
     from xmsearch.models.image import DEFAULT_IMAGE_MODEL
-    from xmsearch.train import TrainConfig, cached_features, feature_cache_dir, features_path, train_catalog
+    from xmsearch.train import (TrainConfig, cached_features, feature_cache_dir, features_path, stale_checkpoint,
+                                train_catalog)
 
     root = Path(a.dir)
     catalog, queries_path = root / "catalog.jsonl", root / "queries.jsonl"
@@ -78,13 +80,18 @@ def run(a: argparse.Namespace) -> None:
 
     features = None  # the training features, reused as the baselines' catalogue side
     with stage("2. train fusion"):
-        if ckpt.exists() and not a.retrain:
-            print(f"reusing {ckpt} (pass --retrain to train again)")
+        cfg = TrainConfig(epochs=a.epochs, seed=a.seed)
+        stale = "--retrain" if a.retrain else (
+            "no checkpoint yet" if not ckpt.exists()
+            else stale_checkpoint(ckpt, catalog, a.text_model, DEFAULT_IMAGE_MODEL, cfg))
+        if stale is None:
+            print(f"reusing {ckpt}: same catalogue, encoders and training settings (pass --retrain to train again)")
             # Its training features, when cached, spare the baselines encoding every photo again.
             features = cached_features(features_path(catalog, a.text_model, DEFAULT_IMAGE_MODEL, a.seed,
                                                      feature_cache_dir(ckpt)))
         else:
-            cfg = TrainConfig(epochs=a.epochs, seed=a.seed)
+            if ckpt.exists():
+                print(f"training again, not reusing {ckpt}: {stale}")
             bars = TrainingProgress(cfg.epochs)
             try:
                 res = train_catalog(catalog, ckpt, a.text_model, DEFAULT_IMAGE_MODEL, cfg,

@@ -120,6 +120,7 @@ class ReferencePipeline:
             out = self.fusion.encode_image(self.encoders.image_regions(images))
         else:
             states, mask = self.encoders.text_states(texts, role)
-            out = self.fusion.encode_joint(states, mask, self.encoders.image_regions(images),
-                                           query=role == "query")
+            regions = self.encoders.image_regions(images)
+            out = (self.fusion.encode_joint(states, mask, regions, query=True) if role == "query"
+                   else self.fusion.encode_item(states, mask, regions))
         return out.numpy().astype(np.float32)

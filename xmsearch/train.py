@@ -48,7 +48,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,7 @@ from PIL import Image
 
 from xmsearch.catalog import CatalogRow, read_catalog
 from xmsearch.checkpoint import FusionCheckpoint
-from xmsearch.errors import InputError
+from xmsearch.errors import CheckpointError, InputError
 from xmsearch.models.fusion import AttentionFusion
 from xmsearch.pipeline import Encoders
 
@@ -89,6 +89,11 @@ class TrainConfig:
     # The text+image and edit losses train the query side only: they do not move the item
     # embeddings they are matched against (photo R@1 +0.06, text R@10 -0.03 over 3 seeds).
     query_detach: bool = True
+    # Stored item vector = joint + item_mix * (title-only + photo-only), renormalised
+    # (AttentionFusion.item); set after training, which matches queries against the joint
+    # embedding. 0.5 against 0 over three seeds: text R@10 +0.04 to +0.05, photo+text R@10
+    # +0.04 to +0.06, photo R@1 0.00 to +0.01 (quality_ab.md, 2026-12-04 late).
+    item_mix: float = 0.5
     group_size: int = 4  # >1: an extra photo -> item loss on batches of look-alike groups (neighbour_batches)
 
 
@@ -612,6 +617,7 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
         if on_epoch:
             on_epoch(record)
     fusion.eval()
+    fusion.item_mix = cfg.item_mix  # the stored item vectors only (see TrainConfig)
     meta = {"epochs": cfg.epochs, "items": n, "val_items": n_val, "history": history,
             "config": cfg.__dict__}
     return TrainResult(FusionCheckpoint(fusion, text_model, image_model, trained=True, meta=meta),
@@ -631,6 +637,32 @@ def train_catalog(catalog: Path, out: Path, text_model: str, image_model: str,
     feats = load_or_compute_features(Path(catalog), enc, rows, cache_dir, cfg.seed, progress)
     result = train_fusion(feats, text_model, image_model, cfg, on_epoch, on_step)
     result.features = feats
-    result.checkpoint.meta.update({"catalog": str(catalog), "bad_rows": len(bad)})
+    result.checkpoint.meta.update({"catalog": str(catalog), "bad_rows": len(bad),
+                                   "features": features_path(Path(catalog), text_model, image_model,
+                                                             cfg.seed, cache_dir).name})
     result.checkpoint.save(Path(out))
     return result
+
+
+def stale_checkpoint(ckpt: Path, catalog: Path, text_model: str, image_model: str,
+                     cfg: TrainConfig) -> str | None:
+    """Why the checkpoint at ``ckpt`` is not what ``train_catalog(catalog, ckpt, ...)`` would
+    train now (None when it is): missing or unreadable, other encoders, another catalogue or
+    feature recipe (the feature cache key), or other training settings."""
+    try:
+        ck = FusionCheckpoint.load(ckpt)
+    except CheckpointError as e:
+        return str(e)
+    if (ck.text_model, ck.image_model) != (text_model, image_model):
+        return f"it was trained on {ck.text_model} + {ck.image_model}, not {text_model} + {image_model}"
+    want = features_path(catalog, text_model, image_model, cfg.seed, feature_cache_dir(ckpt)).name
+    if "features" not in ck.meta:
+        return "it does not record the catalogue and features it was trained on"
+    if ck.meta["features"] != want:
+        return "it was trained on another catalogue or feature recipe"
+    old = ck.meta.get("config", {})
+    changed = [f"{k} {old.get(k, '(unset)')!r} -> {v!r}" for k, v in asdict(cfg).items()
+               if old.get(k) != v]
+    if changed:
+        return "its training settings differ: " + ", ".join(changed)
+    return None

@@ -62,8 +62,10 @@ class Attention(nn.Module):
 class AttentionFusion(nn.Module):
     def __init__(self, text_dim: int, image_dim: int, width: int = 256, heads: int = 4,
                  embed_dim: int = 256, dropout: float = 0.1, image_reduce_dim: int | None = None,
-                 query_cross: bool = False):
+                 query_cross: bool = False, item_mix: float = 0.0):
         super().__init__()
+        if not 0.0 <= item_mix <= 10.0:
+            raise ValueError(f"item_mix must be in [0, 10], got {item_mix}")
         self.text_dim, self.image_dim, self.width, self.embed_dim = text_dim, image_dim, width, embed_dim
         self.image_reduce_dim = image_reduce_dim
         self.text_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, width))
@@ -84,6 +86,7 @@ class AttentionFusion(nn.Module):
         self.norm_t = nn.LayerNorm(width)
         self.norm_i = nn.LayerNorm(width)
         self.query_cross = query_cross
+        self.item_mix = float(item_mix)
         if query_cross:
             self.t2i_q = Attention(width, heads, dropout)
             self.i2t_q = Attention(width, heads, dropout)
@@ -97,7 +100,8 @@ class AttentionFusion(nn.Module):
     def config(self) -> dict:
         return {"text_dim": self.text_dim, "image_dim": self.image_dim, "width": self.width,
                 "heads": self.heads, "embed_dim": self.embed_dim,
-                "image_reduce_dim": self.image_reduce_dim, "query_cross": self.query_cross}
+                "image_reduce_dim": self.image_reduce_dim, "query_cross": self.query_cross,
+                "item_mix": self.item_mix}
 
     # The three entry points -------------------------------------------------------
 
@@ -111,6 +115,11 @@ class AttentionFusion(nn.Module):
                      image_regions: torch.Tensor, query: bool = False) -> torch.Tensor:
         """Title + photo of an item, or with ``query`` a text+image query (see ``query_cross``)."""
         return self.joint(self.text_tokens(text_states), text_mask, self.image_tokens(image_regions), query)
+
+    def encode_item(self, text_states: torch.Tensor, text_mask: torch.Tensor,
+                    image_regions: torch.Tensor) -> torch.Tensor:
+        """A catalogue item (title + photo): what the index stores."""
+        return self.item(self.text_tokens(text_states), text_mask, self.image_tokens(image_regions))
 
     # The same on projected tokens: training projects each feature tensor once and
     # reuses it across views (the 1280-wide region projection dominates its cost).
@@ -159,6 +168,18 @@ class AttentionFusion(nn.Module):
         valid = torch.cat([tmask, torch.ones(v.shape[:2], dtype=torch.bool, device=v.device)], dim=1)
         return self._pool_and_project(tokens, valid)
 
+    def item(self, t: torch.Tensor, text_mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """An item's stored vector: its joint title + photo embedding plus ``item_mix`` times
+        the sum of its title-only and photo-only embeddings, renormalised.
+
+        Training matches every query view against the joint embedding alone; the two
+        single-modality embeddings of the same item are added afterwards, a late fusion
+        of three views of one product (``TrainConfig.item_mix``)."""
+        z = self.joint(t, text_mask, v)
+        if self.item_mix:
+            z = F.normalize(z + self.item_mix * (self.text_only(t, text_mask) + self.image_only(v)), dim=-1)
+        return z
+
     def _pool_and_project(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         # Broadcasting the learned query against tokens[:, :1] keeps the batch axis symbolic.
         q = self.pool_query + torch.zeros_like(tokens[:, :1])
@@ -183,4 +204,6 @@ class FusionEntry(nn.Module):
             return f.encode_text(args[0], args[1])
         if self.kind == "image":
             return f.encode_image(args[0])
-        return f.encode_joint(args[0], args[1], args[2], query=self.kind == "joint")
+        if self.kind == "item":
+            return f.encode_item(args[0], args[1], args[2])
+        return f.encode_joint(args[0], args[1], args[2], query=True)
