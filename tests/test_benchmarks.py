@@ -753,7 +753,8 @@ def test_search_threads_measures_both_variants_and_restores_the_limit(xm_server,
 
     demo, index_dir = served_demo_index
     limit = client_index._omp_threads_at_most
-    text = search_threads.run(index_dir, demo, xm_server.url, rounds=1, seconds=0.2, log=lambda line: None)
+    # Half-second windows: a 0.2 s one saw no request finish while another job loaded both cores.
+    text = search_threads.run(index_dir, demo, xm_server.url, rounds=1, seconds=0.5, log=lambda line: None)
     assert client_index._omp_threads_at_most is limit  # the real limit is back in place
     rows = _ab_rows(text)
     assert "| caller's threads | at most one per query | ratio |" in rows["measure"]
@@ -773,7 +774,7 @@ def test_search_combine_measures_both_searchers(xm_server, served_demo_index) ->
     demo, index_dir = served_demo_index
     catalogue, _ = read_catalog(demo / "catalog.jsonl")
     text = search_combine.run(index_dir, xm_server.url, [r.title for r in catalogue[:8]],
-                              [r.image.read_bytes() for r in catalogue[:4]], rounds=1, seconds=0.2, levels=(1, 4),
+                              [r.image.read_bytes() for r in catalogue[:4]], rounds=1, seconds=0.5, levels=(1, 4),
                               log=lambda line: None)
     rows = _ab_rows(text)
     assert "| one request per query | answered together | ratio |" in rows["measure"]
