@@ -401,3 +401,16 @@ def test_a_damaged_feature_cache_is_dropped_not_trusted(tmp_path):
     path.write_bytes(b"not a torch file")
     assert cached_features(path) is None
     assert not path.exists()
+
+
+def test_bad_training_settings_are_refused_before_any_encoding(tmp_path, capsys):
+    from xmsearch.cli import main
+
+    out = tmp_path / "fusion.pt"
+    assert main(["train", str(tmp_path / "no-catalog.jsonl"), "--out", str(out),
+                 "--item-mix", "-1", "--epochs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "epochs must be >= 1, got 0" in err and "item_mix must be in [0, 10], got -1.0" in err
+    assert not out.exists()
+    with pytest.raises(InputError, match="temperature must be > 0"):
+        TrainConfig(temperature=0)

@@ -81,7 +81,7 @@ def run(a: argparse.Namespace) -> None:
     features = None  # the training features, reused as the baselines' catalogue side
     with stage("2. train fusion"):
         cfg = TrainConfig(epochs=a.epochs, seed=a.seed)
-        stale = "--retrain" if a.retrain else (
+        stale = "asked to by --retrain" if a.retrain else (
             "no checkpoint yet" if not ckpt.exists()
             else stale_checkpoint(ckpt, catalog, a.text_model, DEFAULT_IMAGE_MODEL, cfg))
         if stale is None:

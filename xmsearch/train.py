@@ -90,11 +90,24 @@ class TrainConfig:
     # embeddings they are matched against (photo R@1 +0.06, text R@10 -0.03 over 3 seeds).
     query_detach: bool = True
     # Stored item vector = joint + item_mix * (title-only + photo-only), renormalised
-    # (AttentionFusion.item); set after training, which matches queries against the joint
+    # (AttentionFusion.item); training itself matches every query view against the joint
     # embedding. 0.5 against 0 over three seeds: text R@10 +0.04 to +0.05, photo+text R@10
     # +0.04 to +0.06, photo R@1 0.00 to +0.01 (quality_ab.md, 2026-12-04 late).
     item_mix: float = 0.5
     group_size: int = 4  # >1: an extra photo -> item loss on batches of look-alike groups (neighbour_batches)
+
+    def __post_init__(self) -> None:
+        # Checked here, before any feature is encoded: a bad setting should not cost an encoding pass.
+        problems = [f"{name} must be {rule}, got {value!r}" for name, value, ok, rule in (
+            ("epochs", self.epochs, self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size, self.batch_size >= 2, ">= 2"),
+            ("lr", self.lr, self.lr > 0, "> 0"),
+            ("temperature", self.temperature, self.temperature > 0, "> 0"),
+            ("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)"),
+            ("group_size", self.group_size, self.group_size >= 1, ">= 1"),
+            ("item_mix", self.item_mix, 0 <= self.item_mix <= 10, "in [0, 10]")) if not ok]
+        if problems:
+            raise InputError("training settings: " + "; ".join(problems))
 
 
 @dataclass
@@ -545,7 +558,7 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
     n_views = f.regions.shape[1]  # catalogue photo + augmented re-shots
     fusion = AttentionFusion(f.item_states.shape[-1], f.regions.shape[-1], width=cfg.width,
                              embed_dim=cfg.embed_dim, image_reduce_dim=cfg.image_reduce_dim,
-                             query_cross=cfg.query_cross)
+                             query_cross=cfg.query_cross, item_mix=cfg.item_mix)
     reduced = reduce_regions(fusion, f.regions, train_idx)
     log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / cfg.temperature)))
     trainable = [p for p in fusion.parameters() if p.requires_grad]
@@ -617,7 +630,6 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
         if on_epoch:
             on_epoch(record)
     fusion.eval()
-    fusion.item_mix = cfg.item_mix  # the stored item vectors only (see TrainConfig)
     meta = {"epochs": cfg.epochs, "items": n, "val_items": n_val, "history": history,
             "config": cfg.__dict__}
     return TrainResult(FusionCheckpoint(fusion, text_model, image_model, trained=True, meta=meta),
