@@ -152,6 +152,29 @@ def test_format_table_prints_every_system_kind_and_metric() -> None:
     assert "nan" not in text
 
 
+def test_language_table_splits_worded_queries_by_language() -> None:
+    langs = {"q1": "en", "q2": "en", "q3": "en", "q4": "zh"}
+    queries = [{**q, "lang": langs[q["qid"]]} for q in QUERIES]
+    table = ev.language_table(SERVED, queries)["fused (served), by language"]
+    # Photo-only queries have no words to be in a language: no "image / en" row.
+    assert list(table) == ["text / en", "text / zh", "text_image / en"]
+    # q1 alone (worked out above) and q4 alone (no results: every metric 0).
+    assert table["text / en"] == pytest.approx({"recall@1": 0.0, "recall@5": 1.0, "recall@10": 1.0,
+                                                "mrr": 0.5, "ndcg@10": Q1_NDCG, "count": 1})
+    assert table["text / zh"] == pytest.approx({"recall@1": 0.0, "recall@5": 0.0, "recall@10": 0.0,
+                                                "mrr": 0.0, "ndcg@10": 0.0, "count": 1})
+    # The two languages' rows average back to the kind's own row.
+    whole = ev.evaluate(SERVED, queries)["text"]
+    for metric in ("recall@1", "recall@5", "recall@10", "mrr", "ndcg@10"):
+        assert (table["text / en"][metric] + table["text / zh"][metric]) / 2 == pytest.approx(whole[metric])
+    text = ev.format_table({"fused (served), by language": table})
+    assert [line[34:].split()[:3] for line in text.splitlines()[1:]] == [
+        ["text", "/", "en"], ["text", "/", "zh"], ["text_image", "/", "en"]]
+    # One language (or none given): nothing to split.
+    assert ev.language_table(SERVED, [{**q, "lang": "en"} for q in QUERIES]) == {}
+    assert ev.language_table(SERVED, QUERIES) == {}
+
+
 # --------------------------------------------------------------------------- served
 
 
@@ -201,5 +224,10 @@ def test_run_served_ranks_every_query(xm_server, tmp_path_factory: pytest.TempPa
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "Recall@10" in printed and "fused (served)" in printed and "nan" not in printed
-    written = json.loads(out.read_text())["fused (served)"]
-    assert written == {kind: pytest.approx(vals) for kind, vals in table.items()}
+    written = json.loads(out.read_text())
+    assert written["fused (served)"] == {kind: pytest.approx(vals) for kind, vals in table.items()}
+    # The demo's worded queries are in English and Chinese: their rows by language follow.
+    assert {q["lang"] for q in queries if q.get("text")} == {"en", "zh"}
+    by_language = written["fused (served), by language"]
+    assert sum(v["count"] for v in by_language.values()) == 6
+    assert "text / zh" in printed or "text_image / zh" in printed

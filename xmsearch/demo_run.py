@@ -139,6 +139,10 @@ def run(a: argparse.Namespace) -> None:
             baselines = ev.run_baselines(catalog, queries, a.text_model, DEFAULT_IMAGE_MODEL, features=features)
             table = ev.evaluation_table(served, queries, baselines)
             print(ev.format_table(table))
+            by_language = ev.language_table(served, queries)
+            if by_language:
+                print(ev.format_table(by_language))
+                table.update(by_language)
             (root / f"eval-{a.text_model}.json").write_text(json.dumps(table, indent=2))
             searcher.close()
         emb.close()

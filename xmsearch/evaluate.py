@@ -145,12 +145,32 @@ def evaluation_table(served: dict[str, list[str]], queries: list[dict],
     return table
 
 
+def language_table(served: dict[str, list[str]], queries: list[dict],
+                   system: str = "fused (served), by language") -> dict:
+    """{system: {"KIND / LANG": metrics}} for the queries with words, split by their ``lang``
+    field; empty when they are all in one language (or carry none).
+
+    A bilingual catalogue's figures can hide one language failing: the offline default text
+    encoder reads no Chinese, and a held-out word hurts one language more than another."""
+    worded = [q for q in queries if q.get("text") and q.get("lang")]
+    langs = sorted({q["lang"] for q in worded})
+    if len(langs) < 2:
+        return {}
+    rows = {}
+    for kind in sorted({q["kind"] for q in worded}):
+        for lang in langs:
+            qs = [q for q in worded if q["kind"] == kind and q["lang"] == lang]
+            if qs:
+                rows[f"{kind} / {lang}"] = evaluate(served, qs)[kind]
+    return {system: rows}
+
+
 def format_table(table: dict) -> str:
     """A plain-text table: one row per (system, kind)."""
-    lines = [f"{'system':34s} {'kind':11s} {'n':>4s} "
+    lines = [f"{'system':34s} {'kind':15s} {'n':>4s} "
              + " ".join(f"{title:>9s}" for title, _ in TABLE_COLUMNS)]
     for system, kinds in table.items():
         for kind, vals in kinds.items():
-            lines.append(f"{system:34s} {kind:11s} {int(vals.get('count', 0)):4d} "
+            lines.append(f"{system:34s} {kind:15s} {int(vals.get('count', 0)):4d} "
                          + " ".join(f"{vals.get(key, float('nan')):9.3f}" for _, key in TABLE_COLUMNS))
     return "\n".join(lines)
