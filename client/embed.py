@@ -3,7 +3,7 @@ query kind goes to and how its tensors are packed."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,28 @@ def read_image(image: bytes | str | Path) -> bytes:
         return path.read_bytes()
     except OSError as e:
         raise InputError(f"cannot read image file {path}: {e.strerror or e}") from None
+
+
+def embed_isolating(embed: Callable[[list[int]], np.ndarray], n: int, dim: int
+                    ) -> tuple[list[int], np.ndarray, dict[int, InputError]]:
+    """Embed rows ``0..n-1`` with ``embed(row_indices)`` in one request; when the server
+    refuses it (an InputError: one bad text or photo fails the whole request), send each row
+    alone, so that only the bad rows are lost.  Returns the kept rows, their vectors
+    ``[len(kept), dim]``, and each refused row's error."""
+    rows = list(range(n))
+    try:
+        return rows, embed(rows), {}
+    except InputError as exc:
+        if n == 1:
+            return [], np.zeros((0, dim), np.float32), {0: exc}
+    kept, vectors, refused = [], [], {}
+    for i in rows:
+        try:
+            vectors.append(embed([i]))
+            kept.append(i)
+        except InputError as exc:
+            refused[i] = exc
+    return kept, (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), refused
 
 
 class Embedder:

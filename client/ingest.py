@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from xmsearch.catalog import BadRow, CatalogRow, read_catalog
-from xmsearch.client.embed import Embedder
+from xmsearch.client.embed import Embedder, embed_isolating
 from xmsearch.client.index import CatalogIndex
-from xmsearch.errors import IndexStoreError, InputError
+from xmsearch.errors import IndexStoreError
 
 
 @dataclass
@@ -78,18 +78,12 @@ def _embed_rows(embedder: Embedder, rows: list[CatalogRow], bad: list[BadRow]
             bad.append(BadRow(r.line, r.id, f"cannot read image {r.image}: {e.strerror or e}"))
     if not ok_rows:
         return [], np.zeros((0, embedder.dim), np.float32)
-    try:
-        return ok_rows, embedder.embed_items([r.title for r in ok_rows], photos)
-    except InputError:
-        pass  # some row is bad: find it below
-    kept, vecs = [], []
-    for r, p in zip(ok_rows, photos):
-        try:
-            vecs.append(embedder.embed_items([r.title], [p])[0])
-            kept.append(r)
-        except InputError as e:
-            bad.append(BadRow(r.line, r.id, f"refused by the server: {e}"))
-    return kept, (np.stack(vecs) if vecs else np.zeros((0, embedder.dim), np.float32))
+    kept, vectors, refused = embed_isolating(
+        lambda idx: embedder.embed_items([ok_rows[i].title for i in idx], [photos[i] for i in idx]),
+        len(ok_rows), embedder.dim)
+    for i, e in refused.items():
+        bad.append(BadRow(ok_rows[i].line, ok_rows[i].id, f"refused by the server: {e}"))
+    return [ok_rows[i] for i in kept], vectors
 
 
 def ingest_catalog(catalog: Path, index_dir: Path, embedder: Embedder, *, factory: str = "Flat",

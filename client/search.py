@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xmsearch.client.embed import Embedder, read_image
+from xmsearch.client.embed import Embedder, embed_isolating, read_image
 from xmsearch.client.index import CatalogIndex, Hit, filter_values, check_k
 from xmsearch.errors import InputError, for_caller
 
@@ -183,21 +183,10 @@ class Searcher:
         """Hits or an error for each query of one kind: one embedding request, one FAISS
         search per distinct (k, filters).  A query the server refuses fails alone."""
         outcomes: list[list[Hit] | BaseException | None] = [None] * len(queries)
-        try:
-            vectors = self._embed(queries)
-            live = list(range(len(queries)))
-        except InputError as exc:
-            if len(queries) == 1:
-                return [exc]
-            # One bad text or photo fails the merged request: find it by sending each alone.
-            rows, live = [], []
-            for i, q in enumerate(queries):
-                try:
-                    rows.append(self._embed([q]))
-                    live.append(i)
-                except InputError as row_exc:
-                    outcomes[i] = row_exc
-            vectors = np.concatenate(rows) if rows else None
+        live, vectors, refused = embed_isolating(lambda idx: self._embed([queries[i] for i in idx]),
+                                                 len(queries), self.embedder.dim)
+        for i, exc in refused.items():
+            outcomes[i] = exc
         groups: dict[tuple, list[int]] = {}
         for row, i in enumerate(live):
             groups.setdefault((queries[i].k, _filters_key(queries[i].filters)), []).append(row)

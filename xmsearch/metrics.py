@@ -24,7 +24,7 @@ metric per group plus the query count (``"count"``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from xmsearch.errors import InputError
 
@@ -83,8 +83,8 @@ def ndcg_at_k(ranked_ids: Sequence[str], relevant: Mapping[str, int], k: int) ->
 
 
 def evaluate(results: Mapping[str, Sequence[str]], queries: Sequence[Mapping], ks: Sequence[int] = (1, 5, 10),
-             ndcg_k: int = 10) -> dict[str, dict[str, float]]:
-    """Mean metrics per query kind and over all queries.
+             ndcg_k: int = 10, group: Callable[[Mapping], str] | None = None) -> dict[str, dict[str, float]]:
+    """Mean metrics per query kind (or per ``group(query)`` when given) and over all queries.
 
     ``results`` maps each ``qid`` to its ranked product ids; ``queries`` are rows with
     ``qid``, ``kind`` and ``relevant`` (as in the demo's ``queries.jsonl``).  Returns
@@ -115,7 +115,7 @@ def evaluate(results: Mapping[str, Sequence[str]], queries: Sequence[Mapping], k
             scores[f"ndcg@{ndcg_k}"] = ndcg_at_k(ranked, relevant, ndcg_k)
         except InputError as exc:
             raise InputError(f"evaluate: query {qid!r}: {exc}") from exc
-        per_query.setdefault(kind, []).append(scores)
+        per_query.setdefault(group(q) if group else kind, []).append(scores)
         per_query.setdefault("all", []).append(scores)
     order = sorted(k for k in per_query if k != "all") + ["all"]
     return {kind: _mean(per_query[kind]) for kind in order}

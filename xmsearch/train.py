@@ -59,7 +59,7 @@ from PIL import Image
 from xmsearch.catalog import CatalogRow, read_catalog
 from xmsearch.checkpoint import FusionCheckpoint
 from xmsearch.errors import CheckpointError, InputError
-from xmsearch.models.fusion import AttentionFusion
+from xmsearch.models.fusion import ITEM_MIX_MAX, AttentionFusion
 from xmsearch.pipeline import Encoders
 
 # Generic shopping-query filler, not tied to any catalogue's vocabulary.
@@ -105,7 +105,7 @@ class TrainConfig:
             ("temperature", self.temperature, self.temperature > 0, "> 0"),
             ("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)"),
             ("group_size", self.group_size, self.group_size >= 1, ">= 1"),
-            ("item_mix", self.item_mix, 0 <= self.item_mix <= 10, "in [0, 10]")) if not ok]
+            ("item_mix", self.item_mix, 0 <= self.item_mix <= ITEM_MIX_MAX, f"in [0, {ITEM_MIX_MAX:g}]")) if not ok]
         if problems:
             raise InputError("training settings: " + "; ".join(problems))
 
@@ -667,10 +667,9 @@ def stale_checkpoint(ckpt: Path, catalog: Path, text_model: str, image_model: st
         return str(e)
     if (ck.text_model, ck.image_model) != (text_model, image_model):
         return f"it was trained on {ck.text_model} + {ck.image_model}, not {text_model} + {image_model}"
-    want = features_path(catalog, text_model, image_model, cfg.seed, feature_cache_dir(ckpt)).name
     if "features" not in ck.meta:
         return "it does not record the catalogue and features it was trained on"
-    if ck.meta["features"] != want:
+    if ck.meta["features"] != features_path(catalog, text_model, image_model, cfg.seed, feature_cache_dir(ckpt)).name:
         return "it was trained on another catalogue or feature recipe"
     old = ck.meta.get("config", {})
     changed = [f"{k} {old.get(k, '(unset)')!r} -> {v!r}" for k, v in asdict(cfg).items()

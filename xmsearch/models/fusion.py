@@ -59,13 +59,16 @@ class Attention(nn.Module):
         return self.out((attn @ v).transpose(1, 2).flatten(2))
 
 
+ITEM_MIX_MAX = 10.0  # AttentionFusion.item_mix lies in [0, ITEM_MIX_MAX]
+
+
 class AttentionFusion(nn.Module):
     def __init__(self, text_dim: int, image_dim: int, width: int = 256, heads: int = 4,
                  embed_dim: int = 256, dropout: float = 0.1, image_reduce_dim: int | None = None,
                  query_cross: bool = False, item_mix: float = 0.0):
         super().__init__()
-        if not 0.0 <= item_mix <= 10.0:
-            raise ValueError(f"item_mix must be in [0, 10], got {item_mix}")
+        if not 0.0 <= item_mix <= ITEM_MIX_MAX:
+            raise ValueError(f"item_mix must be in [0, {ITEM_MIX_MAX:g}], got {item_mix}")
         self.text_dim, self.image_dim, self.width, self.embed_dim = text_dim, image_dim, width, embed_dim
         self.image_reduce_dim = image_reduce_dim
         self.text_proj = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, width))
