@@ -783,3 +783,17 @@ def test_search_combine_measures_both_searchers(xm_server, served_demo_index) ->
     assert [m.split(" at ")[0].split(" ", 1)[1] for m in metrics] == ["queries/s"] * 4 + ["p50 ms"] * 4 + ["p99 ms"] * 4
     for metric in metrics:
         _assert_both_measured(rows[metric])
+
+
+@pytest.mark.slow
+def test_item_mix_cost_times_both_graphs(tmp_path) -> None:
+    from benchmarks import item_mix_cost
+
+    out = tmp_path / "cost.md"
+    assert item_mix_cost.main(["--rounds", "2", "--seconds", "0.05", "--mix", "0.5", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("$ python -m benchmarks.item_mix_cost --rounds 2")
+    rows = _ab_rows(text)
+    assert "| item_mix 0 | item_mix 0.5 | ratio |" in rows["measure"]
+    for metric in ("ms per call, batch 1", "ms per call, batch 8"):
+        _assert_both_measured(rows[metric])
