@@ -312,6 +312,17 @@ def test_train_command_writes_a_loadable_checkpoint(small_catalog, tmp_path, cap
     assert ckpt.fusion.item_mix == 0.25 and ckpt.meta["config"]["item_mix"] == 0.25
 
 
+def test_train_command_defaults_are_the_training_defaults():
+    # The parser spells TrainConfig's defaults out (so that --help needs no torch): they
+    # must not drift apart from the dataclass that `make demo` and the library use.
+    from xmsearch.cli import build_parser
+
+    a = build_parser().parse_args(["train", "catalog.jsonl", "--out", "x.pt"])
+    cfg = TrainConfig()
+    for name in ("epochs", "batch_size", "lr", "weight_decay", "seed", "val_fraction", "group_size", "item_mix"):
+        assert getattr(a, name) == getattr(cfg, name), name
+
+
 def test_views_share_positives_with_items_that_have_all_their_words():
     from xmsearch.train import info_nce, shared_word_positives
 

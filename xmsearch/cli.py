@@ -154,7 +154,7 @@ def cmd_demo_catalog(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     from xmsearch.train import TrainConfig, train_catalog
 
-    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
                       val_fraction=a.val_fraction, group_size=a.group_size, item_mix=a.item_mix)
     bars = TrainingProgress(cfg.epochs)
     try:
@@ -244,9 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "catalogue's own title/photo pairs; encoders frozen, features cached.")
     t.add_argument("catalog", type=Path, help="catalogue JSONL/CSV (id, title, image, ...)")
     t.add_argument("--out", type=Path, required=True, metavar="CKPT")
-    t.add_argument("--epochs", type=int, default=20, help="passes over the catalogue (default 20)")
+    # The defaults are TrainConfig's (tests/test_train.py holds them equal; importing
+    # xmsearch.train here would load torch for every subcommand's --help).
+    t.add_argument("--epochs", type=int, default=40, help="passes over the catalogue (default 40)")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--val-fraction", type=float, default=0.05, help="items held out for validation recall")
     t.add_argument("--group-size", type=int, default=4,

@@ -80,7 +80,7 @@ def run(a: argparse.Namespace) -> None:
 
     features = None  # the training features, reused as the baselines' catalogue side
     with stage("2. train fusion"):
-        cfg = TrainConfig(epochs=a.epochs, seed=a.seed)
+        cfg = TrainConfig(seed=a.seed, **({} if a.epochs is None else {"epochs": a.epochs}))
         stale = "asked to by --retrain" if a.retrain else (
             "no checkpoint yet" if not ckpt.exists()
             else stale_checkpoint(ckpt, catalog, a.text_model, DEFAULT_IMAGE_MODEL, cfg))
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=1500, help="catalogue size")
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--epochs", type=int, help="training epochs (default: xmsearch train's)")
     p.add_argument("--text-model", default=DEFAULT_TEXT_MODEL)
     p.add_argument("--repository", default="model_repository")
     p.add_argument("--grpc-port", type=int, default=8001)
