@@ -419,9 +419,10 @@ def test_bad_training_settings_are_refused_before_any_encoding(tmp_path, capsys)
 
     out = tmp_path / "fusion.pt"
     assert main(["train", str(tmp_path / "no-catalog.jsonl"), "--out", str(out),
-                 "--item-mix", "-1", "--epochs", "0"]) == 2
+                 "--item-mix", "-1", "--epochs", "0", "--weight-decay", "-0.1"]) == 2
     err = capsys.readouterr().err
     assert "epochs must be >= 1, got 0" in err and "item_mix must be in [0, 10], got -1.0" in err
+    assert "weight_decay must be >= 0, got -0.1" in err
     assert not out.exists()
     with pytest.raises(InputError, match="temperature must be > 0"):
         TrainConfig(temperature=0)

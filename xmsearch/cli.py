@@ -154,8 +154,8 @@ def cmd_demo_catalog(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     from xmsearch.train import TrainConfig, train_catalog
 
-    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
-                      val_fraction=a.val_fraction, group_size=a.group_size, item_mix=a.item_mix)
+    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
+                      seed=a.seed, val_fraction=a.val_fraction, group_size=a.group_size, item_mix=a.item_mix)
     bars = TrainingProgress(cfg.epochs)
     try:
         res = train_catalog(a.catalog, a.out, a.text_model, a.image_model, cfg, progress=bars.progress,

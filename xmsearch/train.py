@@ -105,6 +105,7 @@ class TrainConfig:
             ("epochs", self.epochs, self.epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size, self.batch_size >= 2, ">= 2"),
             ("lr", self.lr, self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
             ("temperature", self.temperature, self.temperature > 0, "> 0"),
             ("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)"),
             ("group_size", self.group_size, self.group_size >= 1, ">= 1"),
