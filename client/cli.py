@@ -97,12 +97,7 @@ def cmd_eval(a: argparse.Namespace, bar_factory) -> int:
     if a.baselines:
         catalog = a.catalog or Path(a.queries).parent / "catalog.jsonl"
         baselines = ev.run_baselines(catalog, queries, a.text_model, a.image_model)
-    table = ev.evaluation_table(served, queries, baselines)
-    print(ev.format_table(table))
-    by_language = ev.language_table(served, queries)
-    if by_language:
-        print(ev.format_table(by_language))
-        table.update(by_language)
+    table = ev.report(served, queries, baselines)
     if a.json:
         Path(a.json).write_text(json.dumps(table, indent=2))
         print(f"wrote {a.json}")

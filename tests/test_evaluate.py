@@ -175,6 +175,21 @@ def test_language_table_splits_worded_queries_by_language() -> None:
     assert ev.language_table(SERVED, QUERIES) == {}
 
 
+def test_report_prints_the_language_table_only_for_several_languages() -> None:
+    printed: list[str] = []
+    one = ev.report(SERVED, QUERIES, BASELINES, out=printed.append)
+    assert one == ev.evaluation_table(SERVED, QUERIES, BASELINES)
+    assert printed == [ev.format_table(one)]
+    printed.clear()
+    langs = {"q1": "en", "q2": "en", "q3": "en", "q4": "zh"}
+    queries = [{**q, "lang": langs[q["qid"]]} for q in QUERIES]
+    both = ev.report(SERVED, queries, BASELINES, out=printed.append)
+    by_language = ev.language_table(SERVED, queries)
+    assert both == {**ev.evaluation_table(SERVED, queries, BASELINES), **by_language}
+    assert printed == [ev.format_table(ev.evaluation_table(SERVED, queries, BASELINES)),
+                       ev.format_table(by_language)]
+
+
 # --------------------------------------------------------------------------- served
 
 

@@ -137,12 +137,7 @@ def run(a: argparse.Namespace) -> None:
         with stage("7. evaluation (served model vs raw-encoder baselines)"):
             served = ev.run_served(searcher, queries)
             baselines = ev.run_baselines(catalog, queries, a.text_model, DEFAULT_IMAGE_MODEL, features=features)
-            table = ev.evaluation_table(served, queries, baselines)
-            print(ev.format_table(table))
-            by_language = ev.language_table(served, queries)
-            if by_language:
-                print(ev.format_table(by_language))
-                table.update(by_language)
+            table = ev.report(served, queries, baselines)
             (root / f"eval-{a.text_model}.json").write_text(json.dumps(table, indent=2))
             searcher.close()
         emb.close()

@@ -160,6 +160,19 @@ def language_table(served: dict[str, list[str]], queries: list[dict],
     return {system: rows}
 
 
+def report(served: dict[str, list[str]], queries: list[dict],
+           baselines: dict[str, dict[str, list[str]]] | None = None, out: Callable[[str], None] = print) -> dict:
+    """Print the evaluation table, then the per-language one when the worded queries span
+    languages; return both in one dict (what ``xmsearch eval --json`` and ``make demo`` write)."""
+    table = evaluation_table(served, queries, baselines)
+    out(format_table(table))
+    by_language = language_table(served, queries)
+    if by_language:
+        out(format_table(by_language))
+        table.update(by_language)
+    return table
+
+
 def format_table(table: dict) -> str:
     """A plain-text table: one row per (system, kind)."""
     lines = [f"{'system':34s} {'kind':15s} {'n':>4s} "
