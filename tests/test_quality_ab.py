@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import feature_encoding, quality_ab
+from benchmarks import feature_encoding, quality_ab, train_precision
 
 
 def test_variants_parse_into_train_config_overrides():
@@ -72,3 +72,27 @@ def test_quality_ab_evaluates_each_trained_model_at_every_item_mix(tiny_demo, tm
     assert rows[0].rsplit("|", 2)[1] == rows[1].rsplit("|", 2)[1]
     log = capsys.readouterr().out
     assert "plain @ item_mix 0 seed 0:" in log and "plain @ item_mix 1 seed 0:" in log
+
+
+@pytest.mark.slow
+def test_train_precision_times_both_precisions(tiny_demo, tmp_path, capsys):
+    from xmsearch.catalog import read_catalog
+    from xmsearch.pipeline import Encoders
+    from xmsearch.train import load_or_compute_features
+
+    cache = tmp_path / "cache"
+    argv = ["--catalog", str(tiny_demo), "--text-model", "minilm-l6", "--cache-dir", str(cache),
+            "--epochs", "2", "--rounds", "1", "--out", str(tmp_path / "tp.md")]
+    with pytest.raises(SystemExit):  # nothing cached yet: says so instead of encoding
+        train_precision.main(argv)
+    assert "no cached features" in capsys.readouterr().err
+    rows, _ = read_catalog(tiny_demo / "catalog.jsonl")
+    load_or_compute_features(tiny_demo / "catalog.jsonl", Encoders.load("minilm-l6", "efficientnet-lite0"),
+                             rows, cache, seed=0)
+    assert train_precision.main(argv) == 0
+    text = (tmp_path / "tp.md").read_text()
+    assert text.startswith("$ python -m benchmarks.train_precision --catalog")
+    fp32, bf16 = ([c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+                  if line.startswith("| fp32") or line.startswith("| bf16"))
+    assert fp32[3] == "1.00x" and bf16[3].endswith("x") and fp32[2] == bf16[2] == "1"
+    assert train_precision.epoch_seconds([{"seconds": 1.0}, {"seconds": 2.5}, {"seconds": 4.0}]) == [1.5, 1.5]

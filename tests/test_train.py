@@ -59,6 +59,8 @@ def test_checkpoint_records_encoders_and_loads(trained):
     ckpt = FusionCheckpoint.load(path)
     assert ckpt.trained and ckpt.text_model == "minilm-l6" and ckpt.image_model == "efficientnet-lite0"
     assert ckpt.meta["items"] == 48 and len(ckpt.meta["history"]) == 25
+    # The precision the steps ran in ("auto" resolved on this CPU) is on record.
+    assert ckpt.meta["config"]["precision"] == "auto" and ckpt.meta["precision"] in ("fp32", "bf16")
     ckpt.check_encoders("minilm-l6", 384, "efficientnet-lite0", 1800)
     with pytest.raises(CheckpointError, match="trained on text model 'minilm-l6'"):
         ckpt.check_encoders("multilingual-e5-small-q4", 384, "efficientnet-lite0", 1800)
@@ -319,7 +321,7 @@ def test_train_command_defaults_are_the_training_defaults():
 
     a = build_parser().parse_args(["train", "catalog.jsonl", "--out", "x.pt"])
     cfg = TrainConfig()
-    for name in ("epochs", "batch_size", "lr", "weight_decay", "seed", "val_fraction", "group_size", "item_mix"):
+    for name in ("epochs", "batch_size", "lr", "weight_decay", "seed", "val_fraction", "group_size", "item_mix", "precision"):
         assert getattr(a, name) == getattr(cfg, name), name
 
 
@@ -426,3 +428,45 @@ def test_bad_training_settings_are_refused_before_any_encoding(tmp_path, capsys)
     assert not out.exists()
     with pytest.raises(InputError, match="temperature must be > 0"):
         TrainConfig(temperature=0)
+    with pytest.raises(InputError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        TrainConfig(precision="fp16")
+
+
+@pytest.mark.slow
+def test_bf16_training_follows_fp32_and_keeps_fp32_weights(trained):
+    """bf16 autocast changes the arithmetic of the steps, not what is learned or saved:
+    the same seed gives the same losses to within bf16's rounding, and the module that
+    export loads still holds fp32 weights."""
+    from xmsearch.train import train_fusion
+
+    result, _ = trained
+    runs = {p: train_fusion(result.features, "minilm-l6", "efficientnet-lite0",
+                            TrainConfig(epochs=3, batch_size=48, val_fraction=0.0, seed=0, precision=p))
+            for p in ("fp32", "bf16")}
+    for a, b in zip(runs["fp32"].history, runs["bf16"].history):
+        assert abs(a["loss"] - b["loss"]) < 0.02 * a["loss"], (a, b)
+    assert runs["bf16"].checkpoint.meta["precision"] == "bf16"
+    assert runs["fp32"].checkpoint.meta["precision"] == "fp32"
+    assert {p.dtype for p in runs["bf16"].checkpoint.fusion.parameters()} == {torch.float32}
+    # And the run differs at all: autocast really took the steps to bf16.
+    assert runs["fp32"].history[-1]["loss"] != runs["bf16"].history[-1]["loss"]
+
+
+def test_info_nce_logits_stay_fp32_under_autocast():
+    from xmsearch.train import info_nce
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(64, 256, generator=g), dim=-1)
+    z = torch.nn.functional.normalize(q + 0.05 * torch.randn(64, 256, generator=g), dim=-1)
+    scale = torch.tensor(100.0)
+    ref = info_nce(q, z, scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amp = info_nce(q, z, scale)
+    assert amp.dtype == torch.float32 and torch.allclose(amp, ref, rtol=1e-5), (amp, ref)
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it():
+    from xmsearch.train import bf16_supported, resolve_precision
+
+    assert resolve_precision("fp32") == "fp32" and resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") == ("bf16" if bf16_supported() else "fp32")

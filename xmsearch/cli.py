@@ -155,7 +155,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from xmsearch.train import TrainConfig, train_catalog
 
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
-                      seed=a.seed, val_fraction=a.val_fraction, group_size=a.group_size, item_mix=a.item_mix)
+                      seed=a.seed, val_fraction=a.val_fraction, group_size=a.group_size, item_mix=a.item_mix,
+                      precision=a.precision)
     bars = TrainingProgress(cfg.epochs)
     try:
         res = train_catalog(a.catalog, a.out, a.text_model, a.image_model, cfg, progress=bars.progress,
@@ -163,7 +164,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     finally:
         bars.close()
     last = res.history[-1]
-    print(f"trained fusion on {res.checkpoint.meta['items']} items in {res.seconds:.1f}s: "
+    print(f"trained fusion on {res.checkpoint.meta['items']} items in {res.seconds:.1f}s "
+          f"({res.checkpoint.meta['precision']}): "
           f"loss {res.history[0]['loss']:.3f} -> {last['loss']:.3f}, held-out photo R@1 "
           f"{last['val_image_r1']:.3f}, title R@10 {last['val_text_r10']:.3f}; saved {a.out}")
     return 0
@@ -258,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--item-mix", type=float, default=0.5, metavar="M",
                    help="an item's stored vector is its title+photo embedding plus M times the sum of its "
                         "title-only and photo-only embeddings, renormalised (0: the joint one alone; default 0.5)")
+    t.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="arithmetic of the training steps: bf16 autocast (fp32 weights) or fp32; auto picks "
+                        "bf16 where the CPU has native bfloat16 (AVX512-BF16/AMX), 1.5x faster there "
+                        "(default auto)")
     _model_args(t)
     t.set_defaults(func=cmd_train)
 
