@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 from typing import Sequence
 
 from benchmarks import publish
-from benchmarks.loadgen import ab_table
+from benchmarks.loadgen import ab_table, alternated_ms_per_call
 
 
 def run(checkpoint: Path | None, mix: float, rounds: int, seconds: float, batches: Sequence[int] = (1, 8),
@@ -56,17 +55,9 @@ def run(checkpoint: Path | None, mix: float, rounds: int, seconds: float, batche
     points: dict[tuple[str, str], list[float]] = {}
     for b in batches:
         feed = dict(zip(names, (t.numpy() for t in example(b))))
-        for rnd in range(rounds):
-            order = list(sessions) if rnd % 2 == 0 else list(sessions)[::-1]
-            for name in order:
-                sess, calls = sessions[name], 0
-                sess.run(None, feed)  # warm
-                t0 = time.perf_counter()
-                while time.perf_counter() - t0 < seconds:
-                    sess.run(None, feed)
-                    calls += 1
-                points.setdefault((name, f"ms per call, batch {b}"), []).append(
-                    (time.perf_counter() - t0) / calls * 1e3)
+        timed = alternated_ms_per_call({name: (lambda s=sess: s.run(None, feed)) for name, sess in sessions.items()},
+                                       rounds, seconds)
+        points.update({(name, f"ms per call, batch {b}"): ms for name, ms in timed.items()})
     return (f"Medians over {rounds} alternated rounds (min-max), {seconds:g} s each, {tokens} title tokens, "
             f"{regions} regions, weights {'of ' + str(checkpoint) if checkpoint else 'seeded (untrained)'}.\n\n"
             + ab_table(points, *variants))

@@ -134,6 +134,23 @@ def timed_batches(fn: Callable[[Any], object], batches: Sequence[Any], duration_
     return summarise(label, latencies, time.perf_counter() - begin, concurrency=1, batch=batch)
 
 
+def alternated_ms_per_call(calls: dict[str, Callable[[], object]], rounds: int, seconds: float) -> dict[str, list[float]]:
+    """Milliseconds per call of each function, one figure per round: each is warmed with one
+    call, then called for ``seconds``; every other round runs them in reverse order, so that
+    a machine that slows down or speeds up during the run shifts them alike."""
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for rnd in range(rounds):
+        for name in (list(calls) if rnd % 2 == 0 else list(calls)[::-1]):
+            fn, n = calls[name], 0
+            fn()
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                fn()
+                n += 1
+            out[name].append((time.perf_counter() - t0) / n * 1e3)
+    return out
+
+
 def ab_table(points: dict[tuple[str, str], list[float]], before: str, after: str) -> str:
     """Markdown table of an alternated A/B: per metric, the median (min-max) over rounds of
     variant ``before`` and ``after`` and their ratio.  ``points`` maps (variant, metric) to

@@ -797,3 +797,17 @@ def test_item_mix_cost_times_both_graphs(tmp_path) -> None:
     assert "| item_mix 0 | item_mix 0.5 | ratio |" in rows["measure"]
     for metric in ("ms per call, batch 1", "ms per call, batch 8"):
         _assert_both_measured(rows[metric])
+
+
+def test_fusion_width_cost_times_each_graph_at_both_widths(tmp_path) -> None:
+    from benchmarks import fusion_width_cost
+
+    out = tmp_path / "width.md"
+    assert fusion_width_cost.main(["--widths", "64", "128", "--rounds", "2", "--seconds", "0.02",
+                                   "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("$ python -m benchmarks.fusion_width_cost --widths 64 128")
+    assert "| measure | width 64 | width 128 | ratio |" in text
+    for graph in ("fusion_item", "fusion_text", "fusion_image"):
+        for b in (1, 8):
+            assert f"| {graph}, ms per call, batch {b} |" in text

@@ -105,7 +105,10 @@ class TrainConfig:
     temperature: float = 0.1
     val_fraction: float = 0.05
     seed: int = 0
-    width: int = 256
+    # 384 against 256 (bf16 steps, 3 seeds): text R@10 +0.012 to +0.034, photo+text R@10 +0.014 to
+    # +0.057, photo R@1 -0.01 to +0.02, in 1.4x the training time; the served fusion graphs cost
+    # 1.3-1.6x (+0.45 ms per ingested item at batch 8; quality_ab.md, fusion_width_cost.md).
+    width: int = 384
     embed_dim: int = 256
     image_reduce_dim: int = 256  # frozen PCA of the regions before the trained projection
     query_cross: bool = True  # text+image queries get their own cross-attention (AttentionFusion)
