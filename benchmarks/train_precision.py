@@ -42,9 +42,10 @@ def measure(f: Features, epochs: int, rounds: int, seed: int = 0, log=print) -> 
     for r in range(rounds):
         for p in PRECISIONS:
             hist = train_fusion(f, "-", "-", TrainConfig(epochs=epochs, seed=seed, precision=p)).history
-            out[p]["epoch_s"] += epoch_seconds(hist)
+            seconds = epoch_seconds(hist)
+            out[p]["epoch_s"] += seconds
             out[p]["loss"].append(hist[-1]["loss"])
-            log(f"round {r + 1} {p}: {statistics.median(epoch_seconds(hist)):.2f} s/epoch, "
+            log(f"round {r + 1} {p}: {statistics.median(seconds):.2f} s/epoch, "
                 f"last loss {hist[-1]['loss']:.4f}")
     return out
 

@@ -123,7 +123,8 @@ class TrainConfig:
     group_size: int = 4  # >1: an extra photo -> item loss on batches of look-alike groups (neighbour_batches)
     # Arithmetic of the training steps: "bf16" runs them under bfloat16 autocast (weights,
     # optimiser state and the similarity logits stay fp32), "auto" picks it where the CPU
-    # multiplies bfloat16 natively (bf16_supported). On the demo's 2 cores 1.5x faster, with
+    # multiplies bfloat16 natively (bf16_supported). On the demo's 2 cores 1.6x faster per epoch
+    # (train_precision.md; 1.5x over whole 40-epoch trainings with their evaluation), with
     # retrieval figures inside the seed spread over 3 seeds (text R@10 0.004-0.011 lower,
     # photo R@1 and photo+text R@10 either way; quality_ab.md, 2026-12-05 afternoon).
     precision: str = "auto"
