@@ -18,7 +18,9 @@ KEY is ``FIELD`` (every member the field applies to) or ``MEMBER.FIELD``; FIELDs
 * ``preferred``: preferred batch sizes, ``/``-separated (``8/16``; empty for none);
 * ``instances``: instance count;
 * ``threads``: ONNX Runtime intra-op threads (members that run ONNX Runtime);
-* ``spin``: ONNX Runtime idle-thread spinning, 0 or 1 (same members).
+* ``spin``: ONNX Runtime idle-thread spinning, 0 or 1 (same members);
+* ``text_precision``: the text encoder graph, ``fp32`` or ``int8`` (``xmsearch export
+  --text-precision``; no MEMBER: the variant starts from a repository exported so).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from xmsearch.errors import ConfigError
 from xmsearch.export.repository import read_config, read_repository, write_config
 
 ORT_FIELDS = {"threads": "intra_op_threads", "spin": "allow_spinning"}
-FIELDS = ("delay", "preferred", "instances", *ORT_FIELDS)
+EXPORT_FIELDS = {"text_precision": ("fp32", "int8")}  # chosen at export, not in a member config
+FIELDS = ("delay", "preferred", "instances", *ORT_FIELDS, *EXPORT_FIELDS)
 KINDS = ("text", "image")
 LEVELS = (1, 16)
 
@@ -70,8 +73,16 @@ def parse_variant(spec: str) -> Variant:
         if not eq or fld not in FIELDS:
             raise ConfigError(f"variant {spec!r}: {item!r} is not [MEMBER.]FIELD=VALUE with FIELD one of "
                               f"{', '.join(FIELDS)}")
+        if fld in EXPORT_FIELDS and (member or value not in EXPORT_FIELDS[fld]):
+            raise ConfigError(f"variant {spec!r}: {item!r}: {fld} takes no MEMBER and one of "
+                              f"{', '.join(EXPORT_FIELDS[fld])}")
         overrides.append(Override(member or None, fld, value))
     return Variant(name, overrides)
+
+
+def export_choices(v: Variant) -> dict[str, str]:
+    """The variant's export-time choices, as keyword arguments of ``stack.exported_repository``."""
+    return {o.field: o.value for o in v.overrides if o.field in EXPORT_FIELDS}
 
 
 def _int(o: Override) -> int:
@@ -110,7 +121,7 @@ def make_variant(repository: Path, out: Path, overrides: list[Override]) -> None
         shutil.rmtree(out)
     shutil.copytree(repository, out)
     configs = read_repository(out)
-    for o in overrides:
+    for o in (o for o in overrides if o.field not in EXPORT_FIELDS):
         targets = [o.member] if o.member else [n for n, c in configs.items() if c.platform != "ensemble"]
         if o.member and o.member not in configs:
             raise ConfigError(f"{o.member}.{o.field}: no member {o.member!r} in the repository "
@@ -179,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("variant names must differ")
     work = a.work or Path(tempfile.mkdtemp(prefix="xmsearch-serving-ab-"))
     cat = stack.demo_catalogue(a.items, max(30, a.items // 3))
-    repo = stack.exported_repository(step=lambda m: print(m, flush=True))
+    repos = {v.name: stack.exported_repository(step=lambda m: print(m, flush=True), **export_choices(v))
+             for v in variants}
     inputs = {k: input_data.write_input_data(work / f"{k}.json", cat.queries_file, k) for k in KINDS}
     settings = perf_sweep.SweepSettings(concurrency=LEVELS, measurement_interval_ms=a.interval_ms,
                                         stability_percentage=30.0, max_trials=5)
@@ -188,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         urls = {}
         for v in variants:
             path = work / f"repo-{v.name}"
-            make_variant(repo.path, path, v.overrides)
+            make_variant(repos[v.name].path, path, v.overrides)
             urls[v.name] = servers.enter_context(
                 stack.PrivateServer(path, log_file=work / f"{v.name}.log")).url
         for rnd in range(a.rounds):

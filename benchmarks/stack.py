@@ -29,7 +29,8 @@ REPO = BENCH_DIR.parent
 CACHE_DIR = BENCH_DIR / ".cache"
 
 # Files whose content decides what an export writes: any change invalidates cached repositories.
-_EXPORT_SOURCES = ("export/pipeline.py", "export/onnx.py", "export/repository.py", "xmsearch/spec.py",
+_EXPORT_SOURCES = ("export/pipeline.py", "export/onnx.py", "export/quantize.py", "export/repository.py",
+                   "xmsearch/spec.py",
                    "xmsearch/triton_models.py", "xmsearch/preprocess.py", "xmsearch/models/text.py",
                    "xmsearch/models/image.py", "xmsearch/models/fusion.py")
 
@@ -73,7 +74,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def repository_key(text_model: str, fusion: Path | None) -> dict[str, str]:
+def repository_key(text_model: str, fusion: Path | None, text_precision: str = "auto") -> dict[str, str]:
     """What a cached repository must have been exported from to be reused."""
     sources = hashlib.sha256()
     for rel in _EXPORT_SOURCES:
@@ -82,7 +83,7 @@ def repository_key(text_model: str, fusion: Path | None) -> dict[str, str]:
             sources.update(rel.encode())
             sources.update(path.read_bytes())
     return {"text_model": text_model, "fusion": _sha256(Path(fusion)) if fusion else "untrained",
-            "target": "cpu", "sources": sources.hexdigest()[:16]}
+            "target": "cpu", "text_precision": text_precision, "sources": sources.hexdigest()[:16]}
 
 
 @dataclass(frozen=True)
@@ -99,15 +100,18 @@ class Repository:
 
 
 def exported_repository(text_model: str = spec.DEFAULT_TEXT_MODEL, fusion: Path | None = None,
-                        cache_dir: Path = CACHE_DIR, step: Callable[[str], None] = lambda m: None) -> Repository:
-    """A cpu-target repository for ``text_model`` with ``fusion`` weights (None: untrained), cached."""
+                        cache_dir: Path = CACHE_DIR, step: Callable[[str], None] = lambda m: None,
+                        text_precision: str = "auto") -> Repository:
+    """A cpu-target repository for ``text_model`` with ``fusion`` weights (None: untrained) and
+    the text encoder in ``text_precision`` (``xmsearch export --text-precision``), cached."""
     from xmsearch.export.pipeline import export_repository
 
     if fusion is not None and not Path(fusion).is_file():
         raise ConfigError(f"benchmarks: --fusion {fusion} does not exist; pass a checkpoint from "
                           "`xmsearch train` or leave --fusion out to measure with untrained weights")
-    key = repository_key(text_model, fusion)
-    path = Path(cache_dir) / f"repository-{text_model}"
+    key = repository_key(text_model, fusion, text_precision)
+    suffix = "" if text_precision == "auto" else f"-{text_precision}"
+    path = Path(cache_dir) / f"repository-{text_model}{suffix}"
     key_file = path / "bench-key.json"
     meta_file = path / "xmsearch_export.json"
     if key_file.is_file() and meta_file.is_file() and json.loads(key_file.read_text()) == key:
@@ -117,7 +121,7 @@ def exported_repository(text_model: str = spec.DEFAULT_TEXT_MODEL, fusion: Path 
         shutil.rmtree(path)
     step(f"exporting a cpu repository for {text_model} into {path}")
     result = export_repository(path, target="cpu", fusion_checkpoint=fusion, untrained=fusion is None,
-                               text_model=text_model, step=step)
+                               text_model=text_model, text_precision=text_precision, step=step)
     key_file.write_text(json.dumps(key))
     return Repository(path, text_model, result.trained, result.fingerprint)
 

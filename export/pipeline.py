@@ -28,6 +28,7 @@ from xmsearch import spec as S
 from xmsearch.checkpoint import FusionCheckpoint
 from xmsearch.errors import CheckpointError, ModelError
 from xmsearch.export import onnx as onnx_export
+from xmsearch.export import quantize
 from xmsearch.export.repository import NEURAL, TARGETS, TargetSettings, repository_configs, write_config
 from xmsearch.models.fusion import AttentionFusion, FusionEntry
 from xmsearch.models.image import DEFAULT_IMAGE_MODEL
@@ -55,6 +56,7 @@ class ExportResult:
     parity: list = field(default_factory=list)  # ParityReport per graph
     trained: bool = True
     engines: list = field(default_factory=list)
+    text_precision: str = "fp32"  # of the served text encoder graph: fp32 or int8
 
 
 def sample_images(n: int = 4, seed: int = 0) -> list[bytes]:
@@ -139,12 +141,19 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
                       untrained: bool = False, text_model: str = DEFAULT_TEXT_MODEL,
                       image_model: str = DEFAULT_IMAGE_MODEL, image_checkpoint: Path | None = None,
                       settings: TargetSettings | None = None, precision: str = "fp16",
-                      min_cosine: float = 0.9999,
+                      min_cosine: float = 0.9999, text_precision: str = "auto",
                       step: Callable[[str], None] = lambda msg: None) -> ExportResult:
-    """Export the models and write a complete, checked model repository into ``out``."""
+    """Export the models and write a complete, checked model repository into ``out``.
+
+    ``text_precision``: the served text encoder graph, "fp32", "int8" (dynamic ONNX Runtime
+    quantization, CPU only: ``xmsearch.export.quantize``) or "auto" (int8 where the text
+    encoder runs on ONNX Runtime's CPU provider, fp32 on a GPU).  Every graph is first checked
+    in fp32 against PyTorch at ``min_cosine``; an int8 text encoder is then checked again.
+    """
     if target not in TARGETS:
         raise ModelError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
     settings = settings or TargetSettings(target)
+    text_precision = quantize.resolve_text_precision(text_precision, settings.on_gpu)
     if target == "tensorrt":
         from xmsearch.export import tensorrt as trt_export
 
@@ -162,13 +171,20 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
     specs = S.member_specs(dims)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result = ExportResult(out, target, "", trained=ckpt.trained)
+    result = ExportResult(out, target, "", trained=ckpt.trained, text_precision=text_precision)
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         stage = Path(tmp)
         for member, module, example, cases in _graphs(enc, ckpt.fusion, dims):
             step(f"exporting {member} to ONNX (opset {onnx_export.OPSET})")
             path = onnx_export.export_onnx(module, specs[member], example, stage / member / "1" / "model.onnx")
             reports = onnx_export.check_parity(module, specs[member], path, cases, min_cosine)
+            if member == S.TEXT_ENCODER and text_precision == "int8":
+                step(f"quantizing {member} to int8 (dynamic, per-channel MatMul weights)")
+                fp32_path = path.with_name("model.fp32.onnx")
+                path.rename(fp32_path)
+                quantize.quantize_int8(fp32_path, path)
+                fp32_path.unlink()
+                reports.append(quantize.check_int8_parity(module, path, cases))
             result.parity.extend(reports)
             for r in reports:
                 step(f"  parity {r}")
@@ -195,6 +211,7 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
                 (folder / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version folder
         (stage / "xmsearch_export.json").write_text(json.dumps({
             "target": target, "fingerprint": result.fingerprint, "text_model": text_model,
+            "text_precision": text_precision,
             "image_model": image_model, "trained": ckpt.trained, "fusion_meta": ckpt.meta,
             "dims": dims.__dict__, "parity": [r.__dict__ for r in result.parity]}, indent=2))
         _install(stage, out, list(configs))

@@ -667,6 +667,7 @@ def test_repository_key_follows_the_weights(tmp_path: Path) -> None:
     assert stack.repository_key("minilm-l6", a) != stack.repository_key("minilm-l6", b)
     assert stack.repository_key("minilm-l6", a) == stack.repository_key("minilm-l6", a)
     assert stack.repository_key("minilm-l6", None) != stack.repository_key("multilingual-e5-small-q4", None)
+    assert stack.repository_key("minilm-l6", None, "fp32") != stack.repository_key("minilm-l6", None, "int8")
     with pytest.raises(ConfigError, match="does not exist"):
         stack.exported_repository("minilm-l6", tmp_path / "missing.pt", cache_dir=tmp_path)
 
@@ -721,6 +722,15 @@ def test_serving_ab_variants_override_member_configs(tmp_path: Path) -> None:
         serving_ab.make_variant(repo, tmp_path / "spin", serving_ab.parse_variant("s:spin=2").overrides)
     with pytest.raises(ConfigError, match="applies to none"):
         serving_ab.make_variant(repo, tmp_path / "tok", serving_ab.parse_variant("t:tokenizer_query.threads=1").overrides)
+    # The text encoder's precision is chosen at export: it picks the variant's repository.
+    fp32 = serving_ab.parse_variant("fp32:text_precision=fp32,delay=0")
+    assert serving_ab.export_choices(fp32) == {"text_precision": "fp32"}
+    assert serving_ab.export_choices(v) == {}
+    serving_ab.make_variant(repo, tmp_path / "fp32", fp32.overrides)  # the config fields still apply
+    assert read_repository(tmp_path / "fp32")[spec.TEXT_ENCODER].dynamic_batching.max_queue_delay_microseconds == 0
+    for bad in ("x:text_precision=int4", "x:text_encoder.text_precision=fp32"):
+        with pytest.raises(ConfigError, match="takes no MEMBER and one of fp32, int8"):
+            serving_ab.parse_variant(bad)
 
 
 def test_image_layers_recall_counts_the_right_product_at_rank_1_and_10() -> None:
@@ -811,3 +821,20 @@ def test_fusion_width_cost_times_each_graph_at_both_widths(tmp_path) -> None:
     for graph in ("fusion_item", "fusion_text", "fusion_image"):
         for b in (1, 8):
             assert f"| {graph}, ms per call, batch {b} |" in text
+
+
+def test_text_int8_compares_both_graphs_on_a_catalogue(tmp_path: Path) -> None:
+    from benchmarks import text_int8
+    from xmsearch.demo import MIN_ITEMS, generate_demo_catalog
+
+    generate_demo_catalog(tmp_path / "cat", n=MIN_ITEMS, seed=2, n_queries=12)
+    out = tmp_path / "int8.md"
+    assert text_int8.main(["--catalog", str(tmp_path / "cat"), "--text-model", "minilm-l6", "--rounds", "2",
+                           "--seconds", "0.02", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("$ python -m benchmarks.text_int8 --catalog")
+    assert "### minilm-l6" in text and "| one query (16 tokens), ms per call |" in text
+    cos = float(re.search(r"states with PyTorch over \d+ batches of titles: min (\S+) ", text).group(1))
+    assert 0.9 < cos < 0.9999  # int8 moved the states, a little
+    rows = re.findall(r"^\| (fp32|int8) \| (\S+) \| (\S+) \|", text, re.M)
+    assert [r[0] for r in rows] == ["fp32", "int8"] and all(0 <= float(x) <= 1 for r in rows for x in r[1:])

@@ -95,8 +95,10 @@ def cmd_export(a: argparse.Namespace) -> int:
                               trt_accelerator=a.trt_accelerator, queue_delay_us=a.queue_delay_us)
     t0 = time.time()
     res = export_repository(a.out, a.target, a.fusion, a.untrained, a.text_model, a.image_model,
-                            a.image_checkpoint, settings, a.precision, step=lambda m: print(m, flush=True))
-    print(f"wrote {a.target} repository {res.out} (fingerprint {res.fingerprint}"
+                            a.image_checkpoint, settings, a.precision, text_precision=a.text_precision,
+                            step=lambda m: print(m, flush=True))
+    print(f"wrote {a.target} repository {res.out} (fingerprint {res.fingerprint}, text encoder "
+          f"{res.text_precision}"
           f"{', UNTRAINED fusion' if not res.trained else ''}) in {time.time() - t0:.1f}s")
     return 0
 
@@ -199,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY, help="repository folder (default: model_repository)")
     e.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
                    help="tensorrt target precision (default: fp16)")
+    e.add_argument("--text-precision", choices=("auto", "fp32", "int8"), default="auto",
+                   help="served text encoder graph: int8 = dynamic ONNX Runtime quantization of its "
+                        "MatMul weights, CPU only, about 2x faster per title with the demo's "
+                        "retrieval figures unchanged (benchmarks/results/text_int8.md); auto = int8 "
+                        "where the text encoder runs on ONNX Runtime's CPU provider of a CPU with int8 "
+                        "dot products (VNNI / AMX / ARM64), else fp32 (default: auto)")
     e.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="onnxruntime target instance kind (default: gpu)")
     e.add_argument("--ort-threads", type=int, default=2, help="ONNX Runtime intra-op threads per instance")

@@ -1,0 +1,145 @@
+"""What int8 does to the served text encoder: speed side by side, and how far the vectors move.
+
+For each text model this exports the text encoder graph as ``xmsearch export`` does, quantizes
+it as ``--text-precision int8`` does (``xmsearch.export.quantize``) and compares the two
+graphs in ONNX Runtime as the cpu target runs them (2 threads, idle threads not spinning):
+
+* milliseconds per call, rounds alternated: one query (query role) and a batch of 8
+  catalogue titles (passage role);
+* the per-token cosine of the int8 graph's states with PyTorch's, the figure the export
+  checks (``INT8_MIN_COSINE``), over the catalogue's titles;
+* the raw encoder's own retrieval with each graph (mean-pooled states, text query vs
+  titles, the baseline ``xmsearch eval --baselines`` prints) on the catalogue's text
+  queries: how much int8 moves the rankings before any fusion.
+
+The fused, served figures with each precision come from ``xmsearch eval`` on the two exports
+(README, "Text encoder precision").
+
+    .venv/bin/python -m benchmarks.text_int8 --catalog demo \\
+        --out benchmarks/results/text_int8.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from benchmarks import publish
+from benchmarks.loadgen import ab_table, alternated_ms_per_call
+
+MODELS = ("minilm-l6", "multilingual-e5-small-q4")
+
+
+def _pooled(states, mask):
+    import numpy as np
+
+    v = (states * mask[..., None]).sum(1) / np.maximum(mask.sum(1, keepdims=True), 1)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _encode(session, pre, texts: list[str], role: str, batch: int = 64):
+    import numpy as np
+
+    from xmsearch import spec as S
+
+    out = []
+    for i in range(0, len(texts), batch):
+        ids, mask = pre.encode(texts[i:i + batch], role)
+        states = session.run([S.TOKEN_STATES], {S.INPUT_IDS: ids, S.ATTENTION_MASK: mask})[0]
+        out.append(_pooled(states, mask))
+    return np.concatenate(out)
+
+
+def compare(text_model: str, catalog: Path, rounds: int, seconds: float, max_titles: int) -> tuple[dict, dict]:
+    """(timings {(variant, measure): [ms per round]}, figures) for one text model."""
+    import numpy as np
+    import torch
+
+    from xmsearch import spec as S
+    from xmsearch.catalog import read_catalog
+    from xmsearch.evaluate import load_queries
+    from xmsearch.export.onnx import export_onnx, onnx_session
+    from xmsearch.export.quantize import check_int8_parity, quantize_int8
+    from xmsearch.metrics import evaluate
+    from xmsearch.models.text import TextEncoder, resolve_text_model
+    from xmsearch.preprocess import TextPreprocessor
+
+    source = resolve_text_model(text_model)
+    encoder = TextEncoder(source).eval()
+    pre = TextPreprocessor(encoder.tokenizer_json(), source.preprocess)
+    rows, _ = read_catalog(catalog / "catalog.jsonl")
+    titles = [r.title for r in rows]
+    queries = [q for q in load_queries(catalog / "queries.jsonl") if q.get("text") and not q.get("image")]
+    ids, mask = (torch.from_numpy(a) for a in pre.encode(titles[:8], "passage"))
+    spec = S.member_specs(S.Dims(text_dim=encoder.dim, image_dim=1, embed_dim=256))[S.TEXT_ENCODER]
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(encoder, spec, (ids[:2], mask[:2]), Path(tmp) / "fp32.onnx")
+        int8 = quantize_int8(fp32, Path(tmp) / "int8.onnx")
+        checked = [tuple(torch.from_numpy(a) for a in pre.encode(titles[i:i + 64], "passage"))
+                   for i in range(0, min(len(titles), max_titles), 64)]
+        parity = check_int8_parity(encoder, int8, checked, min_cosine=-1.0)
+        sessions = {"fp32": onnx_session(fp32, threads=2, spinning=False),
+                    "int8": onnx_session(int8, threads=2, spinning=False)}
+        feeds = {"one query": pre.encode([queries[0]["text"] if queries else titles[0]], "query"),
+                 "8 titles": pre.encode(titles[8:16], "passage")}
+        points: dict[tuple[str, str], list[float]] = {}
+        for label, (i, m) in feeds.items():
+            feed = {S.INPUT_IDS: i, S.ATTENTION_MASK: m}
+            timed = alternated_ms_per_call({v: (lambda s=s: s.run(None, feed)) for v, s in sessions.items()},
+                                           rounds, seconds)
+            points.update({(v, f"{label} ({i.shape[1]} tokens), ms per call"): ms for v, ms in timed.items()})
+        figures = {"parity": parity, "queries": len(queries), "titles": len(titles)}
+        if queries:
+            item_ids = [r.id for r in rows]
+            for v, s in sessions.items():
+                z = _encode(s, pre, titles, "passage")
+                q = _encode(s, pre, [x["text"] for x in queries], "query")
+                top = np.argsort(-(q @ z.T), axis=1)[:, :10]
+                ranked = {x["qid"]: [item_ids[j] for j in row] for x, row in zip(queries, top)}
+                figures[v] = evaluate(ranked, queries)["all"]
+    return points, figures
+
+
+def run(models: Sequence[str], catalog: Path, rounds: int, seconds: float, max_titles: int = 512) -> str:
+    parts = [f"ONNX Runtime, 2 threads, idle threads not spinning; medians over {rounds} alternated rounds "
+             f"(min-max), {seconds:g} s each. Catalogue `{catalog}`."]
+    for model in models:
+        points, fig = compare(model, Path(catalog), rounds, seconds, max_titles)
+        p = fig["parity"]
+        parts.append(f"### {model}\n\n" + ab_table(points, "fp32", "int8") + "\n\n"
+                     f"Per-token cosine of the int8 graph's states with PyTorch over {p.cases} batches of "
+                     f"titles: min {p.min_cosine:.4f} (the export refuses below the bound in "
+                     f"`xmsearch.export.quantize`).")
+        if fig["queries"]:
+            lines = ["| raw encoder, mean-pooled, graph | R@1 | R@10 | MRR | nDCG@10 |", "|---|---:|---:|---:|---:|"]
+            for v in ("fp32", "int8"):
+                m = fig[v]
+                lines.append(f"| {v} | {m['recall@1']:.3f} | {m['recall@10']:.3f} | {m['mrr']:.3f} "
+                             f"| {m['ndcg@10']:.3f} |")
+            parts.append(f"Raw-encoder retrieval, {fig['queries']} text queries against {fig['titles']} "
+                         "titles:\n\n" + "\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--catalog", type=Path, default=Path("demo"),
+                   help="catalogue folder with catalog.jsonl and queries.jsonl (default: demo)")
+    p.add_argument("--text-model", action="append", dest="models", metavar="NAME",
+                   help=f"text model (repeat; default: {', '.join(MODELS)})")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per variant and round")
+    p.add_argument("--out", type=Path, help="also write the result here, under the command")
+    a = p.parse_args(argv)
+    if not (a.catalog / "catalog.jsonl").is_file():
+        p.error(f"--catalog {a.catalog}: no catalog.jsonl there (make one with `xmsearch demo-catalog`)")
+    publish(run(a.models or MODELS, a.catalog, a.rounds, a.seconds), a.out, "benchmarks.text_int8", argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
