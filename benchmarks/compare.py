@@ -8,6 +8,7 @@ met.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -116,17 +117,41 @@ def load_table(results: Sequence[LoadResult]) -> str:
                           rows, align=["l", "r", "r", "r", "r", "r", "r", "r"])
 
 
+def ingest_cpu_table(cpu_ms: dict[str, float], items_per_s: float, image_encoder_best: float | None,
+                     cores: int | None = None) -> str:
+    """Where an ingested item's CPU went (ms per item by process), and what that allows.
+
+    ``cores`` x 1000 / (CPU ms per item) is the most items/s these cores could ingest with
+    every core busy all the time; the measured rate over it is how busy the ingest kept them.
+    """
+    cores = cores or os.cpu_count() or 1
+    total = sum(cpu_ms.values())
+    rows = [[name, round(ms, 2), f"{ms / total:.0%}"] for name, ms in cpu_ms.items()]
+    rows.append(["**total**", round(total, 2), "100%"])
+    table = markdown_table(["process", "CPU ms per item", "share"], rows, align=["l", "r", "r"])
+    bound = cores * 1e3 / total
+    text = (f"With every one of the {cores} cores busy all the time, {total:.1f} CPU ms per item allow at most "
+            f"{bound:.1f} items/s; the ingest reached {items_per_s:.1f} ({items_per_s / bound:.0%} of that).")
+    if image_encoder_best:
+        text += (f" Against the image encoder's best rate ({image_encoder_best:.1f} infer/s) that bound is "
+                 f"{bound / image_encoder_best:.2f}x.")
+    return f"CPU per ingested item by process (`/proc`, the median ingest; stubs of one model summed):\n\n{table}\n\n{text}"
+
+
 def e2e_section(search: Sequence[LoadResult], ingest_items: int | None, ingest_s: float | None,
                 notes: str = "", commands: Sequence[str] = (),
-                ingest_rounds: Sequence[float] = ()) -> ReportSection:
-    """Ingest throughput (the median of ``ingest_rounds`` items/s when several) and client
-    search latency/throughput."""
+                ingest_rounds: Sequence[float] = (), ingest_cpu_ms: dict[str, float] | None = None,
+                image_encoder_best: float | None = None) -> ReportSection:
+    """Ingest throughput (the median of ``ingest_rounds`` items/s when several), where its
+    CPU went (``ingest_cpu_ms``, when measured) and client search latency/throughput."""
     parts = [notes] if notes else []
     if ingest_items is not None and ingest_s:
         rounds = (f"; the median of {len(ingest_rounds)} ingests: "
                   + ", ".join(f"{r:.1f}" for r in ingest_rounds) + " items/s") if len(ingest_rounds) > 1 else ""
         parts.append(f"**Ingest:** {ingest_items} items in {ingest_s:.1f} s = "
                      f"**{ingest_items / ingest_s:.1f} items/s** (`ingest_catalog`, Flat index{rounds}).")
+        if ingest_cpu_ms:
+            parts.append(ingest_cpu_table(ingest_cpu_ms, ingest_items / ingest_s, image_encoder_best))
     if search:
         parts.append(load_table(search))
     return ReportSection(title="End to end through the xmsearch client", body="\n\n".join(parts),

@@ -2,7 +2,7 @@
 
 * :func:`measure_ingest` -- ``ingest_catalog`` of a catalogue into a fresh Flat index
   (items/s as the client reports it: reading rows and photos, item ensemble requests,
-  index writes and saves);
+  index writes and saves) and, for a local server, the CPU each process spent per item;
 * :func:`measure_search` -- ``Searcher.search`` (query encode over gRPC + FAISS top-10) from
   1, 4, 16 threads sharing one :class:`Searcher`, as a web front end would (concurrent
   queries answered together, the default), then text queries at 16 threads through a
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,6 +25,9 @@ class IngestResult:
     items: int
     seconds: float
     bad_rows: int
+    # CPU ms per item by process: the server's members (``benchmarks.proc_cpu``) and
+    # "client" (this process); empty when the server is not a local process.
+    cpu_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def items_per_second(self) -> float:
@@ -41,18 +44,31 @@ def load_queries(queries_file: Path, kind: str) -> list:
     return [(Path(queries_file).parent / r["image"]).read_bytes() for r in rows]
 
 
-def measure_ingest(catalog_file: Path, index_dir: Path, url: str) -> IngestResult:
-    """Ingest ``catalog_file`` into a new Flat index at ``index_dir`` (replaced if present)."""
+def measure_ingest(catalog_file: Path, index_dir: Path, url: str, server_pid: int | None = None) -> IngestResult:
+    """Ingest ``catalog_file`` into a new Flat index at ``index_dir`` (replaced if present).
+
+    With ``server_pid`` (a tritonserver on this machine) the result also holds the CPU time
+    per item of the server, of each model's stubs and of this process."""
+    import time
+
+    from benchmarks import proc_cpu
     from xmsearch.client.embed import Embedder
     from xmsearch.client.ingest import ingest_catalog
 
     shutil.rmtree(index_dir, ignore_errors=True)
     embedder = Embedder(url)
     try:
+        before = proc_cpu.tree_cpu_seconds(server_pid) if server_pid else {}
+        client0 = time.process_time()
         report = ingest_catalog(Path(catalog_file), Path(index_dir), embedder, factory="Flat")
+        client_s = time.process_time() - client0
+        after = proc_cpu.tree_cpu_seconds(server_pid) if server_pid else {}
     finally:
         embedder.close()
-    return IngestResult(items=report.added, seconds=report.seconds, bad_rows=len(report.bad))
+    cpu = proc_cpu.cpu_per_item(before, after, report.added) if after else {}
+    if cpu and report.added:
+        cpu["client"] = client_s * 1e3 / report.added
+    return IngestResult(items=report.added, seconds=report.seconds, bad_rows=len(report.bad), cpu_ms=cpu)
 
 
 def median_ingest(results: Sequence[IngestResult]) -> IngestResult | None:

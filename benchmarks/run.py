@@ -278,7 +278,8 @@ def run_stack(args: argparse.Namespace, plan: Plan, out: Path, command: str) -> 
         if run_e2e:
             t = time.perf_counter()
             for _ in range(plan.ingest_rounds):
-                ingests.append(e2e.measure_ingest(input_data.resolve_source(catalog_dir, "item"), index_dir, url))
+                ingests.append(e2e.measure_ingest(input_data.resolve_source(catalog_dir, "item"), index_dir, url,
+                                                  server_pid=server.server.pid if server else None))
                 _say(f"ingest: {ingests[-1].items} items in {ingests[-1].seconds:.1f} s = "
                      f"{ingests[-1].items_per_second:.1f} items/s")
             ingest = e2e.median_ingest(ingests)
@@ -389,7 +390,8 @@ def _write_sections(out: Path, command: str, plan: Plan, served, torch_rows, onn
     report.write_section_file(out, "targets", compare.ratio_section(items, notes, [command]))
     report.write_section_file(out, "e2e", compare.e2e_section(
         served, ingest.items if ingest else None, ingest.seconds if ingest else None, common, [command],
-        ingest_rounds=[i.items_per_second for i in ingests]))
+        ingest_rounds=[i.items_per_second for i in ingests], ingest_cpu_ms=ingest.cpu_ms if ingest else None,
+        image_encoder_best=compare.best_throughput(sweeps, spec.IMAGE_ENCODER)))
     batches = " or ".join(str(b) for b in plan.baseline_batches)
     base_notes = (f"One query at a time = one call per query on one thread; batched = one call per batch of {batches} "
                   "queries (queries/s counts queries). PyTorch uses torch's default intra-op threads, ONNX Runtime "

@@ -599,12 +599,49 @@ def test_the_median_ingest_is_reported() -> None:
     assert median_ingest([]) is None
 
 
+def test_ingest_cpu_is_attributed_to_the_server_its_stubs_and_the_client(tmp_path: Path) -> None:
+    """A stand-in "server" process with one child whose command line names a model.py, as a
+    python-backend stub's does: its CPU lands under that model, the parent's under tritonserver."""
+    from benchmarks import proc_cpu
+
+    model_py = tmp_path / "image_encoder" / "1" / "model.py"
+    model_py.parent.mkdir(parents=True)
+    model_py.write_text("")
+    burn = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn.format(s=0.3)!r}, '{model_py}'])"
+    parent = subprocess.Popen([sys.executable, "-c", burn.format(s=0.2) + child + "\ntime.sleep(30)"])
+    try:
+        before = proc_cpu.tree_cpu_seconds(parent.pid)
+        assert set(before) <= {proc_cpu.SERVER, "image_encoder"}
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            now = proc_cpu.tree_cpu_seconds(parent.pid)
+            if now.get("image_encoder", 0) >= 0.25 and now.get(proc_cpu.SERVER, 0) >= 0.15:
+                break
+            time.sleep(0.05)
+        per_item = proc_cpu.cpu_per_item({}, now, items=10)
+        assert per_item["image_encoder"] >= 25 and per_item[proc_cpu.SERVER] >= 15  # ms per item
+        assert list(per_item) == sorted(per_item, key=lambda k: -per_item[k])  # largest first
+    finally:
+        parent.kill()
+        parent.wait()
+    assert proc_cpu.tree_cpu_seconds(parent.pid) == {}  # gone: nothing to read
+    assert proc_cpu.cpu_per_item({"a": 1.0}, {"a": 1.0}, 5) == {} and proc_cpu.cpu_per_item({}, {"a": 1.0}, 0) == {}
+    text = compare.ingest_cpu_table({"image_encoder": 12.0, "text_encoder": 4.0, "client": 4.0}, 50.0, 125.0,
+                                    cores=2)
+    assert "| image_encoder | 12.00 | 60% |" in text and "| **total** | 20.00 | 100% |" in text
+    # 2 cores x 1000 / 20 ms = 100 items/s at best; 50 reached; 100 / 125 = 0.80x the image encoder.
+    assert "allow at most 100.0 items/s; the ingest reached 50.0 (50% of that)" in text and "is 0.80x" in text
+
+
 def test_new_sections_land_in_the_report(tmp_path: Path) -> None:
     served = [_load("text", 54.0, c) for c in (1, 4, 16)] + [_load("text, one request per query", 58.0, 16)]
     items = compare.ratios(served, [_load("text", 30.0)], [], [], 15.0)
     report.write_section_file(tmp_path, "targets", compare.ratio_section(items, "notes here", ["python -m x"]))
     report.write_section_file(tmp_path, "e2e", compare.e2e_section(served, 100, 6.5, "setup",
-                                                                   ingest_rounds=[14.0, 15.38, 17.2]))
+                                                                   ingest_rounds=[14.0, 15.38, 17.2],
+                                                                   ingest_cpu_ms={"image_encoder": 30.0},
+                                                                   image_encoder_best=40.0))
     report.write_section_file(tmp_path, "baselines", compare.baseline_section([_load("text", 30.0)],
                                                                               [_load("image", 9.0, batch=32)]))
     report.write_section_file(tmp_path, "tm", compare.text_model_section(
@@ -618,6 +655,7 @@ def test_new_sections_land_in_the_report(tmp_path: Path) -> None:
     assert "**15.4 items/s** (`ingest_catalog`, Flat index; the median of 3 ingests: 14.0, 15.4, 17.2 items/s)" in text
     assert "**15.4 items/s**" in text and "| text, one request per query | 16 | 1 |" in text
     assert "| multilingual-e5-small-q4 | 16 | 30.00 | 400 | 600 |" in text
+    assert "CPU per ingested item by process" in text and "| image_encoder | 30.00 | 100% |" in text
 
 
 # --- FAISS single-query view -----------------------------------------------------------------
