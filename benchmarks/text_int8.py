@@ -22,7 +22,6 @@ The fused, served figures with each precision come from ``xmsearch eval`` on the
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 from typing import Sequence

@@ -41,6 +41,11 @@ class TargetSettings:
     # (waiting to form a batch only added latency there, throughput unchanged: serving_ab.md),
     # the spec's batch-forming delay on GPU.
     queue_delay_us: int | None = None
+    # (instances, intra-op threads) of the cpu target's text encoder; None: one instance with
+    # ``ort_threads``.  ``export_repository`` picks (2, 1) for an int8 text encoder, whose
+    # kernels are so short that waking a second thread costs more than it saves
+    # (benchmarks/results/serving_ab_text_layout.md).
+    text_encoder_layout: tuple[int, int] | None = None
 
     @property
     def on_gpu(self) -> bool:
@@ -54,6 +59,8 @@ class TargetSettings:
     def instances(self, model: str) -> tuple[int, int]:
         """(count, kind) of the instance group for a member."""
         if model in NEURAL:
+            if model == S.TEXT_ENCODER and self.text_encoder_layout and self.target == "cpu":
+                return self.text_encoder_layout[0], mc.ModelInstanceGroup.KIND_CPU
             return 1, (mc.ModelInstanceGroup.KIND_GPU if self.on_gpu else mc.ModelInstanceGroup.KIND_CPU)
         # Python preprocessing holds the GIL per stub: two stubs decode images in parallel
         # (photo queries, and catalogue ingestion, where decoding is the bulk of the work).
@@ -82,7 +89,10 @@ def member_config(spec: S.ModelSpec, settings: TargetSettings, extra_params: dic
     if not neural or settings.target == "cpu":
         cfg.backend = "python"
         if neural:
-            _param(cfg, "intra_op_threads", str(settings.ort_threads))
+            threads = settings.ort_threads
+            if spec.name == S.TEXT_ENCODER and settings.text_encoder_layout:
+                threads = settings.text_encoder_layout[1]
+            _param(cfg, "intra_op_threads", str(threads))
             _param(cfg, "allow_spinning", "1" if settings.ort_spinning else "0")
     elif settings.target == "onnxruntime":
         cfg.backend = "onnxruntime"

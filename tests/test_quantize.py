@@ -22,6 +22,7 @@ from xmsearch import spec as S
 from xmsearch.errors import ModelError
 from xmsearch.export import quantize
 from xmsearch.export.pipeline import ExportResult, export_repository, sample_images
+from xmsearch.export.repository import read_config
 
 # Fused-embedding cosine, int8-served vs the fp32 PyTorch reference.  The export's per-token
 # check bounds the encoder (quantize.INT8_MIN_COSINE); after the fusion's pooling the vectors
@@ -78,6 +79,10 @@ def test_default_cpu_export_serves_an_int8_text_encoder(int8_export: ExportResul
     assert reports[S.TEXT_ENCODER].min_cosine >= 0.9999
     int8 = reports[f"{S.TEXT_ENCODER} (int8)"]
     assert quantize.INT8_MIN_COSINE <= int8.min_cosine < 0.9999
+    # Served as two single-threaded instances (quantize.INT8_TEXT_LAYOUT); fp32 as one of two threads.
+    for repo, (count, threads) in ((out, quantize.INT8_TEXT_LAYOUT), (exported_repository, (1, 2))):
+        cfg = read_config(repo / S.TEXT_ENCODER / "config.pbtxt")
+        assert (cfg.instance_group[0].count, cfg.parameters["intra_op_threads"].string_value) == (count, str(threads))
     # Other vectors, so another fingerprint: an index built on the fp32 server is refused.
     fp32_record = json.loads((exported_repository / "xmsearch_export.json").read_text())
     assert fp32_record["text_precision"] == "fp32"
