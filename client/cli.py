@@ -28,7 +28,8 @@ def cmd_index(a: argparse.Namespace, bar_factory) -> int:
 
     try:
         report = ingest_catalog(a.catalog, a.out, emb, factory=a.factory, resume=a.resume, add=a.add,
-                                gpu=a.gpu, chunk_size=a.chunk_size, nprobe=a.nprobe,
+                                gpu=a.gpu, chunk_size=a.chunk_size, request_rows=a.request_rows,
+                                in_flight=a.in_flight, nprobe=a.nprobe,
                                 ef_search=a.ef_search, progress=progress)
     finally:
         if bar is not None:
@@ -127,6 +128,13 @@ def add_commands(sub, url_arg, bar_factory) -> None:
     i.add_argument("--ef-search", type=int, help="HNSW efSearch (saved with the index)")
     i.add_argument("--gpu", action="store_true", help="build on the GPU (needs faiss-gpu and a GPU)")
     i.add_argument("--chunk-size", type=int, default=256, help="rows per save-able chunk (default: 256)")
+    i.add_argument("--request-rows", type=int, default=8,
+                   help="rows per request to the item ensemble (default: 8; the server's dynamic "
+                        "batcher merges them)")
+    i.add_argument("--in-flight", type=int, default=4,
+                   help="requests kept in flight, across chunk ends (default: 4, the best measured "
+                        "on 2 CPU cores: benchmarks/results/ingest_stream.md; raise it for a GPU server "
+                        "or several model instances)")
     i.add_argument("--retries", type=int, default=8,
                    help="re-sends after UNAVAILABLE, e.g. while a server restarts (default: 8)")
     url_arg(i)

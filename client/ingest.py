@@ -1,8 +1,9 @@
 """Catalogue ingestion: catalogue rows -> item ensemble -> FAISS index + metadata.
 
-Rows stream through the server in chunks; after every few chunks the index is saved
+Rows go to the server as one stream of small requests, several in flight, and come back
+into the index in order, a chunk at a time; after every few chunks the index is saved
 atomically, so an interrupted ingest keeps everything saved so far and ``resume=True``
-embeds only the rows the index does not hold yet (no duplicates, nothing lost).  A chunk
+embeds only the rows the index does not hold yet (no duplicates, nothing lost).  A request
 the server rejects (a corrupt photo, say) is re-sent row by row so that only the bad rows
 are skipped, each reported with its line number and the server's reason.
 """
@@ -10,7 +11,10 @@ are skipped, each reported with its line number and the server's reason.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +23,7 @@ import numpy as np
 from xmsearch.catalog import BadRow, CatalogRow, read_catalog
 from xmsearch.client.embed import Embedder, embed_isolating
 from xmsearch.client.index import CatalogIndex
-from xmsearch.errors import IndexStoreError
+from xmsearch.errors import IndexStoreError, InputError
 
 
 @dataclass
@@ -86,11 +90,67 @@ def _embed_rows(embedder: Embedder, rows: list[CatalogRow], bad: list[BadRow]
     return [ok_rows[i] for i in kept], vectors
 
 
+_QUEUED_PER_SLOT = 4  # requests queued per in-flight slot, ahead of the oldest unfinished one
+
+
+def _embedded_chunks(embedder: Embedder, chunks: list[list[CatalogRow]], bad: list[BadRow],
+                     request_rows: int, in_flight: int
+                     ) -> Iterator[tuple[list[CatalogRow], list[CatalogRow], np.ndarray]]:
+    """``(chunk, kept rows, vectors)`` for each chunk, in order.
+
+    The chunks go out as one stream of requests of ``request_rows`` rows, ``in_flight`` at a
+    time, that does not stop at chunk ends: the server works on the next chunk's rows while
+    the last requests of a chunk finish and the caller adds it to the index.  More requests
+    than ``in_flight`` are queued, so that one slow request does not hold back the ones after
+    it (results are taken in order)."""
+    pieces = ((c, chunk[s:s + request_rows]) for c, chunk in enumerate(chunks)
+              for s in range(0, len(chunk), request_rows))
+    queued: deque[tuple[int, Future]] = deque()
+    kept: list[CatalogRow] = []
+    vectors: list[np.ndarray] = []
+    current = 0  # the chunk whose pieces are being collected
+    with ThreadPoolExecutor(in_flight, thread_name_prefix="ingest") as pool:
+        try:
+            while True:
+                while len(queued) < _QUEUED_PER_SLOT * in_flight:
+                    nxt = next(pieces, None)
+                    if nxt is None:
+                        break
+                    queued.append((nxt[0], pool.submit(_embed_rows, embedder, nxt[1], bad)))
+                if not queued:
+                    break
+                c, fut = queued.popleft()
+                if c != current:  # chunk `current` is complete (pieces arrive in order)
+                    yield chunks[current], kept, _stack(vectors, embedder.dim)
+                    kept, vectors, current = [], [], c
+                rows, vecs = fut.result()
+                kept += rows
+                vectors.append(vecs)
+            if chunks:
+                yield chunks[current], kept, _stack(vectors, embedder.dim)
+        finally:  # stopped early (an error, an interrupt): send nothing more
+            for _, fut in queued:
+                fut.cancel()
+
+
+def _stack(vectors: list[np.ndarray], dim: int) -> np.ndarray:
+    return np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+
+
 def ingest_catalog(catalog: Path, index_dir: Path, embedder: Embedder, *, factory: str = "Flat",
                    resume: bool = False, add: bool = False, gpu: bool = False, chunk_size: int = 256,
-                   save_every: int = 4, nprobe: int | None = None, ef_search: int | None = None,
+                   save_every: int = 4, request_rows: int = 8, in_flight: int = 4,
+                   nprobe: int | None = None, ef_search: int | None = None,
                    progress: Callable[[int, int], None] | None = None) -> IngestReport:
-    """Embed a catalogue through the item ensemble into the index at ``index_dir``."""
+    """Embed a catalogue through the item ensemble into the index at ``index_dir``.
+
+    Chunks of ``chunk_size`` rows are added (and every ``save_every`` chunks saved) in
+    catalogue order; the rows go to the server in requests of ``request_rows``, ``in_flight``
+    of them at a time, in one stream across chunks."""
+    for name, value in (("chunk_size", chunk_size), ("save_every", save_every),
+                        ("request_rows", request_rows), ("in_flight", in_flight)):
+        if value < 1:
+            raise InputError(f"ingest: {name} must be at least 1, got {value}")
     t0 = time.time()
     embedder.check_ready()
     rows, bad = read_catalog(Path(catalog))
@@ -112,7 +172,8 @@ def ingest_catalog(catalog: Path, index_dir: Path, embedder: Embedder, *, factor
             if len(sample) < lo:
                 raise IndexStoreError(f"factory {index.factory!r} needs at least {lo} vectors to train, "
                                       f"the catalogue has {len(sample)} usable rows: use Flat or HNSW32")
-            kept, vecs = _embed_rows(embedder, sample, report.bad)
+            with closing(_embedded_chunks(embedder, [sample], report.bad, request_rows, in_flight)) as one:
+                _, kept, vecs = next(one)
             index.train(vecs)
             if kept:  # the training sample is embedded already: add it, do not embed it twice
                 index.add([r.id for r in kept], vecs, [r.metadata() for r in kept])
@@ -122,17 +183,17 @@ def ingest_catalog(catalog: Path, index_dir: Path, embedder: Embedder, *, factor
         if nprobe is not None or ef_search is not None:
             index.set_search_params(nprobe=nprobe, efSearch=ef_search)
         done = 0
-        for n, start in enumerate(range(0, len(todo), chunk_size), start=1):
-            chunk = todo[start:start + chunk_size]
-            kept, vecs = _embed_rows(embedder, chunk, report.bad)
-            if kept:
-                index.add([r.id for r in kept], vecs, [r.metadata() for r in kept])
-                report.added += len(kept)
-            done += len(chunk)
-            if n % save_every == 0:
-                index.save()
-            if progress:
-                progress(done, len(todo))
+        chunks = [todo[start:start + chunk_size] for start in range(0, len(todo), chunk_size)]
+        with closing(_embedded_chunks(embedder, chunks, report.bad, request_rows, in_flight)) as embedded:
+            for n, (chunk, kept, vecs) in enumerate(embedded, start=1):
+                if kept:
+                    index.add([r.id for r in kept], vecs, [r.metadata() for r in kept])
+                    report.added += len(kept)
+                done += len(chunk)
+                if n % save_every == 0:
+                    index.save()
+                if progress:
+                    progress(done, len(todo))
         index.save()
     finally:
         index.close()

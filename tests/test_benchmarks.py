@@ -876,3 +876,42 @@ def test_text_int8_compares_both_graphs_on_a_catalogue(tmp_path: Path) -> None:
     assert 0.9 < cos < 0.9999  # int8 moved the states, a little
     rows = re.findall(r"^\| (fp32|int8) \| (\S+) \| (\S+) \|", text, re.M)
     assert [r[0] for r in rows] == ["fp32", "int8"] and all(0 <= float(x) <= 1 for r in rows for x in r[1:])
+
+
+def test_ingest_stream_parses_shapes_and_loads_an_earlier_ingest(tmp_path: Path) -> None:
+    import argparse
+
+    from benchmarks import ingest_stream
+
+    assert ingest_stream.parse_shape("8x16") == (8, 16)
+    for bad in ("8", "8x", "axb", "0x4", "8x0"):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(bad))):
+            ingest_stream.parse_shape(bad)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    variant = ingest_stream.baseline_variant("HEAD", 256, tmp_path)
+    assert variant.name == head and (tmp_path / f"ingest_{head}.py").is_file()
+    with pytest.raises(SystemExit, match="--baseline-rev no-such-rev"):
+        ingest_stream.baseline_variant("no-such-rev", 256, tmp_path)
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_ingest_stream_measures_every_variant(xm_server, served_demo_index, tmp_path: Path) -> None:
+    from benchmarks import ingest_stream
+
+    demo, _ = served_demo_index
+    variants = [ingest_stream.baseline_variant("HEAD", 256, tmp_path),
+                ingest_stream.shape_variant(8, 16, 256), ingest_stream.shape_variant(1, 2, 5)]
+    lines: list[str] = []
+    figures = ingest_stream.measure(variants, demo / "catalog.jsonl", xm_server.url, xm_server.pid,
+                                    rounds=2, log=lines.append)
+    assert len(lines) == 6 and lines[3].startswith("round 2/2 1x2")  # second round reversed
+    for v in variants:
+        got = figures[v.name]
+        assert set(got) == {"items/s", "server CPU ms/item", "client CPU ms/item"}
+        assert all(len(xs) == 2 and all(x > 0 for x in xs) for xs in got.values()), got
+    rows = ingest_stream.table(figures).splitlines()
+    assert rows[0].startswith("| variant | items/s median (min-max) | ratio | server CPU ms/item")
+    assert rows[2].startswith(f"| {variants[0].name} |") and "| 1.00x |" in rows[2]
+    assert [r.split(" | ")[0] for r in rows[3:]] == ["| 8x16", "| 1x2"]

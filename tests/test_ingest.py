@@ -34,7 +34,7 @@ from xmsearch.client.index import CatalogIndex
 from xmsearch.client.ingest import IngestReport, ingest_catalog
 from xmsearch.client.search import Searcher
 from xmsearch.demo import generate_demo_catalog
-from xmsearch.errors import IndexStoreError
+from xmsearch.errors import IndexStoreError, InputError
 
 pytestmark = pytest.mark.triton
 
@@ -229,6 +229,41 @@ def test_interrupted_ingest_resumes_to_the_same_index(catalogue: Catalogue, embe
     # Resuming a complete index adds nothing and embeds nothing.
     again = ingest_catalog(catalogue.path, out, embedder, resume=True)
     assert again.added == 0 and again.already_indexed == N_ITEMS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("request_rows,in_flight,chunk_size", [(1, 1, 5), (3, 32, 8), (16, 4, 7)])
+def test_request_stream_shape_leaves_the_index_unchanged(catalogue: Catalogue, embedder: Embedder,
+                                                        reference_index, tmp_path: Path, request_rows: int,
+                                                        in_flight: int, chunk_size: int) -> None:
+    """One request at a time, many small ones in flight across chunk ends, requests larger
+    than a chunk: the same items under the same vectors, chunks added and reported in order."""
+    out = tmp_path / "index"
+    progress: list[int] = []
+    report = ingest_catalog(catalogue.path, out, embedder, chunk_size=chunk_size, save_every=1,
+                            request_rows=request_rows, in_flight=in_flight,
+                            progress=lambda done, total: progress.append(done))
+    assert report.added == N_ITEMS
+    assert_report_lists_planted_rows(report, catalogue)
+    readable, _ = read_catalog(catalogue.path)  # the rows sent to the server
+    total = len(readable)
+    assert progress == [*range(chunk_size, total, chunk_size), total]
+    streamed, reference = stored_vectors(out), stored_vectors(reference_index[0])
+    assert sorted(streamed) == sorted(reference)
+    for item_id, vec in reference.items():
+        np.testing.assert_allclose(streamed[item_id], vec, atol=1e-5, err_msg=item_id)
+    with CatalogIndex.open(out, read_only=True) as idx:  # stored in catalogue order
+        labels = {h.id: h.label for h in idx.search(np.eye(1, idx.dim, dtype=np.float32), N_ITEMS)[0]}
+    good_in_order = [r.id for r in readable if r.id in catalogue.good]
+    assert sorted(good_in_order, key=labels.__getitem__) == good_in_order
+
+
+@pytest.mark.parametrize("option", ["chunk_size", "save_every", "request_rows", "in_flight"])
+def test_ingest_options_below_one_are_refused(catalogue: Catalogue, embedder: Embedder, tmp_path: Path,
+                                              option: str) -> None:
+    with pytest.raises(InputError, match=f"{option} must be at least 1, got 0"):
+        ingest_catalog(catalogue.path, tmp_path / "index", embedder, **{option: 0})
+    assert not (tmp_path / "index").exists()
 
 
 def _manifest_generation(index_dir: Path) -> int:
