@@ -17,7 +17,7 @@ import json
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -154,8 +154,6 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
         raise ModelError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
     settings = settings or TargetSettings(target)
     text_precision = quantize.resolve_text_precision(text_precision, settings.on_gpu)
-    if target == "cpu" and text_precision == "int8" and settings.text_encoder_layout is None:
-        settings = replace(settings, text_encoder_layout=quantize.INT8_TEXT_LAYOUT)
     if target == "tensorrt":
         from xmsearch.export import tensorrt as trt_export
 

@@ -33,14 +33,6 @@ TEXT_PRECISIONS = ("auto", "fp32", "int8")
 INT8_MIN_COSINE = 0.93
 
 
-# The cpu target serves an int8 text encoder as two instances of one intra-op thread each
-# (TargetSettings.text_encoder_layout) instead of one instance of two: side by side,
-# query_text p50 at concurrency 1 0.83x, infer/s at 16 1.30x, ingest unchanged
-# (benchmarks/results/serving_ab_text_layout.md); the price is a second copy of the graph
-# in memory (59 MB for MiniLM-L6, 407 MB for e5-small).
-INT8_TEXT_LAYOUT = (2, 1)
-
-
 def cpu_has_int8_dot_product() -> bool:
     """Whether this CPU multiplies int8 with VNNI / AMX (x86) or is an ARM64 CPU (SDOT).
 

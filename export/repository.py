@@ -41,10 +41,11 @@ class TargetSettings:
     # (waiting to form a batch only added latency there, throughput unchanged: serving_ab.md),
     # the spec's batch-forming delay on GPU.
     queue_delay_us: int | None = None
-    # (instances, intra-op threads) of the cpu target's text encoder; None: one instance with
-    # ``ort_threads``.  ``export_repository`` picks (2, 1) for an int8 text encoder, whose
-    # kernels are so short that waking a second thread costs more than it saves
-    # (benchmarks/results/serving_ab_text_layout.md).
+    # (instances, intra-op threads) of the cpu target's text encoder (`xmsearch export
+    # --text-encoder-layout`); None: one instance with ``ort_threads``.  Two single-threaded
+    # instances of the int8 graph depend on the CPU: side by side, query_text p50 0.84x and
+    # infer/s at concurrency 16 1.26x on an Intel Xeon, 1.18x and 0.96x on an AMD EPYC, ingest
+    # 0.93x on both (benchmarks/results/serving_ab_text_layout*.md); so not the default.
     text_encoder_layout: tuple[int, int] | None = None
 
     @property

@@ -231,6 +231,23 @@ def test_export_needs_fusion_or_untrained(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "repo").exists()  # refused before anything was written
 
 
+def test_export_text_encoder_layout_is_checked_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    from xmsearch.cli import instances_by_threads
+
+    assert instances_by_threads("2x1") == (2, 1) and instances_by_threads("1X4") == (1, 4)
+    for bad, says in (("2", "expected INSTANCESxTHREADS"), ("0x2", "instances must be 1-16"),
+                      ("2x0", "threads 1-64"), ("axb", "expected INSTANCESxTHREADS")):
+        with pytest.raises(SystemExit) as info:
+            main(["export", "--untrained", "--text-encoder-layout", bad, "--out", str(tmp_path / "repo")])
+        assert info.value.code == 2
+        assert says in capsys.readouterr().err, bad
+    code = main(["export", "--untrained", "--target", "tensorrt", "--text-encoder-layout", "2x1",
+                 "--out", str(tmp_path / "repo")])
+    assert code == 2
+    assert "--text-encoder-layout is for the cpu target, not tensorrt" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+
+
 def test_export_refuses_a_negative_queue_delay(tmp_path: Path, capsys) -> None:
     code = main(["export", "--untrained", "--queue-delay-us", "-5", "--out", str(tmp_path / "repo")])
     assert code == 2

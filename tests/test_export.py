@@ -116,7 +116,7 @@ def test_cpu_onnx_runtime_members_settings() -> None:
     spinning = repository_configs(DIMS, TargetSettings("cpu", ort_spinning=True, ort_threads=1), "fp")
     assert spinning[S.TEXT_ENCODER].parameters["allow_spinning"].string_value == "1"
     assert spinning[S.TEXT_ENCODER].parameters["intra_op_threads"].string_value == "1"
-    # The text encoder's own layout (what export picks for an int8 graph): the cpu target only.
+    # The text encoder's own layout (xmsearch export --text-encoder-layout): the cpu target only.
     laid_out = repository_configs(DIMS, TargetSettings("cpu", text_encoder_layout=(2, 1)), "fp")
     assert laid_out[S.TEXT_ENCODER].instance_group[0].count == 2
     assert laid_out[S.TEXT_ENCODER].parameters["intra_op_threads"].string_value == "1"

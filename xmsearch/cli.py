@@ -85,14 +85,28 @@ def _url_arg(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------- commands
 
 
+def instances_by_threads(text: str) -> tuple[int, int]:
+    """``"2x1"`` -> (2 instances, 1 thread each): the argparse type of --text-encoder-layout."""
+    try:
+        n, t = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected INSTANCESxTHREADS, e.g. 2x1") from None
+    if not (1 <= n <= 16 and 1 <= t <= 64):
+        raise argparse.ArgumentTypeError(f"{text!r}: instances must be 1-16 and threads 1-64")
+    return n, t
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from xmsearch.export.pipeline import export_repository
     from xmsearch.export.repository import TargetSettings
 
     if a.queue_delay_us is not None and a.queue_delay_us < 0:
         raise InputError(f"--queue-delay-us must be 0 or more, got {a.queue_delay_us}")
+    if a.text_encoder_layout is not None and a.target != "cpu":
+        raise InputError(f"--text-encoder-layout is for the cpu target, not {a.target}")
     settings = TargetSettings(a.target, device=a.device, ort_threads=a.ort_threads,
-                              trt_accelerator=a.trt_accelerator, queue_delay_us=a.queue_delay_us)
+                              trt_accelerator=a.trt_accelerator, queue_delay_us=a.queue_delay_us,
+                              text_encoder_layout=a.text_encoder_layout)
     t0 = time.time()
     res = export_repository(a.out, a.target, a.fusion, a.untrained, a.text_model, a.image_model,
                             a.image_checkpoint, settings, a.precision, text_precision=a.text_precision,
@@ -207,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "retrieval figures unchanged (benchmarks/results/text_int8.md); auto = int8 "
                         "where the text encoder runs on ONNX Runtime's CPU provider of a CPU with int8 "
                         "dot products (VNNI / AMX / ARM64), else fp32 (default: auto)")
+    e.add_argument("--text-encoder-layout", type=instances_by_threads, metavar="NxT",
+                   help="cpu target: serve the text encoder as N instances of T ONNX Runtime threads "
+                        "(default: one instance of --ort-threads). 2x1 helped an int8 encoder on an "
+                        "Intel Xeon and hurt it on an AMD EPYC: measure with benchmarks.serving_ab")
     e.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="onnxruntime target instance kind (default: gpu)")
     e.add_argument("--ort-threads", type=int, default=2, help="ONNX Runtime intra-op threads per instance")
