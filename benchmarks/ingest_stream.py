@@ -9,7 +9,7 @@ ingest of an earlier commit first (its ``client/ingest.py``, loaded from git, wi
 request shape it used), so a change to the ingest loop is measured against the code it
 replaced.
 
-    .venv/bin/python -m benchmarks.ingest_stream --items 1800 --rounds 4 --baseline-rev HEAD \\
+    .venv/bin/python -m benchmarks.ingest_stream --items 1800 --rounds 4 --baseline-rev 0e40f2b \\
         --variant 8x8 --variant 8x4 --variant 4x8 --variant 16x4 --variant 8x16 \\
         --out benchmarks/results/ingest_stream.md
 """

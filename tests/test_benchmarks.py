@@ -915,3 +915,16 @@ def test_ingest_stream_measures_every_variant(xm_server, served_demo_index, tmp_
     assert rows[0].startswith("| variant | items/s median (min-max) | ratio | server CPU ms/item")
     assert rows[2].startswith(f"| {variants[0].name} |") and "| 1.00x |" in rows[2]
     assert [r.split(" | ")[0] for r in rows[3:]] == ["| 8x16", "| 1x2"]
+
+
+@pytest.mark.slow
+def test_ort_idle_times_every_thread_setting(exported_repository: Path) -> None:
+    from benchmarks import ort_idle
+
+    text = ort_idle.run(exported_repository, spec.TEXT_ENCODER, gap_ms=0.1, rounds=2, calls=3)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "ms per call" not in line]
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows] == [name for name, _, _ in ort_idle.SETTINGS]
+    assert all(float(r.split(" | ")[1].split()[0]) > 0 for r in rows), rows
+    assert rows[0].endswith("| 1.00x |")
+    with pytest.raises(SystemExit, match="only text_encoder"):
+        ort_idle.run(exported_repository, spec.IMAGE_ENCODER, gap_ms=0.1, rounds=1, calls=1)
