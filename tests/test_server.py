@@ -183,6 +183,30 @@ def test_failed_model_does_not_stop_the_others(tmp_path: Path, echo_repository: 
         assert server.stop() == 0
 
 
+@pytest.mark.triton
+def test_stop_kills_processes_left_behind_under_this_starts_shm_prefix(tmp_path: Path,
+                                                                      echo_repository: Path) -> None:
+    """A tritonserver that crashes (server#7368) can leave a python-backend stub running,
+    re-parented to init.  Such a stub cannot be made on demand (killing the server by hand
+    lets its stubs exit on their own), so a process carrying this start's shm prefix in its
+    command line stands in for it; one with another server's prefix must survive."""
+    server = TritonServer(echo_repository, *free_ports(3), log_file=tmp_path / "server.log",
+                          exit_timeout_s=2, die_with_parent=True)
+    server.start(wait=True, timeout=60)
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    ours = subprocess.Popen([*sleeper, f"{server._shm_prefix}stand-in-stub"])
+    other = subprocess.Popen([*sleeper, "xmsearch_1_2_abcdef_another-server"])
+    try:
+        assert server.stop() == 0
+        assert ours.wait(10) == -9  # SIGKILL: nothing is left for it to shut down cleanly
+        assert other.poll() is None
+    finally:
+        for proc in (ours, other):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 SERVE_SCRIPT = """\
 import sys
 from pathlib import Path

@@ -576,8 +576,27 @@ class TritonServer:
                 process.kill()
                 process.wait()
         self._close_log()
+        self._kill_orphaned_stubs()
         self._remove_shm_regions()
         return process.returncode
+
+    def _kill_orphaned_stubs(self) -> None:
+        # A server that died without shutting its models down (SIGKILL, or the SIGSEGV of
+        # triton-inference-server/server#7368) leaves its python-backend stubs running,
+        # re-parented to init, each still holding a CPU thread and its shared memory.  Their
+        # command lines carry this start's unique shm prefix, so they are ours to stop.
+        if not sys.platform.startswith("linux"):
+            return
+        token = self._shm_prefix.encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if token in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    log.warning("killed python-backend stub pid %s left behind by tritonserver", entry.name)
+            except (OSError, ValueError):
+                continue  # gone meanwhile, or not ours to signal
 
     def _remove_shm_regions(self) -> None:
         # A server stopped while its python models were still loading can leave their
