@@ -928,3 +928,18 @@ def test_ort_idle_times_every_thread_setting(exported_repository: Path) -> None:
     assert rows[0].endswith("| 1.00x |")
     with pytest.raises(SystemExit, match="only text_encoder"):
         ort_idle.run(exported_repository, spec.IMAGE_ENCODER, gap_ms=0.1, rounds=1, calls=1)
+
+
+def test_image_normalise_times_both_and_checks_the_bits(tmp_path: Path) -> None:
+    from benchmarks import image_normalise
+
+    photos = []
+    for i, colour in enumerate([(250, 10, 10), (12, 200, 90), (90, 90, 240)]):
+        path = tmp_path / f"p{i}.jpg"
+        Image.new("RGB", (300, 260), colour).save(path, "JPEG")
+        photos.append(path)
+    text = image_normalise.run(photos, rounds=2)
+    assert "outputs bit-identical: yes" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "ms per photo" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| arithmetic", "| lookup table"]
+    assert rows[0].endswith("| 1.00x |") and float(rows[1].split(" | ")[1].split()[0]) > 0

@@ -69,6 +69,21 @@ def test_image_pixels_shape_and_normalisation():
     assert np.allclose(x[0], (200 / 255 - 0.5) / 0.5, atol=1e-2)
 
 
+def test_image_pixels_are_the_normalisation_formula_bit_for_bit():
+    """The lookup table gives exactly (v / 255 - mean) / std in float32 for every value."""
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))  # every value occurs
+    cfg = ImagePreprocessConfig(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet's
+    got = ImagePreprocessor(cfg).pixels(noise)
+    mean = np.asarray(cfg.mean, np.float32).reshape(3, 1, 1)
+    std = np.asarray(cfg.std, np.float32).reshape(3, 1, 1)
+    want = (np.asarray(noise, np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+    assert got.dtype == np.float32 and got.shape == (3, 224, 224)
+    assert np.array_equal(got, want)
+    grey = ImagePreprocessor(cfg).pixels(noise.convert("L"))  # not RGB: converted, not misread
+    assert grey.shape == (3, 224, 224)
+
+
 def test_transparent_png_composited_on_white():
     img = decode_image(_png(50, 50, "RGBA", (0, 0, 0)))
     assert img.mode == "RGB"
