@@ -14,25 +14,18 @@ rounds alternated, and checks that every output is bit-identical.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
 from benchmarks import publish
+from benchmarks.loadgen import ratio_table
 
 
 def arithmetic_pixels(pre, img):
     """The per-pixel normalisation ``ImagePreprocessor.pixels`` used before the table."""
     import numpy as np
-    from PIL import Image
 
-    size = pre.config.size
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
+    img = pre.cropped(img)
     mean = np.asarray(pre.config.mean, dtype=np.float32).reshape(3, 1, 1)
     std = np.asarray(pre.config.std, dtype=np.float32).reshape(3, 1, 1)
     x = np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0
@@ -56,15 +49,9 @@ def run(photos: list[Path], rounds: int) -> str:
             for im in images:
                 fn(im)
             ms[name].append((time.perf_counter() - t0) * 1e3 / len(images))
-    base = statistics.median(ms["arithmetic"])
-    lines = [f"{len(images)} decoded catalogue photos ({images[0].size[0]}x{images[0].size[1]} px) to "
-             f"{pre.config.size}x{pre.config.size} float32 pixels, one thread, {rounds} alternated rounds; "
-             f"outputs bit-identical: {'yes' if same else 'NO'}.", "",
-             "| pixels() | ms per photo, median (min-max) | ratio |", "|---|---:|---:|"]
-    for name, xs in ms.items():
-        m = statistics.median(xs)
-        lines.append(f"| {name} | {m:.3f} ({min(xs):.3f}-{max(xs):.3f}) | {m / base:.2f}x |")
-    return "\n".join(lines)
+    return (f"{len(images)} decoded catalogue photos ({images[0].size[0]}x{images[0].size[1]} px) to "
+            f"{pre.config.size}x{pre.config.size} float32 pixels, one thread, {rounds} alternated rounds; "
+            f"outputs bit-identical: {'yes' if same else 'NO'}.\n\n" + ratio_table("pixels()", "ms per photo", ms))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -162,3 +162,15 @@ def ab_table(points: dict[tuple[str, str], list[float]], before: str, after: str
         lines.append(f"| {metric} | {mb:.2f} ({min(b):.2f}-{max(b):.2f}) | {ma:.2f} ({min(a):.2f}-{max(a):.2f}) "
                      f"| {ma / mb:.2f}x |")
     return "\n".join(lines)
+
+
+def ratio_table(label: str, unit: str, figures: dict[str, list[float]], digits: int = 3) -> str:
+    """Markdown table of alternated variants: per variant (rows in ``figures``' order) the
+    median (min-max) of its figures in ``unit`` and the ratio of that median to the first
+    variant's.  ``label`` heads the variant column."""
+    base = statistics.median(next(iter(figures.values())))
+    lines = [f"| {label} | {unit}, median (min-max) | ratio |", "|---|---:|---:|"]
+    for name, xs in figures.items():
+        m = statistics.median(xs)
+        lines.append(f"| {name} | {m:.{digits}f} ({min(xs):.{digits}f}-{max(xs):.{digits}f}) | {m / base:.2f}x |")
+    return "\n".join(lines)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks import publish
+from benchmarks.loadgen import ratio_table
 
 SETTINGS = (("2 threads, spinning", 2, True), ("2 threads, not spinning", 2, False),
             ("1 thread", 1, False))
@@ -61,15 +62,9 @@ def run(repository: Path, member: str, gap_ms: float, rounds: int, calls: int) -
                 sess.run(None, row)
                 times.append(time.perf_counter() - t0)
             ms[name].append(statistics.median(times) * 1e3)
-    base = statistics.median(ms[SETTINGS[0][0]])
-    lines = [f"`{member}` of {repository.name} ({graph.stat().st_size / 1e6:.0f} MB graph), one row, "
-             f"{gap_ms:g} ms idle before each call, {calls} calls per round, {rounds} alternated rounds; "
-             "median of the rounds' medians (min-max), ratio to the first row.", "",
-             "| setting | ms per call | ratio |", "|---|---:|---:|"]
-    for name, xs in ms.items():
-        m = statistics.median(xs)
-        lines.append(f"| {name} | {m:.3f} ({min(xs):.3f}-{max(xs):.3f}) | {m / base:.2f}x |")
-    return "\n".join(lines)
+    return (f"`{member}` of {repository.name} ({graph.stat().st_size / 1e6:.0f} MB graph), one row, "
+            f"{gap_ms:g} ms idle before each call, {calls} calls per round, {rounds} alternated rounds; "
+            "the rounds' medians.\n\n" + ratio_table("setting", "ms per call", ms))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -213,14 +213,19 @@ class ImagePreprocessor:
             else ImagePreprocessConfig()
         return cls(cfg)
 
-    def pixels(self, img: Image.Image) -> np.ndarray:
+    def cropped(self, img: Image.Image) -> Image.Image:
+        """Resize the short side to ``size`` and crop the centre square."""
         size = self.config.size
         w, h = img.size
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
         left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
+        return img.crop((left, top, left + size, top + size))
+
+    def pixels(self, img: Image.Image) -> np.ndarray:
+        size = self.config.size
+        img = self.cropped(img)
         if img.mode != "RGB":
             img = img.convert("RGB")
         rgb = np.asarray(img)  # [size, size, 3] uint8
