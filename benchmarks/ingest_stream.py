@@ -102,7 +102,7 @@ def measure(variants: list[Variant], catalog_file: Path, url: str, server_pid: i
                 got.setdefault("items/s", []).append(report.items_per_second)
                 if server_pid:
                     got.setdefault("server CPU ms/item", []).append(
-                        (sum(after.values()) - sum(before.values())) * 1e3 / items)
+                        sum(proc_cpu.cpu_per_item(before, after, items).values()))
                 got.setdefault("client CPU ms/item", []).append(client_s * 1e3 / items)
                 log(f"round {r + 1}/{rounds} {v.name}: {report.items_per_second:.1f} items/s")
     return figures

@@ -233,16 +233,16 @@ def run_stack(args: argparse.Namespace, plan: Plan, out: Path, command: str) -> 
             return {}, []
     if args.catalog is not None:
         catalog_dir = args.catalog if args.catalog.is_dir() else args.catalog.parent
-        ingest_file = input_data.resolve_source(catalog_dir, "item")
     else:
         catalogue = stack.demo_catalogue(plan.catalogue_items, plan.catalogue_queries)
         catalog_dir = catalogue.root
         _say(f"catalogue: {plan.catalogue_items} demo items, {plan.catalogue_queries} queries in {_rel(catalog_dir)}")
-        ingest_file = input_data.resolve_source(catalog_dir, "item")
-        if plan.ingest_items:
-            ingest_file = stack.demo_catalogue(plan.ingest_items, 0).catalog_file
-            _say(f"ingest catalogue: {plan.ingest_items} demo items in {_rel(ingest_file.parent)}")
     run_e2e = args.only in (None, "e2e")
+    if run_e2e and args.catalog is None and plan.ingest_items:
+        ingest_file = stack.demo_catalogue(plan.ingest_items, 0).catalog_file
+        _say(f"ingest catalogue: {plan.ingest_items} demo items in {_rel(ingest_file.parent)}")
+    elif run_e2e:
+        ingest_file = input_data.resolve_source(catalog_dir, "item")
     run_sweeps = args.only in (None, "perf") and not args.skip_perf_analyzer
     repository = None
     if args.url is None or (run_e2e and args.repository is None):

@@ -31,6 +31,11 @@ def read_image(image: bytes | str | Path) -> bytes:
         raise InputError(f"cannot read image file {path}: {e.strerror or e}") from None
 
 
+def stack_rows(vectors: Sequence[np.ndarray], dim: int) -> np.ndarray:
+    """Row blocks ``[n_i, dim]`` stacked into one ``[sum n_i, dim]`` array; ``[0, dim]`` for none."""
+    return np.concatenate(vectors) if len(vectors) else np.zeros((0, dim), np.float32)
+
+
 def embed_isolating(embed: Callable[[list[int]], np.ndarray], n: int, dim: int
                     ) -> tuple[list[int], np.ndarray, dict[int, InputError]]:
     """Embed rows ``0..n-1`` with ``embed(row_indices)`` in one request; when the server
@@ -42,7 +47,7 @@ def embed_isolating(embed: Callable[[list[int]], np.ndarray], n: int, dim: int
         return rows, embed(rows), {}
     except InputError as exc:
         if n == 1:
-            return [], np.zeros((0, dim), np.float32), {0: exc}
+            return [], stack_rows([], dim), {0: exc}
     kept, vectors, refused = [], [], {}
     for i in rows:
         try:
@@ -50,7 +55,7 @@ def embed_isolating(embed: Callable[[list[int]], np.ndarray], n: int, dim: int
             kept.append(i)
         except InputError as exc:
             refused[i] = exc
-    return kept, (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), refused
+    return kept, stack_rows(vectors, dim), refused
 
 
 class Embedder:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from xmsearch.catalog import BadRow, CatalogRow, read_catalog
-from xmsearch.client.embed import Embedder, embed_isolating
+from xmsearch.client.embed import Embedder, embed_isolating, stack_rows
 from xmsearch.client.index import CatalogIndex
 from xmsearch.errors import IndexStoreError, InputError
 
@@ -81,7 +81,7 @@ def _embed_rows(embedder: Embedder, rows: list[CatalogRow], bad: list[BadRow]
         except OSError as e:
             bad.append(BadRow(r.line, r.id, f"cannot read image {r.image}: {e.strerror or e}"))
     if not ok_rows:
-        return [], np.zeros((0, embedder.dim), np.float32)
+        return [], stack_rows([], embedder.dim)
     kept, vectors, refused = embed_isolating(
         lambda idx: embedder.embed_items([ok_rows[i].title for i in idx], [photos[i] for i in idx]),
         len(ok_rows), embedder.dim)
@@ -121,20 +121,16 @@ def _embedded_chunks(embedder: Embedder, chunks: list[list[CatalogRow]], bad: li
                     break
                 c, fut = queued.popleft()
                 if c != current:  # chunk `current` is complete (pieces arrive in order)
-                    yield chunks[current], kept, _stack(vectors, embedder.dim)
+                    yield chunks[current], kept, stack_rows(vectors, embedder.dim)
                     kept, vectors, current = [], [], c
                 rows, vecs = fut.result()
                 kept += rows
                 vectors.append(vecs)
             if chunks:
-                yield chunks[current], kept, _stack(vectors, embedder.dim)
+                yield chunks[current], kept, stack_rows(vectors, embedder.dim)
         finally:  # stopped early (an error, an interrupt): send nothing more
             for _, fut in queued:
                 fut.cancel()
-
-
-def _stack(vectors: list[np.ndarray], dim: int) -> np.ndarray:
-    return np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
 
 
 def ingest_catalog(catalog: Path, index_dir: Path, embedder: Embedder, *, factory: str = "Flat",
