@@ -6,7 +6,10 @@ repository in process, with a pause of ``--gap-ms`` before every call, under thr
 settings, rounds alternated: two intra-op threads whose idle time is spent spinning (ONNX
 Runtime's default, what the in-process baseline (c) of ``benchmarks.run`` uses), two
 threads that sleep when idle (what the cpu target serves, chosen for throughput under
-load: ``serving_ab.md``), and one thread.
+load: ``serving_ab.md``), two that spin inside a run and sleep once it returns
+(``xmsearch export --ort-spinning run``), and one thread.  A second table gives the
+process's CPU time per call, its idle pause included: what spinning costs the other
+members that share the cores.
 
     .venv/bin/python -m benchmarks.ort_idle --repository benchmarks/.cache/repository-minilm-l6 \\
         --out benchmarks/results/ort_idle.md
@@ -22,8 +25,9 @@ from pathlib import Path
 from benchmarks import publish
 from benchmarks.loadgen import ratio_table
 
-SETTINGS = (("2 threads, spinning", 2, True), ("2 threads, not spinning", 2, False),
-            ("1 thread", 1, False))
+# name, intra-op threads, spinning, spinning stops when a run returns
+SETTINGS = (("2 threads, spinning", 2, True, False), ("2 threads, not spinning", 2, False, False),
+            ("2 threads, spinning inside a run only", 2, True, True), ("1 thread", 1, False, False))
 
 
 def _one_row(member: str, repository: Path) -> dict:
@@ -47,8 +51,10 @@ def run(repository: Path, member: str, gap_ms: float, rounds: int, calls: int) -
     if not graph.is_file():
         raise SystemExit(f"{graph} does not exist: export a cpu repository first (make bench does)")
     row = _one_row(member, repository)
-    sessions = {name: onnx_session(graph, threads, spinning=spin) for name, threads, spin in SETTINGS}
+    sessions = {name: onnx_session(graph, threads, spinning=spin, spin_stop=stop)
+                for name, threads, spin, stop in SETTINGS}
     ms: dict[str, list[float]] = {name: [] for name in sessions}
+    cpu_ms: dict[str, list[float]] = {name: [] for name in sessions}
     for r in range(rounds):
         order = list(sessions) if r % 2 == 0 else list(sessions)[::-1]
         for name in order:
@@ -56,15 +62,19 @@ def run(repository: Path, member: str, gap_ms: float, rounds: int, calls: int) -
             for _ in range(5):  # warm-up
                 sess.run(None, row)
             times = []
+            cpu0 = time.process_time()
             for _ in range(calls):
                 time.sleep(gap_ms / 1e3)
                 t0 = time.perf_counter()
                 sess.run(None, row)
                 times.append(time.perf_counter() - t0)
             ms[name].append(statistics.median(times) * 1e3)
+            cpu_ms[name].append((time.process_time() - cpu0) / calls * 1e3)
     return (f"`{member}` of {repository.name} ({graph.stat().st_size / 1e6:.0f} MB graph), one row, "
             f"{gap_ms:g} ms idle before each call, {calls} calls per round, {rounds} alternated rounds; "
-            "the rounds' medians.\n\n" + ratio_table("setting", "ms per call", ms))
+            "the rounds' medians.\n\n" + ratio_table("setting", "ms per call", ms)
+            + "\n\nCPU time of the process per call, its idle pause included (all threads):\n\n"
+            + ratio_table("setting", "CPU ms per call", cpu_ms))
 
 
 def main(argv: list[str] | None = None) -> int:

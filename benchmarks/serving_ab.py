@@ -19,6 +19,8 @@ KEY is ``FIELD`` (every member the field applies to) or ``MEMBER.FIELD``; FIELDs
 * ``instances``: instance count;
 * ``threads``: ONNX Runtime intra-op threads (members that run ONNX Runtime);
 * ``spin``: ONNX Runtime idle-thread spinning, 0 or 1 (same members);
+* ``spin_stop``: ONNX Runtime ``session.force_spinning_stop``, 0 or 1: with ``spin=1``, the
+  threads spin inside a run only and sleep once it returns (same members);
 * ``text_precision``: the text encoder graph, ``fp32`` or ``int8`` (``xmsearch export
   --text-precision``; no MEMBER: the variant starts from a repository exported so).
 """
@@ -40,7 +42,7 @@ from benchmarks.e2e import measure_ingest
 from xmsearch.errors import ConfigError
 from xmsearch.export.repository import read_config, read_repository, write_config
 
-ORT_FIELDS = {"threads": "intra_op_threads", "spin": "allow_spinning"}
+ORT_FIELDS = {"threads": "intra_op_threads", "spin": "allow_spinning", "spin_stop": "force_spinning_stop"}
 EXPORT_FIELDS = {"text_precision": ("fp32", "int8")}  # chosen at export, not in a member config
 FIELDS = ("delay", "preferred", "instances", *ORT_FIELDS, *EXPORT_FIELDS)
 KINDS = ("text", "image")
@@ -98,8 +100,8 @@ def _apply(cfg, o: Override) -> bool:
         key = ORT_FIELDS[o.field]
         if "intra_op_threads" not in cfg.parameters:  # not an ONNX Runtime member
             return False
-        if o.field == "spin" and o.value not in ("0", "1"):
-            raise ConfigError(f"spin={o.value!r}: expected 0 or 1")
+        if o.field in ("spin", "spin_stop") and o.value not in ("0", "1"):
+            raise ConfigError(f"{o.field}={o.value!r}: expected 0 or 1")
         cfg.parameters[key].string_value = str(_int(o))
         return True
     if not cfg.HasField("dynamic_batching"):

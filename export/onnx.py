@@ -92,9 +92,10 @@ def _pin_declared_shapes(path: Path, spec: ModelSpec) -> None:
     onnx.save(model, str(path))
 
 
-def onnx_session(path: Path, threads: int = 0, spinning: bool = True):
+def onnx_session(path: Path, threads: int = 0, spinning: bool = True, spin_stop: bool = False):
     """A CPU ONNX Runtime session; ``spinning=False`` keeps idle intra-op threads from
-    busy-waiting (they would take cores from other work in the same process)."""
+    busy-waiting (they would take cores from other work in the same process);
+    ``spin_stop=True`` lets them spin inside a run only (``session.force_spinning_stop``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -104,6 +105,8 @@ def onnx_session(path: Path, threads: int = 0, spinning: bool = True):
         opts.inter_op_num_threads = 1
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if spin_stop:
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -21,6 +21,11 @@ from xmsearch.errors import ConfigError
 TARGETS = ("cpu", "onnxruntime", "tensorrt")
 NEURAL = (S.TEXT_ENCODER, S.IMAGE_ENCODER, S.FUSION_TEXT, S.FUSION_IMAGE, S.FUSION_JOINT, S.FUSION_ITEM)
 
+# TargetSettings.ort_spinning -> the members' ONNX Runtime switches (allow_spinning,
+# force_spinning_stop), which OnnxModel hands to session.intra_op.allow_spinning and
+# session.force_spinning_stop.
+ORT_SPINNING = {"off": ("0", "0"), "run": ("1", "1"), "always": ("1", "0")}
+
 _DTYPES = {"TYPE_INT64": mc.TYPE_INT64, "TYPE_FP32": mc.TYPE_FP32, "TYPE_FP16": mc.TYPE_FP16,
            "TYPE_STRING": mc.TYPE_STRING, "TYPE_BOOL": mc.TYPE_BOOL}
 
@@ -33,10 +38,13 @@ class TargetSettings:
     device: str = "auto"  # for onnxruntime: "gpu" or "cpu"; "auto" = gpu
     ort_threads: int = 2
     trt_accelerator: bool = False  # onnxruntime target: TensorRT execution provider
-    # ONNX Runtime idle-thread spinning in the cpu target's members: off, because five
-    # members' pools spinning on 2 cores took the CPU from the one doing work
-    # (benchmarks/results/serving_ab.md: query_text 1.3x queries/s at concurrency 16).
-    ort_spinning: bool = False
+    # ONNX Runtime thread spinning in the cpu target's members (ORT_SPINNING): "off", because
+    # five members' pools spinning on 2 cores took the CPU from the one doing work
+    # (serving_ab.md: query_text 1.3x queries/s at concurrency 16 against "always").  "run"
+    # (spin inside a run, sleep once it returns) lowers p50 at concurrency 1 (query_text 0.77x,
+    # query_image 0.89x) for 0.90x / 0.91x of the text queries/s at 16 and of ingest
+    # (serving_ab_spin_stop.md): a choice for deployments that put latency first.
+    ort_spinning: str = "off"
     # max_queue_delay_microseconds of every member; None: 0 where the members run on CPU
     # (waiting to form a batch only added latency there, throughput unchanged: serving_ab.md),
     # the spec's batch-forming delay on GPU.
@@ -47,6 +55,10 @@ class TargetSettings:
     # infer/s at concurrency 16 1.26x on an Intel Xeon, 1.18x and 0.96x on an AMD EPYC, ingest
     # 0.93x on both (benchmarks/results/serving_ab_text_layout*.md); so not the default.
     text_encoder_layout: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.ort_spinning not in ORT_SPINNING:
+            raise ConfigError(f"ort_spinning must be one of {', '.join(ORT_SPINNING)}, got {self.ort_spinning!r}")
 
     @property
     def on_gpu(self) -> bool:
@@ -94,7 +106,9 @@ def member_config(spec: S.ModelSpec, settings: TargetSettings, extra_params: dic
             if spec.name == S.TEXT_ENCODER and settings.text_encoder_layout:
                 threads = settings.text_encoder_layout[1]
             _param(cfg, "intra_op_threads", str(threads))
-            _param(cfg, "allow_spinning", "1" if settings.ort_spinning else "0")
+            allow, stop = ORT_SPINNING[settings.ort_spinning]
+            _param(cfg, "allow_spinning", allow)
+            _param(cfg, "force_spinning_stop", stop)
     elif settings.target == "onnxruntime":
         cfg.backend = "onnxruntime"
         cfg.default_model_filename = "model.onnx"

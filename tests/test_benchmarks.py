@@ -758,6 +758,12 @@ def test_serving_ab_variants_override_member_configs(tmp_path: Path) -> None:
         serving_ab.make_variant(repo, tmp_path / "typo", serving_ab.parse_variant("t:text_encodr.delay=0").overrides)
     with pytest.raises(ConfigError, match="spin='2'"):
         serving_ab.make_variant(repo, tmp_path / "spin", serving_ab.parse_variant("s:spin=2").overrides)
+    with pytest.raises(ConfigError, match="spin_stop='x'"):
+        serving_ab.make_variant(repo, tmp_path / "stop", serving_ab.parse_variant("s:spin_stop=x").overrides)
+    serving_ab.make_variant(repo, tmp_path / "inrun", serving_ab.parse_variant("r:spin=1,spin_stop=1").overrides)
+    inrun = read_repository(tmp_path / "inrun")
+    assert {(inrun[c.name].parameters["allow_spinning"].string_value,
+             inrun[c.name].parameters["force_spinning_stop"].string_value) for c in onnx} == {("1", "1")}
     with pytest.raises(ConfigError, match="applies to none"):
         serving_ab.make_variant(repo, tmp_path / "tok", serving_ab.parse_variant("t:tokenizer_query.threads=1").overrides)
     # The text encoder's precision is chosen at export: it picks the variant's repository.
@@ -923,9 +929,10 @@ def test_ort_idle_times_every_thread_setting(exported_repository: Path) -> None:
 
     text = ort_idle.run(exported_repository, spec.TEXT_ENCODER, gap_ms=0.1, rounds=2, calls=3)
     rows = [line for line in text.splitlines() if line.startswith("| ") and "ms per call" not in line]
-    assert [r.split(" | ")[0].lstrip("| ") for r in rows] == [name for name, _, _ in ort_idle.SETTINGS]
+    names = [s[0] for s in ort_idle.SETTINGS]
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows] == names * 2  # wall time, then CPU time
     assert all(float(r.split(" | ")[1].split()[0]) > 0 for r in rows), rows
-    assert rows[0].endswith("| 1.00x |")
+    assert rows[0].endswith("| 1.00x |") and rows[len(names)].endswith("| 1.00x |")
     with pytest.raises(SystemExit, match="only text_encoder"):
         ort_idle.run(exported_repository, spec.IMAGE_ENCODER, gap_ms=0.1, rounds=1, calls=1)
 

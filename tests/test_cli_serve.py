@@ -248,6 +248,18 @@ def test_export_text_encoder_layout_is_checked_before_anything_is_written(tmp_pa
     assert not (tmp_path / "repo").exists()
 
 
+def test_export_ort_spinning_is_checked_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--untrained", "--ort-spinning", "sometimes", "--out", str(tmp_path / "repo")])
+    assert info.value.code == 2
+    assert "invalid choice: 'sometimes'" in capsys.readouterr().err
+    code = main(["export", "--untrained", "--target", "onnxruntime", "--ort-spinning", "run",
+                 "--out", str(tmp_path / "repo")])
+    assert code == 2
+    assert "--ort-spinning is for the cpu target, not onnxruntime" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+
+
 def test_export_refuses_a_negative_queue_delay(tmp_path: Path, capsys) -> None:
     code = main(["export", "--untrained", "--queue-delay-us", "-5", "--out", str(tmp_path / "repo")])
     assert code == 2

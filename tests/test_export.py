@@ -113,9 +113,16 @@ def test_cpu_onnx_runtime_members_settings() -> None:
         params = cpu[name].parameters
         assert params["intra_op_threads"].string_value == "2", name
         assert params["allow_spinning"].string_value == "0", name
-    spinning = repository_configs(DIMS, TargetSettings("cpu", ort_spinning=True, ort_threads=1), "fp")
-    assert spinning[S.TEXT_ENCODER].parameters["allow_spinning"].string_value == "1"
-    assert spinning[S.TEXT_ENCODER].parameters["intra_op_threads"].string_value == "1"
+        assert params["force_spinning_stop"].string_value == "0", name
+    for mode, switches in (("run", ("1", "1")), ("always", ("1", "0"))):
+        spinning = repository_configs(DIMS, TargetSettings("cpu", ort_spinning=mode, ort_threads=1), "fp")
+        for name in NEURAL:
+            params = spinning[name].parameters
+            assert (params["allow_spinning"].string_value,
+                    params["force_spinning_stop"].string_value) == switches, (mode, name)
+        assert spinning[S.TEXT_ENCODER].parameters["intra_op_threads"].string_value == "1"
+    with pytest.raises(ConfigError, match="ort_spinning must be one of off, run, always, got True"):
+        TargetSettings("cpu", ort_spinning=True)
     # The text encoder's own layout (xmsearch export --text-encoder-layout): the cpu target only.
     laid_out = repository_configs(DIMS, TargetSettings("cpu", text_encoder_layout=(2, 1)), "fp")
     assert laid_out[S.TEXT_ENCODER].instance_group[0].count == 2
@@ -456,6 +463,30 @@ def test_export_needs_trained_weights_or_an_explicit_untrained(reference_pipelin
     again = load_fusion(enc, None, untrained=True)
     for (k, a), (_, b) in zip(untrained.fusion.state_dict().items(), again.fusion.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_served_onnx_members_pass_their_spinning_switches_to_onnx_runtime() -> None:
+    from xmsearch.triton_models import session_options
+
+    def entry(opts, key):
+        return opts.get_session_config_entry(key)
+
+    opts = session_options("text_encoder", {"intra_op_threads": "2", "allow_spinning": "1",
+                                            "force_spinning_stop": "1"})
+    assert opts.intra_op_num_threads == 2 and opts.inter_op_num_threads == 1
+    assert entry(opts, "session.intra_op.allow_spinning") == "1"
+    assert entry(opts, "session.force_spinning_stop") == "1"
+    assert entry(session_options("m", {"allow_spinning": "0"}), "session.intra_op.allow_spinning") == "0"
+    bare = session_options("m", {})  # a hand-written config without them: ONNX Runtime's defaults
+    assert bare.intra_op_num_threads == 0
+    for key in ("session.intra_op.allow_spinning", "session.force_spinning_stop"):
+        with pytest.raises(RuntimeError, match=key.rsplit(".", 1)[1]):
+            entry(bare, key)
+    for params, says in (({"allow_spinning": "yes"}, "parameter allow_spinning must be 0 or 1, got 'yes'"),
+                         ({"force_spinning_stop": "2"}, "parameter force_spinning_stop must be 0 or 1"),
+                         ({"intra_op_threads": "-1"}, "intra_op_threads must be a count")):
+        with pytest.raises(ValueError, match=says):
+            session_options("fusion_text", params)
 
 
 def test_onnx_session_can_keep_idle_threads_from_spinning(tmp_path: Path) -> None:

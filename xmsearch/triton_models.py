@@ -119,6 +119,35 @@ class JointPreprocessModel(_TextStep, _ImageStep):
         return self._answer_each(requests, lambda r: self._tokens(r) + self._pixels(r))
 
 
+def session_options(model: str, params: dict[str, str]):
+    """ONNX Runtime session options of an ONNX member from its config ``parameters``.
+
+    ``intra_op_threads`` (0: ONNX Runtime's choice) and ONNX Runtime's own switches, passed
+    through when present: idle intra-op workers busy-wait by default (``allow_spinning``),
+    which with several members sharing few cores takes the CPU another member needs;
+    ``force_spinning_stop`` keeps the spinning inside a run (between its parallel sections)
+    and puts the workers to sleep when the run returns.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    threads = params.get("intra_op_threads", "0")
+    if not threads.isdigit():
+        raise ValueError(f"{model}: parameter intra_op_threads must be a count (0 or more), got {threads!r}")
+    opts.intra_op_num_threads = int(threads)
+    opts.inter_op_num_threads = 1
+    for key, entry in (("allow_spinning", "session.intra_op.allow_spinning"),
+                       ("force_spinning_stop", "session.force_spinning_stop")):
+        value = params.get(key)
+        if value is None:
+            continue
+        if value not in ("0", "1"):
+            raise ValueError(f"{model}: parameter {key} must be 0 or 1, got {value!r}")
+        opts.add_session_config_entry(entry, value)
+    return opts
+
+
 class OnnxModel(_Base):
     """Runs ``model.onnx`` with ONNX Runtime (the cpu target's encoders and fusion).
 
@@ -131,16 +160,7 @@ class OnnxModel(_Base):
         super().initialize(args)
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = int(self.params.get("intra_op_threads", "0"))
-        opts.inter_op_num_threads = 1
-        # Idle ORT workers busy-wait by default; with several members sharing few cores,
-        # the spinning threads of one member take the CPU another member needs.
-        spin = self.params.get("allow_spinning", "1")
-        if spin not in ("0", "1"):
-            raise ValueError(f"{self.name}: parameter allow_spinning must be 0 or 1, got {spin!r}")
-        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts = session_options(self.name, self.params)
         self.session = ort.InferenceSession(str(self.folder / "model.onnx"), opts,
                                             providers=["CPUExecutionProvider"])
         self.inputs = [(i["name"], i["data_type"]) for i in self.config["input"]]
