@@ -102,6 +102,10 @@ def cmd_eval(a: argparse.Namespace, bar_factory) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(table, indent=2))
         print(f"wrote {a.json}")
+    if a.plot:
+        from xmsearch.plots import evaluation_chart
+
+        print(f"wrote {evaluation_chart(table, a.plot, title=f'retrieval quality: {Path(a.queries).name}')}")
     return 0
 
 
@@ -166,6 +170,8 @@ def add_commands(sub, url_arg, bar_factory) -> None:
     e.add_argument("--index", type=Path, required=True, metavar="INDEX_DIR")
     e.add_argument("--queries", type=Path, required=True)
     e.add_argument("--json", type=Path, help="also write the metrics as JSON here")
+    e.add_argument("--plot", type=Path, metavar="PNG",
+                   help="also draw the metrics per query kind as bars (with the baselines when asked for)")
     e.add_argument("--baselines", action="store_true",
                    help="also evaluate the raw text and image encoders in-process")
     e.add_argument("--catalog", type=Path, help="catalogue for --baselines (default: beside the queries)")

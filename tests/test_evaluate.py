@@ -236,8 +236,10 @@ def test_run_served_ranks_every_query(xm_server, tmp_path_factory: pytest.TempPa
     out = root / "metrics.json"
     assert main(["eval", "--index", str(root / "index"), "--queries",
                  str(root / "demo" / "queries.jsonl"), "--url", xm_server.url,
-                 "--json", str(out)]) == 0
+                 "--json", str(out), "--plot", str(root / "metrics.png")]) == 0
     printed = capsys.readouterr().out
+    assert f"wrote {root / 'metrics.png'}" in printed
+    assert (root / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Recall@10" in printed and "fused (served)" in printed and "nan" not in printed
     written = json.loads(out.read_text())
     assert written["fused (served)"] == {kind: pytest.approx(vals) for kind, vals in table.items()}

@@ -307,7 +307,11 @@ def test_train_command_writes_a_loadable_checkpoint(small_catalog, tmp_path, cap
     out = tmp_path / "fusion.pt"
     assert main(["train", str(small_catalog), "--out", str(out), "--epochs", "2",
                  "--text-model", "minilm-l6", "--item-mix", "0.25"]) == 0
-    assert f"saved {out}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"saved {out}" in printed
+    # The loss and validation curves are drawn beside the checkpoint unless asked otherwise.
+    plot = tmp_path / "fusion.training.png"
+    assert f"training curves: {plot}" in printed and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = FusionCheckpoint.load(out)
     assert ckpt.meta["epochs"] == 2 and ckpt.meta["items"] == 48
     # The stored-item mix travels in the module's own settings, so export serves it.
@@ -323,6 +327,19 @@ def test_train_command_defaults_are_the_training_defaults():
     cfg = TrainConfig()
     for name in ("epochs", "batch_size", "lr", "weight_decay", "seed", "val_fraction", "group_size", "item_mix", "precision"):
         assert getattr(a, name) == getattr(cfg, name), name
+
+
+def test_train_command_plot_options(capsys):
+    from xmsearch.cli import build_parser
+
+    parser = build_parser()
+    a = parser.parse_args(["train", "c.jsonl", "--out", "x.pt"])
+    assert (a.plot, a.no_plot) == (None, False)
+    assert parser.parse_args(["train", "c.jsonl", "--out", "x.pt", "--plot", "curves.png"]).plot == Path("curves.png")
+    assert parser.parse_args(["train", "c.jsonl", "--out", "x.pt", "--no-plot"]).no_plot
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "c.jsonl", "--out", "x.pt", "--plot", "c.png", "--no-plot"])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_views_share_positives_with_items_that_have_all_their_words():

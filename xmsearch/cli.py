@@ -186,6 +186,11 @@ def cmd_train(a: argparse.Namespace) -> int:
           f"({res.checkpoint.meta['precision']}): "
           f"loss {res.history[0]['loss']:.3f} -> {last['loss']:.3f}, held-out photo R@1 "
           f"{last['val_image_r1']:.3f}, title R@10 {last['val_text_r10']:.3f}; saved {a.out}")
+    if not a.no_plot:
+        from xmsearch.plots import training_curves, training_plot_path
+
+        plot = training_curves(res.history, a.plot or training_plot_path(a.out), title=f"fusion training: {a.out.name}")
+        print(f"training curves: {plot}")
     return 0
 
 
@@ -298,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "bf16 where the CPU has native bfloat16 (AVX512-BF16/AMX): 1.6x faster per epoch on the demo "
                         "(benchmarks/results/train_precision.md) "
                         "(default auto)")
+    plot = t.add_mutually_exclusive_group()
+    plot.add_argument("--plot", type=Path, metavar="PNG",
+                      help="where to draw the loss and validation recall per epoch (default: beside the "
+                           "checkpoint, CKPT_STEM.training.png)")
+    plot.add_argument("--no-plot", action="store_true", help="draw no training curves")
     _model_args(t)
     t.set_defaults(func=cmd_train)
 

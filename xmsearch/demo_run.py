@@ -49,6 +49,7 @@ def _show(title: str, hits) -> None:
 def run(a: argparse.Namespace) -> None:
     from xmsearch import evaluate as ev
     from xmsearch import server as srv
+    from xmsearch.checkpoint import FusionCheckpoint
     from xmsearch.client.embed import Embedder
     from xmsearch.client.ingest import ingest_catalog
     from xmsearch.cli import TrainingProgress
@@ -56,6 +57,7 @@ def run(a: argparse.Namespace) -> None:
     from xmsearch.demo import generate_demo_catalog
     from xmsearch.export.pipeline import export_repository
     from xmsearch.models.image import DEFAULT_IMAGE_MODEL
+    from xmsearch.plots import evaluation_chart, training_curves, training_plot_path
     from xmsearch.train import (TrainConfig, cached_features, feature_cache_dir, features_path, stale_checkpoint,
                                 train_catalog)
 
@@ -102,6 +104,9 @@ def run(a: argparse.Namespace) -> None:
             h0, h1 = res.history[0], res.history[-1]
             print(f"loss {h0['loss']:.3f} -> {h1['loss']:.3f}; held-out photo R@1 {h1['val_image_r1']:.3f}, "
                   f"title R@10 {h1['val_text_r10']:.3f} ({res.seconds:.1f}s)")
+        history = FusionCheckpoint.load(ckpt).meta.get("history") if stale is None else res.history
+        if history:
+            print(f"training curves: {training_curves(history, training_plot_path(ckpt), f'fusion training: {ckpt.name}')}")
 
     with stage("3. export repository (cpu target)"):
         res = export_repository(repository, "cpu", ckpt, text_model=a.text_model,
@@ -139,6 +144,7 @@ def run(a: argparse.Namespace) -> None:
             baselines = ev.run_baselines(catalog, queries, a.text_model, DEFAULT_IMAGE_MODEL, features=features)
             table = ev.report(served, queries, baselines)
             (root / f"eval-{a.text_model}.json").write_text(json.dumps(table, indent=2))
+            print(f"chart: {evaluation_chart(table, root / f'eval-{a.text_model}.png', f'{a.text_model}: retrieval quality on {queries_path}')}")
             searcher.close()
         emb.close()
     finally:

@@ -1,0 +1,128 @@
+"""PNG charts of a training run and of an evaluation, for people who would rather look than read.
+
+``training_curves`` draws a checkpoint's per-epoch history (the mean InfoNCE loss and the
+held-out validation recalls that ``xmsearch train`` prints); ``evaluation_chart`` draws the
+table ``xmsearch eval`` prints (one panel per query kind, one bar group per metric, one bar
+per system: the served model and the raw-encoder baselines).  Both write files only
+(matplotlib's Agg backend: no display on servers or in CI).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from xmsearch.errors import InputError
+
+# The per-epoch validation figures of xmsearch.train.evaluate_views, with their labels.
+VALIDATION_CURVES = (("val_image_r1", "held-out photo -> item Recall@1"),
+                     ("val_text_r10", "held-out title view -> item Recall@10"))
+# Query kinds in the order the panels show them, with a readable name.
+KIND_NAMES = {"text": "text queries", "image": "photo queries", "text_image": "photo + text queries"}
+METRICS = (("recall@1", "R@1"), ("recall@5", "R@5"), ("recall@10", "R@10"), ("mrr", "MRR"),
+           ("ndcg@10", "nDCG@10"))
+
+
+def training_plot_path(checkpoint: Path) -> Path:
+    """Where ``xmsearch train`` and ``make demo`` put a checkpoint's curves: beside it."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem + ".training.png")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    tmp.replace(path)  # a reader never sees half a PNG
+    return path
+
+
+def training_curves(history: list[dict], path: Path, title: str = "fusion training") -> Path:
+    """Loss and validation recall per epoch (``TrainResult.history`` / checkpoint
+    ``meta["history"]``) as a two-panel PNG at ``path``; returns ``path``."""
+    if not history:
+        raise InputError("training_curves: the history is empty; train at least one epoch")
+    missing = [i for i, h in enumerate(history) if "epoch" not in h or "loss" not in h]
+    if missing:
+        raise InputError(f"training_curves: history rows {missing[:5]} lack 'epoch' or 'loss'; pass the "
+                         "history xmsearch train records")
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))
+    loss = [h["loss"] for h in history]
+    ax_loss.plot(epochs, loss, marker="o", markersize=3)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("mean training loss")
+    if all(v > 0 and math.isfinite(v) for v in loss) and max(loss) / min(loss) > 10:
+        ax_loss.set_yscale("log")
+    ax_loss.grid(True, alpha=0.3)
+    drawn = 0
+    for key, label in VALIDATION_CURVES:
+        if all(key in h for h in history):
+            ax_val.plot(epochs, [h[key] for h in history], marker="o", markersize=3, label=label)
+            drawn += 1
+    ax_val.set_xlabel("epoch")
+    ax_val.set_ylabel("validation recall")
+    ax_val.set_ylim(0, 1.02)
+    ax_val.grid(True, alpha=0.3)
+    if drawn:
+        ax_val.legend(loc="lower right", fontsize=8)
+    else:
+        ax_val.text(0.5, 0.5, "no validation recall recorded", ha="center", va="center",
+                    transform=ax_val.transAxes)
+    seconds = history[-1].get("seconds")
+    fig.suptitle(title + (f" ({len(history)} epochs, {seconds:.0f} s)" if seconds is not None else ""))
+    fig.tight_layout()
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def evaluation_chart(table: dict, path: Path, title: str = "retrieval quality") -> Path:
+    """The systems of an evaluation table (``xmsearch.evaluate.report``'s dict) side by side:
+    one panel per query kind, grouped bars per metric, one colour per system in every panel;
+    returns ``path``.
+
+    Rows of per-language tables (kinds such as ``"text / en"``) and the ``"all"`` row are
+    left out: the panels compare systems on each kind of query."""
+    systems = {name: kinds for name, kinds in table.items()
+               if isinstance(kinds, dict) and any(k in KIND_NAMES for k in kinds)}
+    kinds = [k for k in KIND_NAMES if any(k in v for v in systems.values())]
+    if not kinds:
+        raise InputError("evaluation_chart: the table has no text, image or text_image rows; pass what "
+                         "xmsearch eval --json writes")
+    plt = _pyplot()
+    from matplotlib.patches import Patch
+
+    colour = {name: f"C{i}" for i, name in enumerate(systems)}  # one colour per system in every panel
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.8), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        present = [(name, rows[kind]) for name, rows in systems.items() if kind in rows]
+        width = 0.8 / len(present)
+        for s, (name, row) in enumerate(present):
+            xs = [m + (s - (len(present) - 1) / 2) * width for m in range(len(METRICS))]
+            ax.bar(xs, [row.get(key, float("nan")) for key, _ in METRICS], width, color=colour[name])
+        ax.set_title(f"{KIND_NAMES[kind]} (n={int(present[0][1].get('count', 0))})", fontsize=10)
+        ax.set_xticks(range(len(METRICS)), [label for _, label in METRICS], fontsize=8)
+        ax.set_ylim(0, 1.02)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("mean over queries")
+    fig.legend([Patch(color=c) for c in colour.values()], list(colour), loc="lower center",
+               ncol=len(colour), fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
