@@ -950,3 +950,34 @@ def test_image_normalise_times_both_and_checks_the_bits(tmp_path: Path) -> None:
     rows = [line for line in text.splitlines() if line.startswith("| ") and "ms per photo" not in line]
     assert [r.split(" | ")[0] for r in rows] == ["| arithmetic", "| lookup table"]
     assert rows[0].endswith("| 1.00x |") and float(rows[1].split(" | ")[1].split()[0]) > 0
+
+
+def test_stub_floor_repository_chains_do_nothing_members(tmp_path: Path) -> None:
+    from benchmarks import stub_floor
+    from xmsearch.export.repository import read_repository
+
+    names = stub_floor.null_repository(tmp_path, steps=3)
+    assert names == ["null_1", "chain_1", "chain_3"]
+    configs = read_repository(tmp_path)
+    assert sorted(configs) == ["chain_1", "chain_3", "null_1", "null_2", "null_3"]
+    steps = configs["chain_3"].ensemble_scheduling.step
+    assert [s.model_name for s in steps] == ["null_1", "null_2", "null_3"]
+    # Each step reads what the one before wrote; the first reads the request, the last answers it.
+    assert [(dict(s.input_map)["X"], dict(s.output_map)["Y"]) for s in steps] == [("X", "t1"), ("t1", "t2"), ("t2", "Y")]
+    assert configs["null_2"].backend == "python" and configs["null_2"].HasField("dynamic_batching")
+    assert "TritonPythonModel" in (tmp_path / "null_2" / "1" / "model.py").read_text()
+    with pytest.raises(SystemExit, match="no query_text ensemble"):
+        stub_floor.run(tmp_path, rounds=1, per_round=1, gap_ms=0.0)
+
+
+@pytest.mark.slow
+def test_stub_floor_times_the_floor_and_the_served_text_path(exported_repository: Path) -> None:
+    from benchmarks import stub_floor
+
+    text = stub_floor.run(exported_repository, rounds=1, per_round=2, gap_ms=0.1)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| call")]
+    names = [r.split(" | ")[0].lstrip("| ") for r in rows]
+    assert names[:3] == ["null member (gRPC + one python stub)", "ensemble of 1 null step", "ensemble of 3 null steps"]
+    assert "query_text (ensemble of the three)" in names and "in process, ONNX Runtime defaults (baseline (c))" in names
+    assert all(float(r.split(" | ")[1].split()[0]) > 0 for r in rows), rows
+    assert rows[0].endswith("| 1.00x |")
