@@ -53,6 +53,12 @@ def cmd_search(a: argparse.Namespace, _bar) -> int:
             searcher.close()
     finally:
         emb.close()
+    if a.sheet:
+        from xmsearch.plots import results_sheet
+
+        sheet = results_sheet(hits, a.sheet, query_text=a.text, query_image=a.image)
+        if not a.json:
+            print(f"wrote {sheet}")
     if a.json:
         print(json.dumps([{"id": h.id, "score": round(float(h.score), 5), **h.metadata} for h in hits],
                          ensure_ascii=False, indent=2))
@@ -154,6 +160,8 @@ def add_commands(sub, url_arg, bar_factory) -> None:
     s.add_argument("--filter", action="append", metavar="FIELD=VALUE",
                    help="attribute filter; repeat to AND fields / OR values of one field")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--sheet", type=Path, metavar="PNG",
+                   help="also draw the query and the results' catalogue photos as a contact sheet")
     url_arg(s)
     s.set_defaults(func=bind(cmd_search))
 

@@ -69,3 +69,47 @@ def test_evaluation_chart_draws_each_system_per_query_kind(tmp_path: Path) -> No
     with pytest.raises(InputError, match="no text, image or text_image rows"):
         evaluation_chart({"fused (served), by language": _table()["fused (served), by language"]}, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def _hits(tmp_path: Path, n: int = 4) -> list:
+    from xmsearch.client.index import Hit
+
+    hits = []
+    for i in range(n):
+        photo = tmp_path / f"p{i}.jpg"
+        Image.new("RGB", (256, 256), (40 * i, 200 - 30 * i, 90)).save(photo, "JPEG")
+        hits.append(Hit(f"p{i:06d}", 0.9 - 0.05 * i, i, {"title": f"blue down jacket {i}", "image": str(photo),
+                                                          "category": "down_jacket", "colour": "blue"}))
+    return hits
+
+
+def test_results_sheet_shows_the_query_and_each_hit_photo(tmp_path: Path) -> None:
+    from xmsearch.plots import results_sheet
+
+    hits = _hits(tmp_path)
+    query = tmp_path / "query.png"
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(query)
+    a = _pixels(results_sheet(hits, tmp_path / "sheet.png", query_text="like this but in red", query_image=query))
+    assert a.shape[1] > a.shape[0]  # five tiles on one row
+    # A photo that cannot be read any more (moved, corrupt) leaves an empty tile, not an error.
+    (tmp_path / "p2.jpg").write_bytes(b"not a jpeg")
+    b = _pixels(results_sheet(hits, tmp_path / "sheet2.png", query_text="like this but in red", query_image=query))
+    assert a.shape == b.shape and (a != b).any()
+    hits[1].metadata.pop("image")
+    assert _pixels(results_sheet(hits, tmp_path / "sheet3.png", query_text="jacket")).size
+    # Two rows when the hits do not fit one.
+    c = _pixels(results_sheet(_hits(tmp_path, 7), tmp_path / "rows.png", query_text="jacket", columns=4))
+    assert c.shape[0] > a.shape[0]
+    with pytest.raises(InputError, match="give the query's text, its photo or both"):
+        results_sheet(hits, tmp_path / "x.png")
+    with pytest.raises(InputError, match="columns must be 1 or more"):
+        results_sheet(hits, tmp_path / "x.png", query_text="jacket", columns=0)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sheet_captions_fall_back_when_the_font_lacks_the_script() -> None:
+    from xmsearch.plots import _caption_font_charmap, _drawable
+
+    charmap = _caption_font_charmap()
+    assert _drawable("navy puffer coat, men", charmap)
+    assert not _drawable("蓝色羽绒服", charmap)  # matplotlib's bundled DejaVu Sans has no CJK

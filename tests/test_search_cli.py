@@ -142,6 +142,19 @@ def test_search_by_photo_and_by_photo_with_text(indexed: Indexed,
     assert len({tuple(h["score"] for h in r) for r in (by_photo, both, text)}) == 3
 
 
+def test_search_draws_a_contact_sheet(indexed: Indexed, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    sheet = tmp_path / "sheets" / "red.png"
+    code, out, err = run(capsys, "search", "--index", indexed.index, "--url", indexed.url, "--image",
+                         indexed.photo, "--text", "in red please", "-k", "4", "--sheet", sheet)
+    assert code == 0, err
+    assert f"wrote {sheet}" in out and "1. " in out  # the ranked list is still printed
+    with Image.open(sheet) as img:
+        assert img.format == "PNG" and img.width > img.height  # the query and four hits on one row
+
+
 def test_delete_removes_the_item(indexed: Indexed, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     # Work on a copy: the other tests share the module's index.

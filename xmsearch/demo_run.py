@@ -57,7 +57,7 @@ def run(a: argparse.Namespace) -> None:
     from xmsearch.demo import generate_demo_catalog
     from xmsearch.export.pipeline import export_repository
     from xmsearch.models.image import DEFAULT_IMAGE_MODEL
-    from xmsearch.plots import evaluation_chart, training_curves, training_plot_path
+    from xmsearch.plots import evaluation_chart, results_sheet, training_curves, training_plot_path
     from xmsearch.train import (TrainConfig, cached_features, feature_cache_dir, features_path, stale_checkpoint,
                                 train_catalog)
 
@@ -134,11 +134,13 @@ def run(a: argparse.Namespace) -> None:
             for text in ("blue down jacket", "蓝色羽绒服", "red striped dress"):
                 _show(f"text query {text!r}", searcher.search(text=text, k=5))
             photo = next(q for q in queries if q["kind"] == "image")
-            _show(f"photo query {photo['image']} (a new photo of {list(photo['relevant'])[0]})",
-                  searcher.search(image=photo["image"], k=5))
+            hits = searcher.search(image=photo["image"], k=5)
+            _show(f"photo query {photo['image']} (a new photo of {list(photo['relevant'])[0]})", hits)
+            print(f"   sheet: {results_sheet(hits, root / 'results-photo.png', query_image=photo['image'])}")
             both = next(q for q in queries if q["kind"] == "text_image")
-            _show(f"photo + text query {both['text']!r} with {Path(both['image']).name}",
-                  searcher.search(text=both["text"], image=both["image"], k=5))
+            hits = searcher.search(text=both["text"], image=both["image"], k=5)
+            _show(f"photo + text query {both['text']!r} with {Path(both['image']).name}", hits)
+            print(f"   sheet: {results_sheet(hits, root / 'results-photo-text.png', both['text'], both['image'])}")
         with stage("7. evaluation (served model vs raw-encoder baselines)"):
             served = ev.run_served(searcher, queries)
             baselines = ev.run_baselines(catalog, queries, a.text_model, DEFAULT_IMAGE_MODEL, features=features)

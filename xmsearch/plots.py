@@ -1,9 +1,10 @@
-"""PNG charts of a training run and of an evaluation, for people who would rather look than read.
+"""PNG charts of training, evaluation and search results, for people who would rather look than read.
 
 ``training_curves`` draws a checkpoint's per-epoch history (the mean InfoNCE loss and the
 held-out validation recalls that ``xmsearch train`` prints); ``evaluation_chart`` draws the
 table ``xmsearch eval`` prints (one panel per query kind, one bar group per metric, one bar
-per system: the served model and the raw-encoder baselines).  Both write files only
+per system: the served model and the raw-encoder baselines); ``results_sheet`` lays out one
+search's query and hits as a contact sheet of their photos.  All write files only
 (matplotlib's Agg backend: no display on servers or in CI).
 """
 
@@ -122,6 +123,91 @@ def evaluation_chart(table: dict, path: Path, title: str = "retrieval quality") 
                ncol=len(colour), fontsize=8)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def _photo(path, size: int):
+    """``path`` decoded as an RGB thumbnail ``size`` px on its long side, or None when it
+    cannot be read (moved, deleted, not an image): the sheet shows a blank tile instead."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            img.thumbnail((size, size))
+            return img
+    except (OSError, UnidentifiedImageError, ValueError, TypeError):
+        return None
+
+
+def _drawable(text: str, charmap: set[int]) -> bool:
+    return all(ord(ch) in charmap or ch.isspace() for ch in text)
+
+
+def _caption_font_charmap() -> set[int]:
+    """Code points the captions' font (matplotlib's default sans) can draw."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    return set(FT2Font(font_manager.findfont(font_manager.FontProperties(family=["sans-serif"]))).get_charmap())
+
+
+def _caption(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def results_sheet(hits: list, path: Path, query_text: str | None = None, query_image=None,
+                  columns: int = 5, title: str | None = None, thumb: int = 192) -> Path:
+    """A contact sheet of one search: the query (its photo, its words) in the first tile, then
+    each hit's catalogue photo with its rank, score, id and title; returns ``path``.
+
+    ``hits`` are :class:`xmsearch.client.index.Hit` (photos come from their ``image``
+    metadata, the path the catalogue gave at indexing; a photo that can no longer be read
+    shows as an empty tile).  A title with characters the caption font cannot draw (Chinese,
+    with matplotlib's default fonts) is captioned with the item's attributes instead."""
+    if query_text is None and query_image is None:
+        raise InputError("results_sheet: give the query's text, its photo or both")
+    if columns < 1:
+        raise InputError(f"results_sheet: columns must be 1 or more, got {columns}")
+    plt = _pyplot()
+    charmap = _caption_font_charmap()
+    tiles = [("query", _photo(query_image, thumb) if query_image is not None else None,
+              [_caption(query_text, 28)] if query_text and _drawable(query_text, charmap)
+              else (["(in a script the caption font lacks)"] if query_text else []))]
+    for rank, h in enumerate(hits, start=1):
+        meta = h.metadata or {}
+        name = str(meta.get("title") or "")
+        if not _drawable(name, charmap):
+            name = ", ".join(str(v) for k, v in meta.items()
+                             if k not in ("title", "image", "alt_titles", "lang") and isinstance(v, str))
+        photo = _photo(meta["image"], thumb) if meta.get("image") else None
+        tiles.append((f"{rank}. {h.id}  {h.score:.3f}", photo, [_caption(name, 28)] if name else []))
+    rows = math.ceil(len(tiles) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.75 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (head, photo, lines) in enumerate(tiles):
+        ax = axes.flat[i]
+        if photo is not None:
+            ax.imshow(photo)
+        else:
+            ax.imshow([[(0.93, 0.93, 0.93)]], extent=(0, 1, 0, 1))
+            ax.text(0.5, 0.5, "no photo" if i else "text query", ha="center", va="center", fontsize=9,
+                    color="0.4", transform=ax.transAxes)
+        ax.set_title("\n".join([head, *lines]), fontsize=8, color="C3" if i == 0 else "black")
+        if i == 0:  # frame the query apart from the results
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_edgecolor("C3")
+                side.set_linewidth(2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     try:
         return _save(fig, path)
     finally:
