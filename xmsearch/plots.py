@@ -136,10 +136,11 @@ def _photo(path, size: int):
 
     try:
         with Image.open(path) as img:
+            img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
             img = img.convert("RGB")
             img.thumbnail((size, size))
             return img
-    except (OSError, UnidentifiedImageError, ValueError, TypeError):
+    except (OSError, UnidentifiedImageError, ValueError, TypeError, Image.DecompressionBombError):
         return None
 
 
