@@ -55,6 +55,11 @@ class TargetSettings:
     # infer/s at concurrency 16 1.26x on an Intel Xeon, 1.18x and 0.96x on an AMD EPYC, ingest
     # 0.93x on both (benchmarks/results/serving_ab_text_layout*.md); so not the default.
     text_encoder_layout: tuple[int, int] | None = None
+    # The same for the image encoder (`xmsearch export --image-encoder-layout`).  Two
+    # single-threaded instances, side by side on an AMD EPYC: ingest 1.23x the items/s and photo
+    # queries/s at concurrency 16 1.06x, but photo p50 at concurrency 1 1.30x (one thread per
+    # photo; benchmarks/results/serving_ab_image_layout.md): for bulk indexing, not the default.
+    image_encoder_layout: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.ort_spinning not in ORT_SPINNING:
@@ -69,11 +74,17 @@ class TargetSettings:
             return self.queue_delay_us
         return spec.max_queue_delay_us if self.on_gpu else 0
 
+    def layout(self, model: str) -> tuple[int, int] | None:
+        """(instances, ONNX Runtime threads) chosen for an encoder on the cpu target, else None."""
+        if self.target != "cpu":
+            return None
+        return {S.TEXT_ENCODER: self.text_encoder_layout, S.IMAGE_ENCODER: self.image_encoder_layout}.get(model)
+
     def instances(self, model: str) -> tuple[int, int]:
         """(count, kind) of the instance group for a member."""
         if model in NEURAL:
-            if model == S.TEXT_ENCODER and self.text_encoder_layout and self.target == "cpu":
-                return self.text_encoder_layout[0], mc.ModelInstanceGroup.KIND_CPU
+            if self.layout(model):
+                return self.layout(model)[0], mc.ModelInstanceGroup.KIND_CPU
             return 1, (mc.ModelInstanceGroup.KIND_GPU if self.on_gpu else mc.ModelInstanceGroup.KIND_CPU)
         # Python preprocessing holds the GIL per stub: two stubs decode images in parallel
         # (photo queries, and catalogue ingestion, where decoding is the bulk of the work).
@@ -102,10 +113,8 @@ def member_config(spec: S.ModelSpec, settings: TargetSettings, extra_params: dic
     if not neural or settings.target == "cpu":
         cfg.backend = "python"
         if neural:
-            threads = settings.ort_threads
-            if spec.name == S.TEXT_ENCODER and settings.text_encoder_layout:
-                threads = settings.text_encoder_layout[1]
-            _param(cfg, "intra_op_threads", str(threads))
+            layout = settings.layout(spec.name)
+            _param(cfg, "intra_op_threads", str(layout[1] if layout else settings.ort_threads))
             allow, stop = ORT_SPINNING[settings.ort_spinning]
             _param(cfg, "allow_spinning", allow)
             _param(cfg, "force_spinning_stop", stop)

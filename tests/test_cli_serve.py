@@ -245,6 +245,13 @@ def test_export_text_encoder_layout_is_checked_before_anything_is_written(tmp_pa
                  "--out", str(tmp_path / "repo")])
     assert code == 2
     assert "--text-encoder-layout is for the cpu target, not tensorrt" in capsys.readouterr().err
+    code = main(["export", "--untrained", "--target", "onnxruntime", "--image-encoder-layout", "2x1",
+                 "--out", str(tmp_path / "repo")])
+    assert code == 2
+    assert "--image-encoder-layout is for the cpu target, not onnxruntime" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--untrained", "--image-encoder-layout", "0x1", "--out", str(tmp_path / "repo")])
+    assert "instances must be 1-16" in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
 
 

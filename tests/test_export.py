@@ -132,6 +132,14 @@ def test_cpu_onnx_runtime_members_settings() -> None:
         assert laid_out[name].parameters["intra_op_threads"].string_value == "2", name
     gpu = repository_configs(DIMS, TargetSettings("tensorrt", text_encoder_layout=(2, 1)), "fp")
     assert gpu[S.TEXT_ENCODER].instance_group[0].count == 1
+    # The image encoder's (--image-encoder-layout), independent of the text encoder's.
+    both = repository_configs(DIMS, TargetSettings("cpu", text_encoder_layout=(1, 1),
+                                                   image_encoder_layout=(2, 1)), "fp")
+    assert [(both[m].instance_group[0].count, both[m].parameters["intra_op_threads"].string_value)
+            for m in (S.TEXT_ENCODER, S.IMAGE_ENCODER, S.FUSION_ITEM)] == [(1, "1"), (2, "1"), (1, "2")]
+    gpu = repository_configs(DIMS, TargetSettings("onnxruntime", image_encoder_layout=(2, 1)), "fp")
+    assert gpu[S.IMAGE_ENCODER].instance_group[0].count == 1
+    assert gpu[S.IMAGE_ENCODER].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     # The queue delay: chosen for every member, or 0 whenever the members run on CPU.
     for settings, want in ((TargetSettings("cpu", queue_delay_us=250), 250),
                            (TargetSettings("onnxruntime", device="cpu"), 0),
