@@ -97,9 +97,11 @@ def test_results_sheet_shows_the_query_and_each_hit_photo(tmp_path: Path) -> Non
     assert a.shape == b.shape and (a != b).any()
     hits[1].metadata.pop("image")
     assert _pixels(results_sheet(hits, tmp_path / "sheet3.png", query_text="jacket")).size
-    # Two rows when the hits do not fit one.
-    c = _pixels(results_sheet(_hits(tmp_path, 7), tmp_path / "rows.png", query_text="jacket", columns=4))
+    # Two rows when the hits do not fit one (six tiles a row unless told).
+    c = _pixels(results_sheet(_hits(tmp_path, 7), tmp_path / "rows.png", query_text="jacket"))
     assert c.shape[0] > a.shape[0]
+    d = _pixels(results_sheet(_hits(tmp_path, 7), tmp_path / "cols.png", query_text="jacket", columns=4))
+    assert d.shape[1] < c.shape[1]
     with pytest.raises(InputError, match="give the query's text, its photo or both"):
         results_sheet(hits, tmp_path / "x.png")
     with pytest.raises(InputError, match="columns must be 1 or more"):

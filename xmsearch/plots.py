@@ -161,17 +161,18 @@ def _caption(text: str, width: int) -> str:
 
 
 def results_sheet(hits: list, path: Path, query_text: str | None = None, query_image=None,
-                  columns: int = 5, title: str | None = None, thumb: int = 192) -> Path:
+                  columns: int | None = None, title: str | None = None, thumb: int = 192) -> Path:
     """A contact sheet of one search: the query (its photo, its words) in the first tile, then
     each hit's catalogue photo with its rank, score, id and title; returns ``path``.
 
     ``hits`` are :class:`xmsearch.client.index.Hit` (photos come from their ``image``
     metadata, the path the catalogue gave at indexing; a photo that can no longer be read
-    shows as an empty tile).  A title with characters the caption font cannot draw (Chinese,
-    with matplotlib's default fonts) is captioned with the item's attributes instead."""
+    shows as an empty tile); rows of ``columns`` tiles (default: up to six).  A title with
+    characters the caption font cannot draw (Chinese, with matplotlib's default fonts) is
+    captioned with the item's attributes instead."""
     if query_text is None and query_image is None:
         raise InputError("results_sheet: give the query's text, its photo or both")
-    if columns < 1:
+    if columns is not None and columns < 1:
         raise InputError(f"results_sheet: columns must be 1 or more, got {columns}")
     plt = _pyplot()
     charmap = _caption_font_charmap()
@@ -186,6 +187,7 @@ def results_sheet(hits: list, path: Path, query_text: str | None = None, query_i
                              if k not in ("title", "image", "alt_titles", "lang") and isinstance(v, str))
         photo = _photo(meta["image"], thumb) if meta.get("image") else None
         tiles.append((f"{rank}. {h.id}  {h.score:.3f}", photo, [_caption(name, 28)] if name else []))
+    columns = columns or min(len(tiles), 6)  # the query and five hits on one row
     rows = math.ceil(len(tiles) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(2.3 * columns, 2.75 * rows), squeeze=False)
     for ax in axes.flat:
