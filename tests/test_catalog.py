@@ -65,6 +65,12 @@ def test_relative_paths_follow_the_catalogue_file_not_the_working_directory(
     good, bad = read_catalog(write_jsonl(photos / "c.jsonl", [
         {"id": "a", "title": "cap", "image": "images/a.jpg"}]))
     assert bad == [] and good[0].image == photos / "images" / "a.jpg"
+    # A catalogue named by a relative path: the stored photo path is still absolute, so that
+    # search results name a file that opens from any working directory.
+    monkeypatch.chdir(photos.parent)
+    good, bad = read_catalog(Path(photos.name) / "c.jsonl")
+    assert bad == [] and good[0].image == photos / "images" / "a.jpg" and good[0].image.is_absolute()
+    assert good[0].metadata()["image"] == str(photos / "images" / "a.jpg")
 
 
 def test_absolute_image_path_is_kept(photos: Path, tmp_path_factory: pytest.TempPathFactory) -> None:

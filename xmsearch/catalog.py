@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,9 @@ def read_catalog(path: Path, check_images: bool = True) -> tuple[list[CatalogRow
             continue
         img = Path(image)
         if not img.is_absolute():
-            img = path.parent / img
+            # Absolute, so that what the index stores (metadata()) still names the photo when
+            # a search runs from another working directory (result sheets, user interfaces).
+            img = Path(os.path.abspath(path.parent / img))
         if check_images and not img.is_file():
             bad.append(BadRow(line, ident, f"image file {img} does not exist"))
             continue
