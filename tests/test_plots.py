@@ -109,9 +109,17 @@ def test_results_sheet_shows_the_query_and_each_hit_photo(tmp_path: Path) -> Non
     assert not (tmp_path / "x.png").exists()
 
 
-def test_sheet_captions_fall_back_when_the_font_lacks_the_script() -> None:
-    from xmsearch.plots import _caption_font_charmap, _drawable
+def test_sheet_captions_use_a_font_that_draws_the_script() -> None:
+    from xmsearch.plots import caption_fonts, font_for
 
-    charmap = _caption_font_charmap()
-    assert _drawable("navy puffer coat, men", charmap)
-    assert not _drawable("蓝色羽绒服", charmap)  # matplotlib's bundled DejaVu Sans has no CJK
+    latin = frozenset(map(ord, "abcdefghijklmnopqrstuvwxyz ,.0123456789"))
+    cjk = latin | frozenset(map(ord, "蓝色羽绒服"))
+    assert font_for("navy puffer coat", [("sans.ttf", latin), ("cjk.ttf", cjk)]) == "sans.ttf"
+    assert font_for("蓝色羽绒服", [("sans.ttf", latin), ("cjk.ttf", cjk)]) == "cjk.ttf"
+    assert font_for("蓝色羽绒服", [("sans.ttf", latin)]) is None  # captioned with attributes then
+    # What this machine offers: matplotlib's default sans first, then only fonts that draw Chinese.
+    fonts = caption_fonts()
+    assert font_for("navy puffer coat, men 0.823", fonts) == fonts[0][0]
+    assert all(0x4E2D in charmap for _, charmap in fonts[1:])
+    assert not any("LastResort" in path for path, _ in fonts)  # draws boxes for every character
+    assert (font_for("中", fonts) is None) == (len(fonts) == 1)

@@ -10,6 +10,7 @@ search's query and hits as a contact sheet of their photos.  All write files onl
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -144,16 +145,43 @@ def _photo(path, size: int):
         return None
 
 
-def _drawable(text: str, charmap: set[int]) -> bool:
-    return all(ord(ch) in charmap or ch.isspace() for ch in text)
+# A character every Chinese font has (中): installed fonts with it may caption Chinese titles.
+_CJK_PROBE = 0x4E2D
+_MAX_EXTRA_FONTS = 3
 
 
-def _caption_font_charmap() -> set[int]:
-    """Code points the captions' font (matplotlib's default sans) can draw."""
+@functools.lru_cache(maxsize=1)
+def caption_fonts() -> tuple[tuple[str, frozenset[int]], ...]:
+    """(font file, code points it draws) of the fonts captions may use: matplotlib's default
+    sans-serif first, then up to three installed fonts that draw Chinese, so titles in that
+    script are drawn wherever such a font exists (matplotlib's bundled fonts have none)."""
     from matplotlib import font_manager
     from matplotlib.ft2font import FT2Font
 
-    return set(FT2Font(font_manager.findfont(font_manager.FontProperties(family=["sans-serif"]))).get_charmap())
+    default = str(font_manager.findfont(font_manager.FontProperties(family=["sans-serif"])))
+    fonts = [(default, frozenset(FT2Font(default).get_charmap()))]
+    for entry in font_manager.fontManager.ttflist:
+        if len(fonts) > _MAX_EXTRA_FONTS:
+            break
+        # Last Resort (bundled with matplotlib) maps every code point to a placeholder box.
+        if entry.fname in {f for f, _ in fonts} or entry.name.startswith("Last Resort"):
+            continue
+        try:
+            charmap = FT2Font(entry.fname).get_charmap()
+        except (OSError, RuntimeError):  # unreadable or not a font FreeType can open
+            continue
+        if _CJK_PROBE in charmap:
+            fonts.append((entry.fname, frozenset(charmap)))
+    return tuple(fonts)
+
+
+def font_for(text: str, fonts) -> str | None:
+    """The first font file of ``fonts`` ((file, code points) pairs) that draws every character
+    of ``text``; None when none does."""
+    for path, charmap in fonts:
+        if all(ord(ch) in charmap or ch.isspace() for ch in text):
+            return path
+    return None
 
 
 def _caption(text: str, width: int) -> str:
@@ -167,22 +195,24 @@ def results_sheet(hits: list, path: Path, query_text: str | None = None, query_i
 
     ``hits`` are :class:`xmsearch.client.index.Hit` (photos come from their ``image``
     metadata, the path the catalogue gave at indexing; a photo that can no longer be read
-    shows as an empty tile); rows of ``columns`` tiles (default: up to six).  A title with
-    characters the caption font cannot draw (Chinese, with matplotlib's default fonts) is
-    captioned with the item's attributes instead."""
+    shows as an empty tile); rows of ``columns`` tiles (default: up to six).  Captions use
+    matplotlib's default sans-serif, or an installed font that draws Chinese (``caption_fonts``);
+    a title no such font draws is captioned with the item's attributes instead."""
     if query_text is None and query_image is None:
         raise InputError("results_sheet: give the query's text, its photo or both")
     if columns is not None and columns < 1:
         raise InputError(f"results_sheet: columns must be 1 or more, got {columns}")
     plt = _pyplot()
-    charmap = _caption_font_charmap()
-    tiles = [("query", _photo(query_image, thumb) if query_image is not None else None,
-              [_caption(query_text, 28)] if query_text and _drawable(query_text, charmap)
-              else (["(in a script the caption font lacks)"] if query_text else []))]
+    from matplotlib.font_manager import FontProperties
+
+    fonts = caption_fonts()
+    words = ([_caption(query_text, 28)] if font_for(query_text, fonts)
+             else ["(in a script no installed font draws)"]) if query_text else []
+    tiles = [("query", _photo(query_image, thumb) if query_image is not None else None, words)]
     for rank, h in enumerate(hits, start=1):
         meta = h.metadata or {}
         name = str(meta.get("title") or "")
-        if not _drawable(name, charmap):
+        if not font_for(name, fonts):
             name = ", ".join(str(v) for k, v in meta.items()
                              if k not in ("title", "image", "alt_titles", "lang") and isinstance(v, str))
         photo = _photo(meta["image"], thumb) if meta.get("image") else None
@@ -200,7 +230,10 @@ def results_sheet(hits: list, path: Path, query_text: str | None = None, query_i
             ax.imshow([[(0.93, 0.93, 0.93)]], extent=(0, 1, 0, 1))
             ax.text(0.5, 0.5, "no photo" if i else "text query", ha="center", va="center", fontsize=9,
                     color="0.4", transform=ax.transAxes)
-        ax.set_title("\n".join([head, *lines]), fontsize=8, color="C3" if i == 0 else "black")
+        caption = "\n".join([head, *lines])
+        font = font_for(caption, fonts)  # the default sans for Latin text, else a font with the script
+        ax.set_title(caption, fontsize=8, color="C3" if i == 0 else "black",
+                     fontproperties=FontProperties(fname=font, size=8) if font else None)
         if i == 0:  # frame the query apart from the results
             ax.axis("on")
             ax.set_xticks([])
