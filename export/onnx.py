@@ -98,16 +98,15 @@ def onnx_session(path: Path, threads: int = 0, spinning: bool = True, spin_stop:
     ``spin_stop=True`` lets them spin inside a run only (``session.force_spinning_stop``)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
+    from xmsearch.onnxrt import cpu_session_options
+
+    spin = {}
     if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        spin["allow_spinning"] = "0"
     if spin_stop:
-        opts.add_session_config_entry("session.force_spinning_stop", "1")
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        spin["force_spinning_stop"] = "1"
+    return ort.InferenceSession(str(path), cpu_session_options(threads or None, **spin),
+                                providers=["CPUExecutionProvider"])
 
 
 def check_parity(module: torch.nn.Module, spec: ModelSpec, path: Path,

@@ -83,8 +83,8 @@ class TargetSettings:
     def instances(self, model: str) -> tuple[int, int]:
         """(count, kind) of the instance group for a member."""
         if model in NEURAL:
-            if self.layout(model):
-                return self.layout(model)[0], mc.ModelInstanceGroup.KIND_CPU
+            if layout := self.layout(model):
+                return layout[0], mc.ModelInstanceGroup.KIND_CPU
             return 1, (mc.ModelInstanceGroup.KIND_GPU if self.on_gpu else mc.ModelInstanceGroup.KIND_CPU)
         # Python preprocessing holds the GIL per stub: two stubs decode images in parallel
         # (photo queries, and catalogue ingestion, where decoding is the bulk of the work).

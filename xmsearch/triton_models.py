@@ -128,24 +128,16 @@ def session_options(model: str, params: dict[str, str]):
     ``force_spinning_stop`` keeps the spinning inside a run (between its parallel sections)
     and puts the workers to sleep when the run returns.
     """
-    import onnxruntime as ort
+    from xmsearch.onnxrt import SPIN_ENTRIES, cpu_session_options
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     threads = params.get("intra_op_threads", "0")
     if not threads.isdigit():
         raise ValueError(f"{model}: parameter intra_op_threads must be a count (0 or more), got {threads!r}")
-    opts.intra_op_num_threads = int(threads)
-    opts.inter_op_num_threads = 1
-    for key, entry in (("allow_spinning", "session.intra_op.allow_spinning"),
-                       ("force_spinning_stop", "session.force_spinning_stop")):
-        value = params.get(key)
-        if value is None:
-            continue
+    spin = {key: params[key] for key in SPIN_ENTRIES if key in params}
+    for key, value in spin.items():
         if value not in ("0", "1"):
             raise ValueError(f"{model}: parameter {key} must be 0 or 1, got {value!r}")
-        opts.add_session_config_entry(entry, value)
-    return opts
+    return cpu_session_options(int(threads), **spin)
 
 
 class OnnxModel(_Base):
