@@ -151,6 +151,31 @@ def alternated_ms_per_call(calls: dict[str, Callable[[], object]], rounds: int, 
     return out
 
 
+def alternated_median_ms(calls: dict[str, Callable[[], object]], rounds: int, per_round: int, gap_ms: float,
+                         cpu_ms: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Per call and round, the median latency in ms of ``per_round`` calls, each after an
+    idle pause of ``gap_ms`` (what a client at concurrency 1 sees); rounds alternate the
+    order of the calls.  With ``cpu_ms``, also appends to ``cpu_ms[name]`` per round the
+    process's CPU ms per call, its idle pause included (all threads)."""
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for rnd in range(rounds):
+        for name in (list(calls) if rnd % 2 == 0 else list(calls)[::-1]):
+            fn = calls[name]
+            for _ in range(5):  # warm-up
+                fn()
+            times = []
+            cpu0 = time.process_time()
+            for _ in range(per_round):
+                time.sleep(gap_ms / 1e3)
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            out[name].append(statistics.median(times) * 1e3)
+            if cpu_ms is not None:
+                cpu_ms.setdefault(name, []).append((time.process_time() - cpu0) / per_round * 1e3)
+    return out
+
+
 def ab_table(points: dict[tuple[str, str], list[float]], before: str, after: str) -> str:
     """Markdown table of an alternated A/B: per metric, the median (min-max) over rounds of
     variant ``before`` and ``after`` and their ratio.  ``points`` maps (variant, metric) to

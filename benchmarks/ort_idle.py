@@ -18,12 +18,11 @@ members that share the cores.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import functools
 from pathlib import Path
 
 from benchmarks import publish
-from benchmarks.loadgen import ratio_table
+from benchmarks.loadgen import alternated_median_ms, ratio_table
 
 # name, intra-op threads, spinning, spinning stops when a run returns
 SETTINGS = (("2 threads, spinning", 2, True, False), ("2 threads, not spinning", 2, False, False),
@@ -53,23 +52,9 @@ def run(repository: Path, member: str, gap_ms: float, rounds: int, calls: int) -
     row = _one_row(member, repository)
     sessions = {name: onnx_session(graph, threads, spinning=spin, spin_stop=stop)
                 for name, threads, spin, stop in SETTINGS}
-    ms: dict[str, list[float]] = {name: [] for name in sessions}
-    cpu_ms: dict[str, list[float]] = {name: [] for name in sessions}
-    for r in range(rounds):
-        order = list(sessions) if r % 2 == 0 else list(sessions)[::-1]
-        for name in order:
-            sess = sessions[name]
-            for _ in range(5):  # warm-up
-                sess.run(None, row)
-            times = []
-            cpu0 = time.process_time()
-            for _ in range(calls):
-                time.sleep(gap_ms / 1e3)
-                t0 = time.perf_counter()
-                sess.run(None, row)
-                times.append(time.perf_counter() - t0)
-            ms[name].append(statistics.median(times) * 1e3)
-            cpu_ms[name].append((time.process_time() - cpu0) / calls * 1e3)
+    cpu_ms: dict[str, list[float]] = {}
+    ms = alternated_median_ms({name: functools.partial(sess.run, None, row) for name, sess in sessions.items()},
+                              rounds, calls, gap_ms, cpu_ms)
     return (f"`{member}` of {repository.name} ({graph.stat().st_size / 1e6:.0f} MB graph), one row, "
             f"{gap_ms:g} ms idle before each call, {calls} calls per round, {rounds} alternated rounds; "
             "the rounds' medians.\n\n" + ratio_table("setting", "ms per call", ms)

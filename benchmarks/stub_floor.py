@@ -20,14 +20,12 @@ median of a round, the table the median (min-max) over rounds.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks import publish
-from benchmarks.loadgen import ratio_table
+from benchmarks.loadgen import alternated_median_ms, ratio_table
 
 NULL_STEPS = 3
 ROW = 16  # floats per request: about what a short query's token ids weigh
@@ -82,14 +80,11 @@ def null_repository(root: Path, steps: int = NULL_STEPS) -> list[str]:
 def _caller(url: str, model: str, inputs: dict) -> Callable[[], object]:
     """One synchronous gRPC inference of ``model`` with ``inputs`` (name -> numpy array)."""
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import np_to_triton_dtype
+
+    from xmsearch.client.triton import infer_inputs
 
     client = grpcclient.InferenceServerClient(url)
-    tensors = []
-    for name, arr in inputs.items():
-        t = grpcclient.InferInput(name, list(arr.shape), "BYTES" if arr.dtype == object else np_to_triton_dtype(arr.dtype))
-        t.set_data_from_numpy(arr)
-        tensors.append(t)
+    tensors = infer_inputs(inputs)  # built once: only the round trip is timed
     return lambda: client.infer(model, tensors)
 
 
@@ -133,26 +128,6 @@ def in_process_text_calls(repository: Path) -> dict[str, Callable[[], object]]:
     default = [onnx_session(g) for g in graphs]
     return {"in process, ONNX Runtime as served (2 threads, not spinning)": path(*served),
             "in process, ONNX Runtime defaults (baseline (c))": path(*default)}
-
-
-def alternated_median_ms(calls: dict[str, Callable[[], object]], rounds: int, per_round: int,
-                         gap_ms: float) -> dict[str, list[float]]:
-    """Per call and round, the median latency in ms of ``per_round`` calls, each after an
-    idle pause of ``gap_ms``; rounds alternate the order of the calls."""
-    out: dict[str, list[float]] = {name: [] for name in calls}
-    for rnd in range(rounds):
-        for name in (list(calls) if rnd % 2 == 0 else list(calls)[::-1]):
-            fn = calls[name]
-            for _ in range(5):  # warm-up
-                fn()
-            times = []
-            for _ in range(per_round):
-                time.sleep(gap_ms / 1e3)
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            out[name].append(statistics.median(times) * 1e3)
-    return out
 
 
 def run(repository: Path | None, rounds: int, per_round: int, gap_ms: float, work: Path | None = None) -> str:

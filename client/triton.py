@@ -227,7 +227,8 @@ def _fit(arr: np.ndarray, info: TensorInfo | None, batch: int | None, name: str)
     return arr
 
 
-def _infer_inputs(arrays: Mapping[str, np.ndarray]) -> list[grpcclient.InferInput]:
+def infer_inputs(arrays: Mapping[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    """gRPC input tensors for ``arrays`` (name -> numpy array; object arrays go as BYTES)."""
     inputs = []
     for name, arr in arrays.items():
         datatype = "BYTES" if arr.dtype == object else np_to_triton_dtype(arr.dtype)
@@ -489,7 +490,7 @@ class TritonClient(_ClientBase):
     # -- inference
     def _infer_arrays(self, model: str, arrays: Mapping[str, np.ndarray],
                       outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        tensors = _infer_inputs(arrays)
+        tensors = infer_inputs(arrays)
         requested = [grpcclient.InferRequestedOutput(o) for o in outputs]
         result = self._call(
             f"infer {model}",
@@ -828,7 +829,7 @@ class AsyncTritonClient(_ClientBase):
     async def _infer_arrays(self, model: str, arrays: Mapping[str, np.ndarray],
                             outputs: Sequence[str]) -> dict[str, np.ndarray]:
         client = self._client()
-        tensors = _infer_inputs(arrays)
+        tensors = infer_inputs(arrays)
         requested = [grpcclient.InferRequestedOutput(o) for o in outputs]
         result = await self._call(
             f"infer {model}",
