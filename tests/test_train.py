@@ -92,6 +92,11 @@ def test_a_checkpoint_is_stale_when_its_catalogue_encoders_or_settings_change(tr
     older.save(tmp_path / "older.pt")
     assert "does not record" in stale_checkpoint(tmp_path / "older.pt", small_catalog, "minilm-l6",
                                                  "efficientnet-lite0", cfg)
+    older.meta["features"] = FusionCheckpoint.load(path).meta["features"]
+    del older.meta["recipe"]  # saved before checkpoints recorded their training recipe
+    older.save(tmp_path / "older.pt")
+    assert "training recipe 1" in stale_checkpoint(tmp_path / "older.pt", small_catalog, "minilm-l6",
+                                                   "efficientnet-lite0", cfg)
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(path.read_bytes()[:1000])
     assert "unreadable" in stale_checkpoint(damaged, small_catalog, "minilm-l6", "efficientnet-lite0", cfg)
@@ -314,6 +319,8 @@ def test_train_command_writes_a_loadable_checkpoint(small_catalog, tmp_path, cap
     assert f"training curves: {plot}" in printed and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = FusionCheckpoint.load(out)
     assert ckpt.meta["epochs"] == 2 and ckpt.meta["items"] == 48
+    # The default 5% validation items (2 of 48) keep two views out; the items still train.
+    assert ckpt.meta["val_items"] == 2
     # The stored-item mix travels in the module's own settings, so export serves it.
     assert ckpt.fusion.item_mix == 0.25 and ckpt.meta["config"]["item_mix"] == 0.25
 
@@ -379,6 +386,30 @@ def test_neighbour_batches_group_look_alikes_and_keep_every_item_once():
     # Group size 1, or no neighbours yet: a plain shuffle of the same items.
     for plain in (neighbour_batches(items, neighbours, 1, gen), neighbour_batches(items, None, 4, gen)):
         assert sorted(plain.tolist()) == items.tolist()
+
+
+def test_validation_items_train_on_every_view_but_the_two_held_out():
+    from xmsearch.train import ViewSampler
+
+    n, n_text, n_views = 40, 6, 4
+    val = torch.tensor([3, 7, 11])
+    sampler = ViewSampler(n_text, n_views, val, n, torch.Generator().manual_seed(0))
+    items = torch.arange(n).repeat(200)
+    is_val = torch.isin(items, val)
+    text, shot, photo = sampler.text(items), sampler.photo(items), sampler.photo(items, low=0)
+    # Validation items: never their query-worded title (view 0) nor their last re-shot ...
+    assert set(text[is_val].tolist()) == set(range(1, n_text))
+    assert set(shot[is_val].tolist()) == set(range(1, n_views - 1))
+    assert set(photo[is_val].tolist()) == set(range(0, n_views - 1))
+    # ... which every other item trains on, as on all its other views.
+    assert set(text[~is_val].tolist()) == set(range(n_text))
+    assert set(shot[~is_val].tolist()) == set(range(1, n_views))
+    assert set(photo[~is_val].tolist()) == set(range(n_views))
+    # One re-shot (or one text view) per item leaves nothing to hold out.
+    assert ViewSampler.can_hold_out(6, 3)
+    assert not ViewSampler.can_hold_out(6, 2) and not ViewSampler.can_hold_out(1, 4)
+    with pytest.raises(ValueError, match="nothing to hold out"):
+        ViewSampler(n_text, 2, val, n, torch.Generator())
 
 
 @pytest.mark.slow

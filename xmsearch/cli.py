@@ -298,7 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--val-fraction", type=float, default=0.05, help="items held out for validation recall")
+    t.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of the items whose last photo re-shot and query-worded title are kept out of "
+                        "training, for the validation recall per epoch (the items themselves are trained; "
+                        "default 0.05)")
     t.add_argument("--group-size", type=int, default=4,
                    help="look-alike items per group in the extra photo batches that teach the photo path "
                         "to tell near-duplicates apart (1: off; default 4)")

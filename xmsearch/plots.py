@@ -17,8 +17,8 @@ from pathlib import Path
 from xmsearch.errors import InputError
 
 # The per-epoch validation figures of xmsearch.train.evaluate_views, with their labels.
-VALIDATION_CURVES = (("val_image_r1", "held-out photo -> item Recall@1"),
-                     ("val_text_r10", "held-out title view -> item Recall@10"))
+VALIDATION_CURVES = (("val_image_r1", "held-out photo re-shot -> item Recall@1"),
+                     ("val_text_r10", "held-out title as query -> item Recall@10"))
 # Query kinds in the order the panels show them, with a readable name.
 KIND_NAMES = {"text": "text queries", "image": "photo queries", "text_image": "photo + text queries"}
 METRICS = (("recall@1", "R@1"), ("recall@5", "R@5"), ("recall@10", "R@10"), ("mrr", "MRR"),
