@@ -547,8 +547,9 @@ def evaluate_views(fusion: AttentionFusion, f: Features, reduced: torch.Tensor, 
     their last photo re-shot -> item (R@1), their title worded as a query -> item (R@10).
     Training never shows those two views (:func:`train_fusion`)."""
     fusion.eval()
-    qi = fusion.image_only(fusion.reduced_image_tokens(reduced[eval_idx, -1]))
-    qt = fusion.encode_text(f.view_states[eval_idx, 0].float(), f.view_mask[eval_idx, 0])
+    qi = fusion.image_only(fusion.reduced_image_tokens(reduced[eval_idx, ViewSampler.HELD_PHOTO]))
+    t = ViewSampler.HELD_TEXT
+    qt = fusion.encode_text(f.view_states[eval_idx, t].float(), f.view_mask[eval_idx, t])
     r1 = (qi @ z.T).argmax(1).eq(eval_idx).float().mean().item()
     top10 = (qt @ z.T).topk(10, dim=1).indices
     r10 = top10.eq(eval_idx[:, None]).any(1).float().mean().item()
@@ -588,6 +589,9 @@ class ViewSampler:
     others for 83 of 93).  A validation item never trains on its title worded as a query
     (text view 0) nor on its last photo re-shot; :func:`evaluate_views` measures those two.
     """
+
+    HELD_TEXT = 0  # a validation item's held-out text view: its title worded as a query
+    HELD_PHOTO = -1  # and photo: its last re-shot
 
     def __init__(self, n_text: int, n_views: int, val_idx: torch.Tensor, n: int, gen: torch.Generator):
         if len(val_idx) and not self.can_hold_out(n_text, n_views):
@@ -635,7 +639,7 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
     n_text = f.view_states.shape[1]  # query-role text views, the title first
     # Validation holds out views, not items (ViewSampler): every item trains.
     n_val = int(round(n * cfg.val_fraction)) if ViewSampler.can_hold_out(n_text, n_views) else 0
-    val_idx, train_idx = perm[:n_val].sort().values, torch.arange(n)
+    val_idx = perm[:n_val].sort().values
     eval_idx = val_idx if n_val else perm[: min(n, 200)]
     views = ViewSampler(n_text, n_views, val_idx, n, gen)
     fusion = AttentionFusion(f.item_states.shape[-1], f.regions.shape[-1], width=cfg.width,
@@ -646,7 +650,7 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
     trainable = [p for p in fusion.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable + [log_scale], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil(len(train_idx) / cfg.batch_size))
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
                                                 pct_start=0.1)
     view_words = [[frozenset(v) for v in vs] for vs in f.view_words]
@@ -660,11 +664,12 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
         # Look-alikes by the model itself, from the item embeddings the last epoch's
         # validation computed (after one epoch of random batches its item space already
         # groups kind, colour and pattern; raw photo features group backdrops).
-        neighbours = (nearest_rows(z_all[train_idx], 2 * cfg.group_size)
+        neighbours = (nearest_rows(z_all, 2 * cfg.group_size)
                       if cfg.group_size > 1 and z_all is not None else None)
         fusion.train()
-        order = train_idx[torch.randperm(len(train_idx), generator=gen)]
-        hard = neighbour_batches(train_idx, neighbours, cfg.group_size, gen) if neighbours is not None else None
+        order = torch.randperm(n, generator=gen)
+        hard = (neighbour_batches(torch.arange(n), neighbours, cfg.group_size, gen)
+                if neighbours is not None else None)
         losses = []
         for b in range(0, len(order), cfg.batch_size):
             idx = order[b:b + cfg.batch_size]
