@@ -1,4 +1,4 @@
-"""CPU time of a local tritonserver and its python-backend stubs, by model (Linux ``/proc``).
+"""CPU time and memory of a local tritonserver and its python-backend stubs, by model (Linux ``/proc``).
 
 Throughput says how fast an ingest went; CPU per item says where the cores went and what
 the cores allow at best.  Each python-backend model instance is a stub process whose
@@ -8,6 +8,7 @@ threads (gRPC, ensemble scheduling, the dynamic batchers) count as ``tritonserve
     before = tree_cpu_seconds(server_pid)
     ...  # the work
     per_item = cpu_per_item(before, tree_cpu_seconds(server_pid), items)
+    megabytes = tree_pss_mb(server_pid)  # resident memory, shared pages split between sharers
 """
 
 from __future__ import annotations
@@ -42,10 +43,10 @@ def _label(pid: int) -> str:
     return Path(args[0].decode(errors="replace")).name or "other"
 
 
-def tree_cpu_seconds(root: int) -> dict[str, float]:
-    """Cumulative CPU seconds of process ``root`` (as ``tritonserver``) and of every live
-    descendant, summed by model name (instances of one model add up).  Empty where
-    ``/proc`` cannot be read (not Linux) or ``root`` is gone."""
+def _tree(root: int) -> dict[int, tuple[str, float]]:
+    """Process ``root`` and its live descendants: pid -> (label, CPU seconds); the root is
+    labelled ``tritonserver``, a stub by its model.  Empty where ``/proc`` cannot be read
+    (not Linux) or ``root`` is gone."""
     if not (_PROC / str(root)).is_dir():
         return {}
     parents: dict[int, int] = {}
@@ -55,16 +56,41 @@ def tree_cpu_seconds(root: int) -> dict[str, float]:
             st = _stat(int(entry.name))
             if st is not None:
                 parents[int(entry.name)], cpu[int(entry.name)] = st
-    out: dict[str, float] = {}
+    out: dict[int, tuple[str, float]] = {}
     for pid, seconds in cpu.items():
         p, depth = pid, 0
         while p not in (root, 0, 1) and depth < 64:  # climb to the root, if it is an ancestor
             p, depth = parents.get(p, 0), depth + 1
-        if p != root:
-            continue
-        label = SERVER if pid == root else _label(pid)
+        if p == root:
+            out[pid] = (SERVER if pid == root else _label(pid), seconds)
+    return out
+
+
+def tree_cpu_seconds(root: int) -> dict[str, float]:
+    """Cumulative CPU seconds of process ``root`` (as ``tritonserver``) and of every live
+    descendant, summed by model name (instances of one model add up).  Empty where
+    ``/proc`` cannot be read (not Linux) or ``root`` is gone."""
+    out: dict[str, float] = {}
+    for label, seconds in _tree(root).values():
         out[label] = out.get(label, 0.0) + seconds
     return out
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in (_PROC / str(pid) / "smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_pss_mb(root: int) -> float:
+    """Proportional set size of process ``root`` and its live descendants together, in MB
+    (2**20 bytes): the memory a server and its stubs hold, pages shared among them counted
+    once.  0 where ``/proc`` cannot be read or ``root`` is gone."""
+    return sum(_pss_kb(pid) for pid in _tree(root)) / 1024
 
 
 def cpu_per_item(before: dict[str, float], after: dict[str, float], items: int) -> dict[str, float]:

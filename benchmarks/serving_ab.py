@@ -4,8 +4,9 @@ Each variant is a copy of the cached cpu-target repository (``benchmarks.stack``
 member settings overridden; all variants are served at once by private tritonservers and
 measured in alternating order each round, so machine noise hits them alike.  Per round and
 variant: perf_analyzer on ``query_text`` and ``query_image`` at concurrency 1 (p50) and 16
-(infer/s), and the client's catalogue ingest (items/s).  Prints the median of each figure
-over the rounds and its ratio to the first variant.
+(infer/s), the client's catalogue ingest (items/s), and then the memory the server and its
+stubs hold (PSS, Linux).  Prints the median of each figure over the rounds and its ratio to
+the first variant.
 
     .venv/bin/python -m benchmarks.serving_ab --variant now: \\
         --variant nospin:spin=0 --variant nodelay:delay=0 --rounds 3 \\
@@ -21,6 +22,8 @@ KEY is ``FIELD`` (every member the field applies to) or ``MEMBER.FIELD``; FIELDs
 * ``spin``: ONNX Runtime idle-thread spinning, 0 or 1 (same members);
 * ``spin_stop``: ONNX Runtime ``session.force_spinning_stop``, 0 or 1: with ``spin=1``, the
   threads spin inside a run only and sleep once it returns (same members);
+* ``spin_rows``: ``spin_max_rows``, batches of at most this many rows run in a second session
+  that spins inside its runs (``xmsearch export --ort-spinning single`` is 1; same members);
 * ``text_precision``: the text encoder graph, ``fp32`` or ``int8`` (``xmsearch export
   --text-precision``; no MEMBER: the variant starts from a repository exported so).
 """
@@ -37,12 +40,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks import input_data, perf_sweep, publish, stack
+from benchmarks import input_data, perf_sweep, proc_cpu, publish, stack
 from benchmarks.e2e import measure_ingest
 from xmsearch.errors import ConfigError
 from xmsearch.export.repository import read_config, read_repository, write_config
 
-ORT_FIELDS = {"threads": "intra_op_threads", "spin": "allow_spinning", "spin_stop": "force_spinning_stop"}
+ORT_FIELDS = {"threads": "intra_op_threads", "spin": "allow_spinning", "spin_stop": "force_spinning_stop",
+              "spin_rows": "spin_max_rows"}
 EXPORT_FIELDS = {"text_precision": ("fp32", "int8")}  # chosen at export, not in a member config
 FIELDS = ("delay", "preferred", "instances", *ORT_FIELDS, *EXPORT_FIELDS)
 KINDS = ("text", "image")
@@ -135,8 +139,9 @@ def make_variant(repository: Path, out: Path, overrides: list[Override]) -> None
             write_config(configs[n], out / n)
 
 
-def _measure(v: Variant, url: str, inputs: dict[str, Path], catalog_file: Path, work: Path,
+def _measure(v: Variant, server: stack.PrivateServer, inputs: dict[str, Path], catalog_file: Path, work: Path,
              settings: perf_sweep.SweepSettings) -> None:
+    url = server.url
     for kind in KINDS:
         model = input_data.KIND_MODEL[kind]
         result = perf_sweep.run_sweep(model, url, inputs[kind], work / "perf" / v.name, settings)
@@ -147,6 +152,8 @@ def _measure(v: Variant, url: str, inputs: dict[str, Path], catalog_file: Path, 
             v.figures.setdefault(f"{model} infer/s c=16", []).append(by_level[16].throughput)
     ingest = measure_ingest(catalog_file, work / f"index-{v.name}", url)
     v.figures.setdefault("ingest items/s", []).append(ingest.items / ingest.seconds)
+    if megabytes := proc_cpu.tree_pss_mb(server.server.pid):  # 0 where /proc is not readable
+        v.figures.setdefault("server memory MB (PSS)", []).append(megabytes)
 
 
 def table(variants: list[Variant]) -> str:
@@ -199,16 +206,15 @@ def main(argv: list[str] | None = None) -> int:
                                         stability_percentage=30.0, max_trials=5)
     t0 = time.perf_counter()
     with ExitStack() as servers:
-        urls = {}
+        served = {}
         for v in variants:
             path = work / f"repo-{v.name}"
             make_variant(repos[v.name].path, path, v.overrides)
-            urls[v.name] = servers.enter_context(
-                stack.PrivateServer(path, log_file=work / f"{v.name}.log")).url
+            served[v.name] = servers.enter_context(stack.PrivateServer(path, log_file=work / f"{v.name}.log"))
         for rnd in range(a.rounds):
             order = variants if rnd % 2 == 0 else variants[::-1]
             for v in order:
-                _measure(v, urls[v.name], inputs, cat.catalog_file, work, settings)
+                _measure(v, served[v.name], inputs, cat.catalog_file, work, settings)
                 print(f"round {rnd} {v.name}: " + ", ".join(f"{k} {vals[-1]:.1f}" for k, vals in v.figures.items()),
                       flush=True)
     described = "\n".join(f"- `{v.name}`: " + (", ".join(f"{o.member + '.' if o.member else ''}{o.field}={o.value}"

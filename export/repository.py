@@ -22,9 +22,11 @@ TARGETS = ("cpu", "onnxruntime", "tensorrt")
 NEURAL = (S.TEXT_ENCODER, S.IMAGE_ENCODER, S.FUSION_TEXT, S.FUSION_IMAGE, S.FUSION_JOINT, S.FUSION_ITEM)
 
 # TargetSettings.ort_spinning -> the members' ONNX Runtime switches (allow_spinning,
-# force_spinning_stop), which OnnxModel hands to session.intra_op.allow_spinning and
-# session.force_spinning_stop.
-ORT_SPINNING = {"off": ("0", "0"), "run": ("1", "1"), "always": ("1", "0")}
+# force_spinning_stop, spin_max_rows): OnnxModel hands the first two to
+# session.intra_op.allow_spinning and session.force_spinning_stop, and runs batches of at most
+# spin_max_rows rows in a second session that spins inside its runs ("single": a lone query).
+ORT_SPINNING = {"off": ("0", "0", "0"), "run": ("1", "1", "0"), "always": ("1", "0", "0"),
+                "single": ("0", "0", "1")}
 
 _DTYPES = {"TYPE_INT64": mc.TYPE_INT64, "TYPE_FP32": mc.TYPE_FP32, "TYPE_FP16": mc.TYPE_FP16,
            "TYPE_STRING": mc.TYPE_STRING, "TYPE_BOOL": mc.TYPE_BOOL}
@@ -38,13 +40,15 @@ class TargetSettings:
     device: str = "auto"  # for onnxruntime: "gpu" or "cpu"; "auto" = gpu
     ort_threads: int = 2
     trt_accelerator: bool = False  # onnxruntime target: TensorRT execution provider
-    # ONNX Runtime thread spinning in the cpu target's members (ORT_SPINNING): "off", because
-    # five members' pools spinning on 2 cores took the CPU from the one doing work
-    # (serving_ab.md: query_text 1.3x queries/s at concurrency 16 against "always").  "run"
-    # (spin inside a run, sleep once it returns) lowers p50 at concurrency 1 (query_text 0.77x,
-    # query_image 0.89x) for 0.90x / 0.91x of the text queries/s at 16 and of ingest
-    # (serving_ab_spin_stop.md): a choice for deployments that put latency first.
-    ort_spinning: str = "off"
+    # ONNX Runtime thread spinning in the cpu target's members (ORT_SPINNING).  Idle pools
+    # spinning on 2 cores took the CPU from the member doing work ("always": 0.53x-0.66x the
+    # throughput of "off"), and spinning inside every run ("run") lowers p50 at concurrency 1
+    # but under load the members spin against each other (text queries/s at 16 0.83x-0.90x,
+    # ingest 0.91x).  "single" spins inside runs of one row only, in a second session sharing
+    # the large weights: side by side against "off" (two runs), query_text p50 at concurrency 1
+    # 0.76x, query_image p50 0.76x-0.89x, text and photo queries/s at 16 0.99x-1.02x, ingest
+    # 1.03x-1.04x, for 140 MB (1.13x) more server memory with MiniLM (serving_ab_single.md).
+    ort_spinning: str = "single"
     # max_queue_delay_microseconds of every member; None: 0 where the members run on CPU
     # (waiting to form a batch only added latency there, throughput unchanged: serving_ab.md),
     # the spec's batch-forming delay on GPU.
@@ -115,9 +119,10 @@ def member_config(spec: S.ModelSpec, settings: TargetSettings, extra_params: dic
         if neural:
             layout = settings.layout(spec.name)
             _param(cfg, "intra_op_threads", str(layout[1] if layout else settings.ort_threads))
-            allow, stop = ORT_SPINNING[settings.ort_spinning]
+            allow, stop, rows = ORT_SPINNING[settings.ort_spinning]
             _param(cfg, "allow_spinning", allow)
             _param(cfg, "force_spinning_stop", stop)
+            _param(cfg, "spin_max_rows", rows)
     elif settings.target == "onnxruntime":
         cfg.backend = "onnxruntime"
         cfg.default_model_filename = "model.onnx"

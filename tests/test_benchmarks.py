@@ -11,7 +11,9 @@ import base64
 import dataclasses
 import io
 import json
+import os
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -608,7 +610,8 @@ def test_ingest_cpu_is_attributed_to_the_server_its_stubs_and_the_client(tmp_pat
     model_py.parent.mkdir(parents=True)
     model_py.write_text("")
     burn = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
-    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn.format(s=0.3)!r}, '{model_py}'])"
+    child_code = burn.format(s=0.3) + "time.sleep(30)\n"  # stays alive for the memory reading
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {child_code!r}, '{model_py}'])"
     parent = subprocess.Popen([sys.executable, "-c", burn.format(s=0.2) + child + "\ntime.sleep(30)"])
     try:
         before = proc_cpu.tree_cpu_seconds(parent.pid)
@@ -622,10 +625,17 @@ def test_ingest_cpu_is_attributed_to_the_server_its_stubs_and_the_client(tmp_pat
         per_item = proc_cpu.cpu_per_item({}, now, items=10)
         assert per_item["image_encoder"] >= 25 and per_item[proc_cpu.SERVER] >= 15  # ms per item
         assert list(per_item) == sorted(per_item, key=lambda k: -per_item[k])  # largest first
+        # Memory of the pair: each python process holds some MB of its own; a child's counts.
+        alone = proc_cpu._pss_kb(parent.pid) / 1024
+        assert 1 < alone < proc_cpu.tree_pss_mb(parent.pid) < 2000
     finally:
+        for pid in proc_cpu._tree(parent.pid):
+            if pid != parent.pid:
+                os.kill(pid, signal.SIGKILL)
         parent.kill()
         parent.wait()
     assert proc_cpu.tree_cpu_seconds(parent.pid) == {}  # gone: nothing to read
+    assert proc_cpu.tree_pss_mb(parent.pid) == 0
     assert proc_cpu.cpu_per_item({"a": 1.0}, {"a": 1.0}, 5) == {} and proc_cpu.cpu_per_item({}, {"a": 1.0}, 0) == {}
     text = compare.ingest_cpu_table({"image_encoder": 12.0, "text_encoder": 4.0, "client": 4.0}, 50.0, 125.0,
                                     cores=2)
@@ -764,6 +774,10 @@ def test_serving_ab_variants_override_member_configs(tmp_path: Path) -> None:
     inrun = read_repository(tmp_path / "inrun")
     assert {(inrun[c.name].parameters["allow_spinning"].string_value,
              inrun[c.name].parameters["force_spinning_stop"].string_value) for c in onnx} == {("1", "1")}
+    serving_ab.make_variant(repo, tmp_path / "off", serving_ab.parse_variant("o:spin_rows=0").overrides)
+    assert {read_repository(tmp_path / "off")[c.name].parameters["spin_max_rows"].string_value for c in onnx} == {"0"}
+    with pytest.raises(ConfigError, match="spin_rows='all': expected an integer"):
+        serving_ab.make_variant(repo, tmp_path / "rows", serving_ab.parse_variant("r:spin_rows=all").overrides)
     with pytest.raises(ConfigError, match="applies to none"):
         serving_ab.make_variant(repo, tmp_path / "tok", serving_ab.parse_variant("t:tokenizer_query.threads=1").overrides)
     # The text encoder's precision is chosen at export: it picks the variant's repository.

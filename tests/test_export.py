@@ -114,14 +114,15 @@ def test_cpu_onnx_runtime_members_settings() -> None:
         assert params["intra_op_threads"].string_value == "2", name
         assert params["allow_spinning"].string_value == "0", name
         assert params["force_spinning_stop"].string_value == "0", name
-    for mode, switches in (("run", ("1", "1")), ("always", ("1", "0"))):
+        assert params["spin_max_rows"].string_value == "1", name  # "single": lone rows spin
+    for mode, switches in (("run", ("1", "1", "0")), ("always", ("1", "0", "0")), ("off", ("0", "0", "0"))):
         spinning = repository_configs(DIMS, TargetSettings("cpu", ort_spinning=mode, ort_threads=1), "fp")
         for name in NEURAL:
             params = spinning[name].parameters
-            assert (params["allow_spinning"].string_value,
-                    params["force_spinning_stop"].string_value) == switches, (mode, name)
+            assert (params["allow_spinning"].string_value, params["force_spinning_stop"].string_value,
+                    params["spin_max_rows"].string_value) == switches, (mode, name)
         assert spinning[S.TEXT_ENCODER].parameters["intra_op_threads"].string_value == "1"
-    with pytest.raises(ConfigError, match="ort_spinning must be one of off, run, always, got True"):
+    with pytest.raises(ConfigError, match="ort_spinning must be one of off, run, always, single, got True"):
         TargetSettings("cpu", ort_spinning=True)
     # The text encoder's own layout (xmsearch export --text-encoder-layout): the cpu target only.
     laid_out = repository_configs(DIMS, TargetSettings("cpu", text_encoder_layout=(2, 1)), "fp")
@@ -495,6 +496,80 @@ def test_served_onnx_members_pass_their_spinning_switches_to_onnx_runtime() -> N
                          ({"intra_op_threads": "-1"}, "intra_op_threads must be a count")):
         with pytest.raises(ValueError, match=says):
             session_options("fusion_text", params)
+
+
+def _matmul_model(path: Path, rows: int, cols: int) -> np.ndarray:
+    """y = x @ W with W [rows, cols] stored as an initializer; returns W."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.random.default_rng(0).standard_normal((rows, cols)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", rows])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", cols])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "mm", [x], [y],
+                              initializer=[numpy_helper.from_array(weight, "W")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return weight
+
+
+def test_shared_initializers_feed_several_sessions_the_same_weights(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from xmsearch.onnxrt import SHARE_MIN_BYTES, cpu_session_options, shared_initializers
+
+    path = tmp_path / "mm.onnx"
+    weight = _matmul_model(path, 1024, SHARE_MIN_BYTES // 4 // 1024)  # exactly SHARE_MIN_BYTES
+    shared = shared_initializers(path)
+    assert list(shared) == ["W"] and shared["W"].shape() == list(weight.shape)
+    assert shared_initializers(path, min_bytes=SHARE_MIN_BYTES + 1) == {}
+    x = np.random.default_rng(1).standard_normal((3, 1024)).astype(np.float32)
+    answers = []
+    for spin in ("0", "1"):
+        opts = cpu_session_options(1, allow_spinning=spin)
+        opts.add_initializer("W", shared["W"])
+        answers.append(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0])
+    for got in answers:
+        np.testing.assert_allclose(got, x @ weight, rtol=1e-4, atol=1e-3)
+
+
+def test_onnx_member_runs_lone_rows_in_a_spinning_session(tmp_path: Path, monkeypatch) -> None:
+    """``OnnxModel`` with ``spin_max_rows``: batches up to that many rows go to a second session
+    that spins inside its runs, sharing the large weights; without it there is one session."""
+    from types import SimpleNamespace
+
+    from xmsearch import triton_models
+    from xmsearch.onnxrt import SHARE_MIN_BYTES
+
+    monkeypatch.setattr(triton_models, "_pb", lambda: SimpleNamespace())  # only Triton's stub has it
+    (tmp_path / "1").mkdir()
+    _matmul_model(tmp_path / "1" / "model.onnx", 1024, SHARE_MIN_BYTES // 4 // 1024)
+
+    def member(**params: str) -> triton_models.OnnxModel:
+        config = {"input": [{"name": "x", "data_type": "TYPE_FP32"}], "output": [{"name": "y"}],
+                  "parameters": {k: {"string_value": v} for k, v in params.items()}}
+        model = triton_models.OnnxModel()
+        model.initialize({"model_config": json.dumps(config), "model_name": "fusion_text",
+                          "model_repository": str(tmp_path), "model_version": "1"})
+        return model
+
+    def spinning(session) -> tuple[str, str]:
+        opts = session.get_session_options()
+        return tuple(opts.get_session_config_entry(k) for k in
+                     ("session.intra_op.allow_spinning", "session.force_spinning_stop"))
+
+    lone = member(intra_op_threads="2", allow_spinning="0", force_spinning_stop="0", spin_max_rows="2")
+    assert lone.session is not lone.lone_session
+    assert spinning(lone.session) == ("0", "0") and spinning(lone.lone_session) == ("1", "1")
+    assert lone.lone_session.get_session_options().intra_op_num_threads == 2
+    assert [lone.session_for(n) is lone.lone_session for n in (1, 2, 3, 8)] == [True, True, False, False]
+    assert list(lone.shared) == ["W"]
+    x = np.random.default_rng(2).standard_normal((2, 1024)).astype(np.float32)
+    np.testing.assert_allclose(lone.session.run(None, {"x": x})[0], lone.lone_session.run(None, {"x": x})[0], rtol=1e-6)
+
+    plain = member(intra_op_threads="1", allow_spinning="0")
+    assert plain.spin_max_rows == 0 and plain.session is plain.lone_session
+    assert all(plain.session_for(n) is plain.session for n in (1, 8))
+    with pytest.raises(ValueError, match="fusion_text: parameter spin_max_rows must be a row count"):
+        member(spin_max_rows="one")
 
 
 def test_onnx_session_can_keep_idle_threads_from_spinning(tmp_path: Path) -> None:

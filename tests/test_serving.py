@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import struct
 import threading
 import time
@@ -384,3 +385,36 @@ def test_refused_two_input_requests_leave_the_server_whole(start_triton, exporte
         assert not any(t.is_alive() for t in threads), "requests still pending after 300 s"
         assert not problems, problems[:5]
         assert server.is_running(), f"tritonserver exited:\n{server.log_excerpt()}"
+
+
+@pytest.mark.slow
+def test_lone_rows_answer_alike_in_the_spinning_session(start_triton, exported_repository, tmp_path,
+                                                       reference_pipeline, photos: list[bytes]) -> None:
+    """``xmsearch export --ort-spinning single``: the ONNX members run batches of one row in a
+    second session sharing the weights; here up to two rows go there (``spin_max_rows`` 2), so
+    single, two-row and larger requests cross both sessions of every member and must all give
+    the reference's vectors."""
+    from xmsearch.export.repository import NEURAL, read_repository, write_config
+
+    repo = tmp_path / "repository"
+    shutil.copytree(exported_repository, repo)
+    members = 0
+    for name, cfg in read_repository(repo).items():
+        if "spin_max_rows" in cfg.parameters:
+            cfg.parameters["spin_max_rows"].string_value = "2"
+            write_config(cfg, repo / name)
+            members += 1
+    assert members == len(NEURAL)
+    texts = [ENGLISH[0], CHINESE[0], ENGLISH[2], CHINESE[1]]
+    with start_triton(repo) as server:
+        lone = grpcclient.InferenceServerClient(server.url)
+        try:
+            for n in (1, 2, 4):
+                assert_matches(embed(lone, S.QUERY_TEXT, texts=texts[:n]),
+                               reference_pipeline.embed(texts[:n], None, "query"), f"query_text x{n}")
+                assert_matches(embed(lone, S.QUERY_TEXT_IMAGE, texts=texts[:n], images=photos[:n]),
+                               reference_pipeline.embed(texts[:n], photos[:n], "query"), f"query_text_image x{n}")
+                assert_matches(embed(lone, S.ITEM, texts=texts[:n], images=photos[:n]),
+                               reference_pipeline.embed(texts[:n], photos[:n], "passage"), f"item x{n}")
+        finally:
+            lone.close()

@@ -140,23 +140,60 @@ def session_options(model: str, params: dict[str, str]):
     return cpu_session_options(int(threads), **spin)
 
 
+def spin_max_rows(model: str, params: dict[str, str]) -> int:
+    """``spin_max_rows`` of an ONNX member's config (0 when absent): runs of at most this many
+    rows go to a second session whose workers spin inside the run (``OnnxModel``)."""
+    rows = params.get("spin_max_rows", "0")
+    if not rows.isdigit():
+        raise ValueError(f"{model}: parameter spin_max_rows must be a row count (0 or more), got {rows!r}")
+    return int(rows)
+
+
+def lone_session_options(model: str, params: dict[str, str]):
+    """Options of the one-row session: the member's threads, spinning inside a run only."""
+    return session_options(model, {**params, "allow_spinning": "1", "force_spinning_stop": "1"})
+
+
 class OnnxModel(_Base):
     """Runs ``model.onnx`` with ONNX Runtime (the cpu target's encoders and fusion).
 
     Requests in one execute() are concatenated along the batch axis when their other
     dims agree (the dynamic batcher only groups equal shapes, but be safe) so ONNX
     Runtime sees the merged batch: that is where dynamic batching pays on CPU.
+
+    With ``spin_max_rows`` N > 0 in the config, merged batches of at most N rows (a lone
+    query) run in a second session of the same graph whose intra-op workers busy-wait
+    between the parallel sections of a run instead of sleeping, and larger ones in the
+    configured session: a lone query gets the lower latency of spinning, while under load,
+    when the members run at the same time and the batches grow, nobody spins against them.
+    The two sessions share the graph's large weights (``shared_initializers``).
     """
 
     def initialize(self, args: dict) -> None:
         super().initialize(args)
         import onnxruntime as ort
 
-        opts = session_options(self.name, self.params)
-        self.session = ort.InferenceSession(str(self.folder / "model.onnx"), opts,
-                                            providers=["CPUExecutionProvider"])
+        from xmsearch.onnxrt import shared_initializers
+
+        path = str(self.folder / "model.onnx")
+        self.spin_max_rows = spin_max_rows(self.name, self.params)
+        option_sets = [session_options(self.name, self.params)]
+        if self.spin_max_rows:
+            option_sets.append(lone_session_options(self.name, self.params))
+            self.shared = shared_initializers(path)  # must outlive the sessions
+            for opts in option_sets:
+                for name, value in self.shared.items():
+                    opts.add_initializer(name, value)
+        sessions = [ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+                    for opts in option_sets]
+        self.session = sessions[0]
+        self.lone_session = sessions[-1]
         self.inputs = [(i["name"], i["data_type"]) for i in self.config["input"]]
         self.outputs = [o["name"] for o in self.config["output"]]
+
+    def session_for(self, rows: int):
+        """The session that runs a merged batch of ``rows`` rows."""
+        return self.lone_session if rows <= self.spin_max_rows else self.session
 
     def execute(self, requests):
         pb = self.pb
@@ -175,7 +212,7 @@ class OnnxModel(_Base):
         for idx in groups.values():
             merged = {n: np.concatenate([feeds[i][n] for i in idx]) for n, _ in self.inputs}
             try:
-                outs = self.session.run(self.outputs, merged)
+                outs = self.session_for(len(merged[self.inputs[0][0]])).run(self.outputs, merged)
             except Exception as e:  # ORT raises its own exception types; answer, do not crash
                 for i in idx:
                     results[i] = self._error(f"inference failed: {e}")
