@@ -27,6 +27,10 @@ NEURAL = (S.TEXT_ENCODER, S.IMAGE_ENCODER, S.FUSION_TEXT, S.FUSION_IMAGE, S.FUSI
 # spin_max_rows rows in a second session that spins inside its runs ("single": a lone query).
 ORT_SPINNING = {"off": ("0", "0", "0"), "run": ("1", "1", "0"), "always": ("1", "0", "0"),
                 "single": ("0", "0", "1")}
+# The members that get spin_max_rows: the encoders.  The fusion graphs run a lone row in 0.1-0.5
+# ms, too short for spinning to pay: with their one-row sessions left out, query_text p50 0.84x,
+# every other figure the same, server memory 0.91x (serving_ab_single.md, third run).
+SPIN_LONE_MEMBERS = (S.TEXT_ENCODER, S.IMAGE_ENCODER)
 
 _DTYPES = {"TYPE_INT64": mc.TYPE_INT64, "TYPE_FP32": mc.TYPE_FP32, "TYPE_FP16": mc.TYPE_FP16,
            "TYPE_STRING": mc.TYPE_STRING, "TYPE_BOOL": mc.TYPE_BOOL}
@@ -44,10 +48,11 @@ class TargetSettings:
     # spinning on 2 cores took the CPU from the member doing work ("always": 0.53x-0.66x the
     # throughput of "off"), and spinning inside every run ("run") lowers p50 at concurrency 1
     # but under load the members spin against each other (text queries/s at 16 0.83x-0.90x,
-    # ingest 0.91x).  "single" spins inside runs of one row only, in a second session sharing
-    # the large weights: side by side against "off" (two runs), query_text p50 at concurrency 1
-    # 0.76x, query_image p50 0.76x-0.89x, text and photo queries/s at 16 0.99x-1.02x, ingest
-    # 1.03x-1.04x, for 140 MB (1.13x) more server memory with MiniLM (serving_ab_single.md).
+    # ingest 0.91x).  "single" spins inside runs of one row only, in a second session of each
+    # encoder sharing its large weights (SPIN_LONE_MEMBERS): side by side against "off",
+    # query_text p50 at concurrency 1 0.74x, query_image p50 0.87x, text and photo queries/s at
+    # 16 1.04x / 1.01x, ingest 0.98x (ranges overlapping), server memory 1.06x with MiniLM
+    # (serving_ab_single.md, fourth run).
     ort_spinning: str = "single"
     # max_queue_delay_microseconds of every member; None: 0 where the members run on CPU
     # (waiting to form a batch only added latency there, throughput unchanged: serving_ab.md),
@@ -122,7 +127,7 @@ def member_config(spec: S.ModelSpec, settings: TargetSettings, extra_params: dic
             allow, stop, rows = ORT_SPINNING[settings.ort_spinning]
             _param(cfg, "allow_spinning", allow)
             _param(cfg, "force_spinning_stop", stop)
-            _param(cfg, "spin_max_rows", rows)
+            _param(cfg, "spin_max_rows", rows if spec.name in SPIN_LONE_MEMBERS else "0")
     elif settings.target == "onnxruntime":
         cfg.backend = "onnxruntime"
         cfg.default_model_filename = "model.onnx"

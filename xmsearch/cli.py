@@ -245,9 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ort-threads", type=int, default=2, help="ONNX Runtime intra-op threads per instance")
     e.add_argument("--ort-spinning", choices=("single", "off", "run", "always"),
                    help="cpu target: ONNX Runtime worker threads busy-wait inside runs of a single row "
-                        "only, in a second session of each member that shares its large weights "
-                        "(single, the default: a lone text query's latency 0.76x of off's, the same "
-                        "throughput under load, about 140 MB more memory), never (off), inside every "
+                        "only, in a second session of each encoder that shares its large weights "
+                        "(single, the default: a lone text query's latency 0.74x of off's, the same "
+                        "throughput under load, about 70 MB more memory), never (off), inside every "
                         "run (run: about 10%% less throughput under load on 2 cores), or also when "
                         "idle (always: ONNX Runtime's default, which starves the other members)")
     e.add_argument("--queue-delay-us", type=int, metavar="US",
