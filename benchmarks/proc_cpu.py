@@ -88,8 +88,9 @@ def _pss_kb(pid: int) -> int:
 
 def tree_pss_mb(root: int) -> float:
     """Proportional set size of process ``root`` and its live descendants together, in MB
-    (2**20 bytes): the memory a server and its stubs hold, pages shared among them counted
-    once.  0 where ``/proc`` cannot be read or ``root`` is gone."""
+    (2**20 bytes): the memory a server and its stubs hold, each shared page split among the
+    processes that map it (so one shared only within the tree counts once).  0 where
+    ``/proc`` cannot be read or ``root`` is gone."""
     return sum(_pss_kb(pid) for pid in _tree(root)) / 1024
 
 
