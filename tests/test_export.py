@@ -568,7 +568,7 @@ def test_onnx_member_runs_lone_rows_in_a_spinning_session(tmp_path: Path, monkey
     np.testing.assert_allclose(lone.session.run(None, {"x": x})[0], lone.lone_session.run(None, {"x": x})[0], rtol=1e-6)
 
     plain = member(intra_op_threads="1", allow_spinning="0")
-    assert plain.spin_max_rows == 0 and plain.session is plain.lone_session
+    assert plain.spin_max_rows == 0 and plain.session is plain.lone_session and plain.shared == {}
     assert all(plain.session_for(n) is plain.session for n in (1, 8))
     with pytest.raises(ValueError, match="fusion_text: parameter spin_max_rows must be a row count"):
         member(spin_max_rows="one")

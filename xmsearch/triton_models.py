@@ -180,10 +180,12 @@ class OnnxModel(_Base):
         option_sets = [session_options(self.name, self.params)]
         if self.spin_max_rows:
             option_sets.append(lone_session_options(self.name, self.params))
-            self.shared = shared_initializers(path)  # must outlive the sessions
-            for opts in option_sets:
-                for name, value in self.shared.items():
-                    opts.add_initializer(name, value)
+        # One session reads its weights from the file; two share the large ones, which must
+        # outlive the sessions.
+        self.shared = shared_initializers(path) if len(option_sets) > 1 else {}
+        for opts in option_sets:
+            for name, value in self.shared.items():
+                opts.add_initializer(name, value)
         sessions = [ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
                     for opts in option_sets]
         self.session = sessions[0]
