@@ -27,9 +27,10 @@ NEURAL = (S.TEXT_ENCODER, S.IMAGE_ENCODER, S.FUSION_TEXT, S.FUSION_IMAGE, S.FUSI
 # spin_max_rows rows in a second session that spins inside its runs ("single": a lone query).
 ORT_SPINNING = {"off": ("0", "0", "0"), "run": ("1", "1", "0"), "always": ("1", "0", "0"),
                 "single": ("0", "0", "1")}
-# The members that get spin_max_rows: the encoders.  The fusion graphs run a lone row in 0.1-0.5
-# ms, too short for spinning to pay: with their one-row sessions left out, query_text p50 0.84x,
-# every other figure the same, server memory 0.91x (serving_ab_single.md, third run).
+# The members that get spin_max_rows: the encoders.  With the fusion members' one-row sessions
+# left out, query_text p50 0.84x, every other figure the same, server memory 0.91x
+# (serving_ab_single.md, third run); in process, spinning made the text-only and photo-only
+# fusion graphs slower on a lone row, not faster.
 SPIN_LONE_MEMBERS = (S.TEXT_ENCODER, S.IMAGE_ENCODER)
 
 _DTYPES = {"TYPE_INT64": mc.TYPE_INT64, "TYPE_FP32": mc.TYPE_FP32, "TYPE_FP16": mc.TYPE_FP16,

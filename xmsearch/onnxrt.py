@@ -40,9 +40,10 @@ def shared_initializers(path, min_bytes: int = SHARE_MIN_BYTES) -> dict:
 
     Handed to every session of the model through ``SessionOptions.add_initializer``, they
     are read in place, so a second session of the same graph (``OnnxModel``'s one-row
-    session) does not hold a second copy of them: two sessions of the int8 e5 text encoder
-    took 392 MB of resident memory this way against 857 MB apart in one in-process check,
-    their run time unchanged (the 384 MB word-embedding table is the one large initializer).
+    session) does not hold a second copy of them: for the int8 e5 text encoder that is its
+    384 MB word-embedding table, its one initializer this large.  What the second session
+    still costs a served repository is measured by ``benchmarks.serving_ab`` (server PSS,
+    ``benchmarks/results/serving_ab_single.md``).
     Each OrtValue keeps its numpy array alive; the caller keeps the dict while the
     sessions live.
     """
