@@ -24,6 +24,10 @@ KEY is ``FIELD`` (every member the field applies to) or ``MEMBER.FIELD``; FIELDs
   threads spin inside a run only and sleep once it returns (same members);
 * ``spin_rows``: ``spin_max_rows``, batches of at most this many rows run in a second session
   that spins inside its runs (``xmsearch export --ort-spinning single`` is 1; same members);
+* ``spin_threads``: ``spin_intra_op_threads``, that second session's ONNX Runtime threads (0: the
+  member's ``threads``; same members);
+* ``run_rows``: ``max_rows_per_run``, larger merged batches run as several runs of at most this
+  many rows (0: one run; same members);
 * ``text_precision``: the text encoder graph, ``fp32`` or ``int8`` (``xmsearch export
   --text-precision``; no MEMBER: the variant starts from a repository exported so).
 """
@@ -37,20 +41,24 @@ import statistics
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from benchmarks import input_data, perf_sweep, proc_cpu, publish, stack
 from benchmarks.e2e import measure_ingest
+from xmsearch import spec
 from xmsearch.errors import ConfigError
 from xmsearch.export.repository import read_config, read_repository, write_config
 
 ORT_FIELDS = {"threads": "intra_op_threads", "spin": "allow_spinning", "spin_stop": "force_spinning_stop",
-              "spin_rows": "spin_max_rows"}
+              "spin_rows": "spin_max_rows", "spin_threads": "spin_intra_op_threads",
+              "run_rows": "max_rows_per_run"}
 EXPORT_FIELDS = {"text_precision": ("fp32", "int8")}  # chosen at export, not in a member config
 FIELDS = ("delay", "preferred", "instances", *ORT_FIELDS, *EXPORT_FIELDS)
 KINDS = ("text", "image")
 LEVELS = (1, 16)
+MEMBERS = (spec.TEXT_ENCODER, spec.IMAGE_ENCODER, spec.FUSION_JOINT)  # baselines.member_input_rows
+MEMBER_LEVELS = (16, 64)  # --member: the member's best infer/s over these, as make bench sweeps it
 
 
 @dataclass(frozen=True)
@@ -140,7 +148,7 @@ def make_variant(repository: Path, out: Path, overrides: list[Override]) -> None
 
 
 def _measure(v: Variant, server: stack.PrivateServer, inputs: dict[str, Path], catalog_file: Path, work: Path,
-             settings: perf_sweep.SweepSettings) -> None:
+             settings: perf_sweep.SweepSettings, members: dict[str, Path] | None = None) -> None:
     url = server.url
     for kind in KINDS:
         model = input_data.KIND_MODEL[kind]
@@ -150,10 +158,31 @@ def _measure(v: Variant, server: stack.PrivateServer, inputs: dict[str, Path], c
             v.figures.setdefault(f"{model} p50 ms c=1", []).append(by_level[1].p50_us / 1000)
         if 16 in by_level:
             v.figures.setdefault(f"{model} infer/s c=16", []).append(by_level[16].throughput)
+    best = {}
+    member_settings = replace(settings, concurrency=MEMBER_LEVELS)
+    for member, data in (members or {}).items():
+        result = perf_sweep.run_sweep(member, url, data, work / "perf" / v.name, member_settings)
+        best[member] = max(r.throughput for r in result.rows)
+        v.figures.setdefault(f"{member} best infer/s", []).append(best[member])
     ingest = measure_ingest(catalog_file, work / f"index-{v.name}", url)
     v.figures.setdefault("ingest items/s", []).append(ingest.items / ingest.seconds)
+    for member, rate in best.items():  # issue #6's ingest ratio is against the image encoder's
+        v.figures.setdefault(f"ingest / {member} best (x100)", []).append(100 * ingest.items / ingest.seconds / rate)
     if megabytes := proc_cpu.tree_pss_mb(server.server.pid):  # 0 where /proc is not readable
         v.figures.setdefault("server memory MB (PSS)", []).append(megabytes)
+
+
+def member_inputs(repository: Path, queries_file: Path, names: list[str], work: Path) -> dict[str, Path]:
+    """perf_analyzer input files of real rows for the members ``names``, as ``make bench`` writes them."""
+    if not names:
+        return {}
+    from benchmarks.baselines import OnnxBaseline, member_input_rows
+    from benchmarks.e2e import load_queries
+
+    onnx = OnnxBaseline(repository)
+    texts, images = load_queries(queries_file, "text"), load_queries(queries_file, "image")
+    return {m: input_data.write_tensor_input_data(work / f"{m}.json", member_input_rows(onnx, m, texts, images))
+            for m in names}
 
 
 def table(variants: list[Variant]) -> str:
@@ -186,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="measurements per variant (default 3)")
     p.add_argument("--items", type=int, default=300, help="demo catalogue size (default 300)")
     p.add_argument("--interval-ms", type=int, default=2000, help="perf_analyzer window (default 2000)")
+    p.add_argument("--member", action="append", default=[], choices=MEMBERS,
+                   help="also the member's best perf_analyzer infer/s (concurrency 16 and 64, real "
+                        "inputs) and the ingest's ratio to it (repeat)")
     p.add_argument("--work", type=Path, help="folder for repositories, indexes and raw output "
                                              "(default: a temporary folder)")
     p.add_argument("--out", type=Path, help="also write the table (with this command) to this file")
@@ -202,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     repos = {v.name: stack.exported_repository(step=lambda m: print(m, flush=True), **export_choices(v))
              for v in variants}
     inputs = {k: input_data.write_input_data(work / f"{k}.json", cat.queries_file, k) for k in KINDS}
+    members = member_inputs(repos[variants[0].name].path, cat.queries_file, a.member, work)
     settings = perf_sweep.SweepSettings(concurrency=LEVELS, measurement_interval_ms=a.interval_ms,
                                         stability_percentage=30.0, max_trials=5)
     t0 = time.perf_counter()
@@ -214,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(a.rounds):
             order = variants if rnd % 2 == 0 else variants[::-1]
             for v in order:
-                _measure(v, served[v.name], inputs, cat.catalog_file, work, settings)
+                _measure(v, served[v.name], inputs, cat.catalog_file, work, settings, members)
                 print(f"round {rnd} {v.name}: " + ", ".join(f"{k} {vals[-1]:.1f}" for k, vals in v.figures.items()),
                       flush=True)
     described = "\n".join(f"- `{v.name}`: " + (", ".join(f"{o.member + '.' if o.member else ''}{o.field}={o.value}"

@@ -66,14 +66,26 @@ class TargetSettings:
     # 0.93x on both (benchmarks/results/serving_ab_text_layout*.md); so not the default.
     text_encoder_layout: tuple[int, int] | None = None
     # The same for the image encoder (`xmsearch export --image-encoder-layout`).  Two
-    # single-threaded instances, side by side on an AMD EPYC: ingest 1.23x the items/s and photo
-    # queries/s at concurrency 16 1.06x, but photo p50 at concurrency 1 1.30x (one thread per
-    # photo; benchmarks/results/serving_ab_image_layout.md): for bulk indexing, not the default.
+    # single-threaded instances, side by side on an AMD EPYC: ingest 1.15x-1.23x the items/s and
+    # photo queries/s at concurrency 16 1.05x-1.06x, but photo p50 at concurrency 1 1.15x (its
+    # one-row session on ort_threads threads; 1.45x on one thread) and server memory 1.36x
+    # (benchmarks/results/serving_ab_image_lone_threads.md, serving_ab_image_layout.md); the
+    # ingest ratio of issue #6 moves 1.05x, as the encoder's own best rate rises with it: for
+    # bulk indexing, not the default.
     image_encoder_layout: tuple[int, int] | None = None
+    # max_rows_per_run of the cpu target's image encoder: a merged batch of more rows runs as
+    # several ONNX Runtime runs of at most this many (0: one run).  ONNX Runtime's arena keeps
+    # the largest run's activations; side by side against one run of up to 32 rows, 8 rows held
+    # 0.89x the server memory (about 140 MB less) and ingested 1.09x the items/s (ranges apart),
+    # every other figure within the spread; 4 rows 0.80x the memory, ingest 1.06x (ranges
+    # overlapping) (benchmarks/results/serving_ab_run_rows.md).
+    image_encoder_run_rows: int = 8
 
     def __post_init__(self) -> None:
         if self.ort_spinning not in ORT_SPINNING:
             raise ConfigError(f"ort_spinning must be one of {', '.join(ORT_SPINNING)}, got {self.ort_spinning!r}")
+        if not isinstance(self.image_encoder_run_rows, int) or self.image_encoder_run_rows < 0:
+            raise ConfigError(f"image_encoder_run_rows must be a row count (0 or more), got {self.image_encoder_run_rows!r}")
 
     @property
     def on_gpu(self) -> bool:
@@ -128,7 +140,13 @@ def member_config(spec: S.ModelSpec, settings: TargetSettings, extra_params: dic
             allow, stop, rows = ORT_SPINNING[settings.ort_spinning]
             _param(cfg, "allow_spinning", allow)
             _param(cfg, "force_spinning_stop", stop)
-            _param(cfg, "spin_max_rows", rows if spec.name in SPIN_LONE_MEMBERS else "0")
+            lone = spec.name in SPIN_LONE_MEMBERS and rows != "0"
+            _param(cfg, "spin_max_rows", rows if lone else "0")
+            # A lone query runs on every core the target has, also when the member's batches
+            # run on instances of fewer threads (an encoder layout such as 2x1).
+            _param(cfg, "spin_intra_op_threads", str(settings.ort_threads) if lone else "0")
+            run_rows = settings.image_encoder_run_rows if spec.name == S.IMAGE_ENCODER else 0
+            _param(cfg, "max_rows_per_run", str(run_rows))
     elif settings.target == "onnxruntime":
         cfg.backend = "onnxruntime"
         cfg.default_model_filename = "model.onnx"

@@ -776,6 +776,10 @@ def test_serving_ab_variants_override_member_configs(tmp_path: Path) -> None:
              inrun[c.name].parameters["force_spinning_stop"].string_value) for c in onnx} == {("1", "1")}
     serving_ab.make_variant(repo, tmp_path / "off", serving_ab.parse_variant("o:spin_rows=0").overrides)
     assert {read_repository(tmp_path / "off")[c.name].parameters["spin_max_rows"].string_value for c in onnx} == {"0"}
+    serving_ab.make_variant(repo, tmp_path / "wide", serving_ab.parse_variant(
+        "w:image_encoder.threads=1,image_encoder.spin_threads=2").overrides)
+    wide = read_repository(tmp_path / "wide")[spec.IMAGE_ENCODER].parameters
+    assert (wide["intra_op_threads"].string_value, wide["spin_intra_op_threads"].string_value) == ("1", "2")
     with pytest.raises(ConfigError, match="spin_rows='all': expected an integer"):
         serving_ab.make_variant(repo, tmp_path / "rows", serving_ab.parse_variant("r:spin_rows=all").overrides)
     with pytest.raises(ConfigError, match="applies to none"):
@@ -935,6 +939,27 @@ def test_ingest_stream_measures_every_variant(xm_server, served_demo_index, tmp_
     assert rows[0].startswith("| variant | items/s median (min-max) | ratio | server CPU ms/item")
     assert rows[2].startswith(f"| {variants[0].name} |") and "| 1.00x |" in rows[2]
     assert [r.split(" | ")[0] for r in rows[3:]] == ["| 8x16", "| 1x2"]
+
+
+@pytest.mark.slow
+def test_serving_ab_member_inputs_are_real_rows(exported_repository: Path, tmp_path: Path) -> None:
+    """``serving_ab --member``: the member's perf_analyzer input is rows computed from real
+    queries through the exported graphs, as ``make bench`` writes them."""
+    from benchmarks import serving_ab
+
+    photo = io.BytesIO()
+    Image.new("RGB", (300, 240), (200, 40, 40)).save(photo, "JPEG")
+    (tmp_path / "red.jpg").write_bytes(photo.getvalue())
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(json.dumps({"kind": "text", "text": "red cotton shirt"}) + "\n"
+                       + json.dumps({"kind": "image", "image": "red.jpg"}) + "\n")
+    assert serving_ab.member_inputs(exported_repository, queries, [], tmp_path) == {}
+    files = serving_ab.member_inputs(exported_repository, queries, [spec.IMAGE_ENCODER, spec.TEXT_ENCODER], tmp_path)
+    pixels = json.loads(files[spec.IMAGE_ENCODER].read_text())["data"]
+    assert len(pixels) == 16 and pixels[0][spec.PIXEL_VALUES]["shape"] == [3, 224, 224]
+    tokens = json.loads(files[spec.TEXT_ENCODER].read_text())["data"][0]
+    assert set(tokens) == {spec.INPUT_IDS, spec.ATTENTION_MASK}
+    assert tokens[spec.INPUT_IDS]["shape"] == tokens[spec.ATTENTION_MASK]["shape"]
 
 
 @pytest.mark.slow

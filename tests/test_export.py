@@ -117,15 +117,23 @@ def test_cpu_onnx_runtime_members_settings() -> None:
         # "single": an encoder's lone rows spin in a second session; the small fusion graphs have none
         lone_rows = "1" if name in (S.TEXT_ENCODER, S.IMAGE_ENCODER) else "0"
         assert params["spin_max_rows"].string_value == lone_rows, name
+        assert params["spin_intra_op_threads"].string_value == ("2" if lone_rows == "1" else "0"), name
+        # The image encoder's batches run 8 rows at a time (ONNX Runtime's arena stays small).
+        assert params["max_rows_per_run"].string_value == ("8" if name == S.IMAGE_ENCODER else "0"), name
     for mode, switches in (("run", ("1", "1", "0")), ("always", ("1", "0", "0")), ("off", ("0", "0", "0"))):
         spinning = repository_configs(DIMS, TargetSettings("cpu", ort_spinning=mode, ort_threads=1), "fp")
         for name in NEURAL:
             params = spinning[name].parameters
             assert (params["allow_spinning"].string_value, params["force_spinning_stop"].string_value,
                     params["spin_max_rows"].string_value) == switches, (mode, name)
+            assert params["spin_intra_op_threads"].string_value == "0", (mode, name)
         assert spinning[S.TEXT_ENCODER].parameters["intra_op_threads"].string_value == "1"
     with pytest.raises(ConfigError, match="ort_spinning must be one of off, run, always, single, got True"):
         TargetSettings("cpu", ort_spinning=True)
+    whole = repository_configs(DIMS, TargetSettings("cpu", image_encoder_run_rows=0), "fp")
+    assert whole[S.IMAGE_ENCODER].parameters["max_rows_per_run"].string_value == "0"
+    with pytest.raises(ConfigError, match="image_encoder_run_rows must be a row count"):
+        TargetSettings("cpu", image_encoder_run_rows=-8)
     # The text encoder's own layout (xmsearch export --text-encoder-layout): the cpu target only.
     laid_out = repository_configs(DIMS, TargetSettings("cpu", text_encoder_layout=(2, 1)), "fp")
     assert laid_out[S.TEXT_ENCODER].instance_group[0].count == 2
@@ -133,6 +141,8 @@ def test_cpu_onnx_runtime_members_settings() -> None:
     for name in set(NEURAL) - {S.TEXT_ENCODER}:
         assert laid_out[name].instance_group[0].count == 1, name
         assert laid_out[name].parameters["intra_op_threads"].string_value == "2", name
+    # A lone query still runs on every core: the one-row session has the target's threads.
+    assert laid_out[S.TEXT_ENCODER].parameters["spin_intra_op_threads"].string_value == "2"
     gpu = repository_configs(DIMS, TargetSettings("tensorrt", text_encoder_layout=(2, 1)), "fp")
     assert gpu[S.TEXT_ENCODER].instance_group[0].count == 1
     # The image encoder's (--image-encoder-layout), independent of the text encoder's.
@@ -543,7 +553,7 @@ def test_onnx_member_runs_lone_rows_in_a_spinning_session(tmp_path: Path, monkey
 
     monkeypatch.setattr(triton_models, "_pb", lambda: SimpleNamespace())  # only Triton's stub has it
     (tmp_path / "1").mkdir()
-    _matmul_model(tmp_path / "1" / "model.onnx", 1024, SHARE_MIN_BYTES // 4 // 1024)
+    weight = _matmul_model(tmp_path / "1" / "model.onnx", 1024, SHARE_MIN_BYTES // 4 // 1024)
 
     def member(**params: str) -> triton_models.OnnxModel:
         config = {"input": [{"name": "x", "data_type": "TYPE_FP32"}], "output": [{"name": "y"}],
@@ -566,6 +576,28 @@ def test_onnx_member_runs_lone_rows_in_a_spinning_session(tmp_path: Path, monkey
     assert list(lone.shared) == ["W"]
     x = np.random.default_rng(2).standard_normal((2, 1024)).astype(np.float32)
     np.testing.assert_allclose(lone.session.run(None, {"x": x})[0], lone.lone_session.run(None, {"x": x})[0], rtol=1e-6)
+
+    # Single-threaded instances with a two-thread one-row session (an encoder layout such as 2x1).
+    wide = member(intra_op_threads="1", spin_max_rows="1", spin_intra_op_threads="2")
+    assert wide.session.get_session_options().intra_op_num_threads == 1
+    assert wide.lone_session.get_session_options().intra_op_num_threads == 2
+    with pytest.raises(ValueError, match="fusion_text: parameter spin_intra_op_threads must be a count"):
+        member(spin_max_rows="1", spin_intra_op_threads="all")
+
+    # max_rows_per_run: a merged batch over the limit runs in nearly equal parts, same answer.
+    chunked = member(intra_op_threads="1", max_rows_per_run="3")
+    calls = []
+    real_run = chunked.session.run
+    monkeypatch.setattr(chunked.session, "run", lambda names, feed: calls.append(len(feed["x"])) or real_run(names, feed),
+                        raising=False)
+    x8 = np.random.default_rng(3).standard_normal((8, 1024)).astype(np.float32)
+    np.testing.assert_allclose(chunked.run({"x": x8})[0], x8 @ weight, rtol=1e-4, atol=1e-3)
+    assert calls == [3, 2, 3]
+    calls.clear()
+    chunked.run({"x": x8[:3]})
+    assert calls == [3]
+    with pytest.raises(ValueError, match="fusion_text: parameter max_rows_per_run must be a row count"):
+        member(max_rows_per_run="-1")
 
     plain = member(intra_op_threads="1", allow_spinning="0")
     assert plain.spin_max_rows == 0 and plain.session is plain.lone_session and plain.shared == {}

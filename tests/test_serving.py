@@ -388,12 +388,13 @@ def test_refused_two_input_requests_leave_the_server_whole(start_triton, exporte
 
 
 @pytest.mark.slow
-def test_lone_rows_answer_alike_in_the_spinning_session(start_triton, exported_repository, tmp_path,
-                                                       reference_pipeline, photos: list[bytes]) -> None:
+def test_lone_rows_and_split_runs_answer_alike(start_triton, exported_repository, tmp_path,
+                                              reference_pipeline, photos: list[bytes]) -> None:
     """``xmsearch export --ort-spinning single``: the ONNX members run batches of one row in a
     second session sharing the weights; here up to two rows go there (``spin_max_rows`` 2), so
-    single, two-row and larger requests cross both sessions of every member and must all give
-    the reference's vectors."""
+    single, two-row and larger requests cross both sessions of every member; and batches of
+    more than three rows run as several runs (``max_rows_per_run`` 3, the image encoder's is 8
+    as exported).  All must give the reference's vectors."""
     from xmsearch.export.repository import NEURAL, read_repository, write_config
 
     repo = tmp_path / "repository"
@@ -401,7 +402,9 @@ def test_lone_rows_answer_alike_in_the_spinning_session(start_triton, exported_r
     members = 0
     for name, cfg in read_repository(repo).items():
         if "spin_max_rows" in cfg.parameters:
+            assert cfg.parameters["max_rows_per_run"].string_value == ("8" if name == S.IMAGE_ENCODER else "0")
             cfg.parameters["spin_max_rows"].string_value = "2"
+            cfg.parameters["max_rows_per_run"].string_value = "3"
             write_config(cfg, repo / name)
             members += 1
     assert members == len(NEURAL)

@@ -149,9 +149,27 @@ def spin_max_rows(model: str, params: dict[str, str]) -> int:
     return int(rows)
 
 
+def max_rows_per_run(model: str, params: dict[str, str]) -> int:
+    """``max_rows_per_run`` of an ONNX member's config (0 when absent: no limit): larger merged
+    batches run as several ONNX Runtime runs of nearly equal size (``OnnxModel``)."""
+    rows = params.get("max_rows_per_run", "0")
+    if not rows.isdigit():
+        raise ValueError(f"{model}: parameter max_rows_per_run must be a row count (0 or more), got {rows!r}")
+    return int(rows)
+
+
 def lone_session_options(model: str, params: dict[str, str]):
-    """Options of the one-row session: the member's threads, spinning inside a run only."""
-    return session_options(model, {**params, "allow_spinning": "1", "force_spinning_stop": "1"})
+    """Options of the one-row session: spinning inside a run only, on ``spin_intra_op_threads``
+    threads when the config has it (a member laid out as several single-threaded instances
+    still runs a lone query on every core), else on the member's own ``intra_op_threads``."""
+    lone = {**params, "allow_spinning": "1", "force_spinning_stop": "1"}
+    threads = params.get("spin_intra_op_threads", "0")
+    if not threads.isdigit():
+        raise ValueError(f"{model}: parameter spin_intra_op_threads must be a count (0 or more: "
+                         f"0 = intra_op_threads), got {threads!r}")
+    if int(threads):
+        lone["intra_op_threads"] = threads
+    return session_options(model, lone)
 
 
 class OnnxModel(_Base):
@@ -166,7 +184,12 @@ class OnnxModel(_Base):
     between the parallel sections of a run instead of sleeping, and larger ones in the
     configured session: a lone query gets the lower latency of spinning, while under load,
     when the members run at the same time and the batches grow, nobody spins against them.
-    The two sessions share the graph's large weights (``shared_initializers``).
+    The two sessions share the graph's large weights (``shared_initializers``).  The second
+    session's thread count is ``spin_intra_op_threads`` when set (``lone_session_options``).
+
+    With ``max_rows_per_run`` N > 0, a merged batch of more than N rows runs as several runs
+    of at most N rows (``run``): ONNX Runtime's arena keeps the largest run's activations for
+    the life of the session, which for an image encoder at 32 rows is hundreds of MB.
     """
 
     def initialize(self, args: dict) -> None:
@@ -177,6 +200,7 @@ class OnnxModel(_Base):
 
         path = str(self.folder / "model.onnx")
         self.spin_max_rows = spin_max_rows(self.name, self.params)
+        self.max_rows_per_run = max_rows_per_run(self.name, self.params)
         option_sets = [session_options(self.name, self.params)]
         if self.spin_max_rows:
             option_sets.append(lone_session_options(self.name, self.params))
@@ -197,6 +221,20 @@ class OnnxModel(_Base):
         """The session that runs a merged batch of ``rows`` rows."""
         return self.lone_session if rows <= self.spin_max_rows else self.session
 
+    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The outputs for a merged batch: one ONNX Runtime run, or with ``max_rows_per_run``
+        N > 0 and more rows than N, runs of at most N rows concatenated (every run in the
+        session the whole batch's size chose)."""
+        rows = len(feed[self.inputs[0][0]])
+        session = self.session_for(rows)
+        if not self.max_rows_per_run or rows <= self.max_rows_per_run:
+            return session.run(self.outputs, feed)
+        parts = -(-rows // self.max_rows_per_run)
+        bounds = np.linspace(0, rows, parts + 1).round().astype(int)
+        runs = [session.run(self.outputs, {n: a[lo:hi] for n, a in feed.items()})
+                for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return [np.concatenate(outs) for outs in zip(*runs)]
+
     def execute(self, requests):
         pb = self.pb
         feeds: list[dict[str, np.ndarray] | None] = []
@@ -214,7 +252,7 @@ class OnnxModel(_Base):
         for idx in groups.values():
             merged = {n: np.concatenate([feeds[i][n] for i in idx]) for n, _ in self.inputs}
             try:
-                outs = self.session_for(len(merged[self.inputs[0][0]])).run(self.outputs, merged)
+                outs = self.run(merged)
             except Exception as e:  # ORT raises its own exception types; answer, do not crash
                 for i in idx:
                     results[i] = self._error(f"inference failed: {e}")
