@@ -140,21 +140,14 @@ def session_options(model: str, params: dict[str, str]):
     return cpu_session_options(int(threads), **spin)
 
 
-def spin_max_rows(model: str, params: dict[str, str]) -> int:
-    """``spin_max_rows`` of an ONNX member's config (0 when absent): runs of at most this many
-    rows go to a second session whose workers spin inside the run (``OnnxModel``)."""
-    rows = params.get("spin_max_rows", "0")
+def row_count(model: str, params: dict[str, str], key: str) -> int:
+    """A row-count parameter of an ONNX member's config, 0 when absent (``OnnxModel``):
+    ``spin_max_rows``, runs of at most this many rows go to a second session whose workers
+    spin inside the run; ``max_rows_per_run``, larger merged batches run as several ONNX
+    Runtime runs of nearly equal size (0: no limit)."""
+    rows = params.get(key, "0")
     if not rows.isdigit():
-        raise ValueError(f"{model}: parameter spin_max_rows must be a row count (0 or more), got {rows!r}")
-    return int(rows)
-
-
-def max_rows_per_run(model: str, params: dict[str, str]) -> int:
-    """``max_rows_per_run`` of an ONNX member's config (0 when absent: no limit): larger merged
-    batches run as several ONNX Runtime runs of nearly equal size (``OnnxModel``)."""
-    rows = params.get("max_rows_per_run", "0")
-    if not rows.isdigit():
-        raise ValueError(f"{model}: parameter max_rows_per_run must be a row count (0 or more), got {rows!r}")
+        raise ValueError(f"{model}: parameter {key} must be a row count (0 or more), got {rows!r}")
     return int(rows)
 
 
@@ -199,8 +192,8 @@ class OnnxModel(_Base):
         from xmsearch.onnxrt import shared_initializers
 
         path = str(self.folder / "model.onnx")
-        self.spin_max_rows = spin_max_rows(self.name, self.params)
-        self.max_rows_per_run = max_rows_per_run(self.name, self.params)
+        self.spin_max_rows = row_count(self.name, self.params, "spin_max_rows")
+        self.max_rows_per_run = row_count(self.name, self.params, "max_rows_per_run")
         option_sets = [session_options(self.name, self.params)]
         if self.spin_max_rows:
             option_sets.append(lone_session_options(self.name, self.params))
