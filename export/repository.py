@@ -66,12 +66,12 @@ class TargetSettings:
     # 0.93x on both (benchmarks/results/serving_ab_text_layout*.md); so not the default.
     text_encoder_layout: tuple[int, int] | None = None
     # The same for the image encoder (`xmsearch export --image-encoder-layout`).  Two
-    # single-threaded instances, side by side on an AMD EPYC: ingest 1.15x-1.23x the items/s and
-    # photo queries/s at concurrency 16 1.05x-1.06x, but photo p50 at concurrency 1 1.15x (its
-    # one-row session on ort_threads threads; 1.45x on one thread) and server memory 1.36x
-    # (benchmarks/results/serving_ab_image_lone_threads.md, serving_ab_image_layout.md); the
-    # ingest ratio of issue #6 moves 1.05x, as the encoder's own best rate rises with it: for
-    # bulk indexing, not the default.
+    # single-threaded instances, side by side on an AMD EPYC with the defaults below: ingest
+    # 1.21x the items/s, photo queries/s at concurrency 16 1.09x, photo p50 at concurrency 1 the
+    # same (its one-row session on ort_threads threads; 1.45x on one thread), server memory 1.34x
+    # (benchmarks/results/serving_ab_image_lone_threads.md); the ingest ratio of issue #6 moves
+    # 1.09x only, as the encoder's own best rate rises with it: for bulk indexing, not the
+    # default (memory).
     image_encoder_layout: tuple[int, int] | None = None
     # max_rows_per_run of the cpu target's image encoder: a merged batch of more rows runs as
     # several ONNX Runtime runs of at most this many (0: one run).  ONNX Runtime's arena keeps

@@ -238,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Intel Xeon and hurt it on an AMD EPYC: measure with benchmarks.serving_ab")
     e.add_argument("--image-encoder-layout", type=instances_by_threads, metavar="NxT",
                    help="cpu target: serve the image encoder as N instances of T ONNX Runtime threads "
-                        "(default: one instance of --ort-threads). 2x1 indexed 1.15x-1.23x the items/s "
-                        "on 2 cores for 1.36x the server memory, a single photo query 1.15x slower (it "
-                        "still runs on --ort-threads threads): for bulk indexing")
+                        "(default: one instance of --ort-threads). 2x1 indexed 1.21x the items/s on 2 "
+                        "cores, a single photo query as fast (it still runs on --ort-threads threads), "
+                        "for 1.34x the server memory: for bulk indexing")
     e.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="onnxruntime target instance kind (default: gpu)")
     e.add_argument("--ort-threads", type=int, default=2, help="ONNX Runtime intra-op threads per instance")
