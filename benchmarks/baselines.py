@@ -113,6 +113,20 @@ def member_input_rows(onnx: OnnxBaseline, member: str, texts: Sequence[str], ima
     return rows
 
 
+def write_member_inputs(repository: Path, members: Sequence[str], texts: Sequence[str],
+                        images: Sequence[bytes], folder: Path, n: int = 16) -> dict[str, Path]:
+    """perf_analyzer input files ``folder/<member>.json`` of ``n`` real rows per member
+    (``member_input_rows`` through the repository's graphs), by member name."""
+    from benchmarks import input_data
+
+    if not members:
+        return {}
+    onnx = OnnxBaseline(repository)
+    return {m: input_data.write_tensor_input_data(Path(folder) / f"{m}.json",
+                                                  member_input_rows(onnx, m, texts, images, n=n))
+            for m in members}
+
+
 @dataclass(frozen=True)
 class BaselinePlan:
     """How long to measure and which batch sizes to try."""

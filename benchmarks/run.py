@@ -258,12 +258,8 @@ def run_stack(args: argparse.Namespace, plan: Plan, out: Path, command: str) -> 
     if run_sweeps:
         shutil.rmtree(perf_dir, ignore_errors=True)  # a re-measurement replaces the old sweeps whole
         if repo_path is not None:
-            onnx = baselines.OnnxBaseline(repo_path)
-            for member in plan.members:
-                rows = baselines.member_input_rows(onnx, member, texts, images, n=16)
-                member_inputs[member] = input_data.write_tensor_input_data(
-                    perf_dir / "input" / f"{member}.json", rows)
-            del onnx
+            member_inputs = baselines.write_member_inputs(repo_path, plan.members, texts, images,
+                                                          perf_dir / "input")
 
     versions: dict[str, str] = {}
     failed: list[str] = []

@@ -165,9 +165,9 @@ def _measure(v: Variant, server: stack.PrivateServer, inputs: dict[str, Path], c
         best[member] = max(r.throughput for r in result.rows)
         v.figures.setdefault(f"{member} best infer/s", []).append(best[member])
     ingest = measure_ingest(catalog_file, work / f"index-{v.name}", url)
-    v.figures.setdefault("ingest items/s", []).append(ingest.items / ingest.seconds)
+    v.figures.setdefault("ingest items/s", []).append(ingest.items_per_second)
     for member, rate in best.items():  # issue #6's ingest ratio is against the image encoder's
-        v.figures.setdefault(f"ingest / {member} best (x100)", []).append(100 * ingest.items / ingest.seconds / rate)
+        v.figures.setdefault(f"ingest / {member} best (x100)", []).append(100 * ingest.items_per_second / rate)
     if megabytes := proc_cpu.tree_pss_mb(server.server.pid):  # 0 where /proc is not readable
         v.figures.setdefault("server memory MB (PSS)", []).append(megabytes)
 
@@ -176,13 +176,11 @@ def member_inputs(repository: Path, queries_file: Path, names: list[str], work: 
     """perf_analyzer input files of real rows for the members ``names``, as ``make bench`` writes them."""
     if not names:
         return {}
-    from benchmarks.baselines import OnnxBaseline, member_input_rows
+    from benchmarks.baselines import write_member_inputs
     from benchmarks.e2e import load_queries
 
-    onnx = OnnxBaseline(repository)
-    texts, images = load_queries(queries_file, "text"), load_queries(queries_file, "image")
-    return {m: input_data.write_tensor_input_data(work / f"{m}.json", member_input_rows(onnx, m, texts, images))
-            for m in names}
+    return write_member_inputs(repository, names, load_queries(queries_file, "text"),
+                               load_queries(queries_file, "image"), work)
 
 
 def table(variants: list[Variant]) -> str:

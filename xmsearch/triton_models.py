@@ -130,25 +130,24 @@ def session_options(model: str, params: dict[str, str]):
     """
     from xmsearch.onnxrt import SPIN_ENTRIES, cpu_session_options
 
-    threads = params.get("intra_op_threads", "0")
-    if not threads.isdigit():
-        raise ValueError(f"{model}: parameter intra_op_threads must be a count (0 or more), got {threads!r}")
+    threads = count_parameter(model, params, "intra_op_threads")
     spin = {key: params[key] for key in SPIN_ENTRIES if key in params}
     for key, value in spin.items():
         if value not in ("0", "1"):
             raise ValueError(f"{model}: parameter {key} must be 0 or 1, got {value!r}")
-    return cpu_session_options(int(threads), **spin)
+    return cpu_session_options(threads, **spin)
 
 
-def row_count(model: str, params: dict[str, str], key: str) -> int:
-    """A row-count parameter of an ONNX member's config, 0 when absent (``OnnxModel``):
-    ``spin_max_rows``, runs of at most this many rows go to a second session whose workers
-    spin inside the run; ``max_rows_per_run``, larger merged batches run as several ONNX
-    Runtime runs of nearly equal size (0: no limit)."""
-    rows = params.get(key, "0")
-    if not rows.isdigit():
-        raise ValueError(f"{model}: parameter {key} must be a row count (0 or more), got {rows!r}")
-    return int(rows)
+def count_parameter(model: str, params: dict[str, str], key: str, noun: str = "count") -> int:
+    """A count parameter of an ONNX member's config, 0 when absent: ``intra_op_threads`` and
+    ``spin_intra_op_threads`` (threads), and the row counts of ``OnnxModel``: ``spin_max_rows``
+    (runs of at most this many rows go to a second session whose workers spin inside the
+    run) and ``max_rows_per_run`` (larger merged batches run as several ONNX Runtime runs of
+    nearly equal size; 0: no limit)."""
+    value = params.get(key, "0")
+    if not value.isdigit():
+        raise ValueError(f"{model}: parameter {key} must be a {noun} (0 or more), got {value!r}")
+    return int(value)
 
 
 def lone_session_options(model: str, params: dict[str, str]):
@@ -156,12 +155,8 @@ def lone_session_options(model: str, params: dict[str, str]):
     threads when the config has it (a member laid out as several single-threaded instances
     still runs a lone query on every core), else on the member's own ``intra_op_threads``."""
     lone = {**params, "allow_spinning": "1", "force_spinning_stop": "1"}
-    threads = params.get("spin_intra_op_threads", "0")
-    if not threads.isdigit():
-        raise ValueError(f"{model}: parameter spin_intra_op_threads must be a count (0 or more: "
-                         f"0 = intra_op_threads), got {threads!r}")
-    if int(threads):
-        lone["intra_op_threads"] = threads
+    if threads := count_parameter(model, params, "spin_intra_op_threads"):  # 0: intra_op_threads
+        lone["intra_op_threads"] = str(threads)
     return session_options(model, lone)
 
 
@@ -192,8 +187,8 @@ class OnnxModel(_Base):
         from xmsearch.onnxrt import shared_initializers
 
         path = str(self.folder / "model.onnx")
-        self.spin_max_rows = row_count(self.name, self.params, "spin_max_rows")
-        self.max_rows_per_run = row_count(self.name, self.params, "max_rows_per_run")
+        self.spin_max_rows = count_parameter(self.name, self.params, "spin_max_rows", "row count")
+        self.max_rows_per_run = count_parameter(self.name, self.params, "max_rows_per_run", "row count")
         option_sets = [session_options(self.name, self.params)]
         if self.spin_max_rows:
             option_sets.append(lone_session_options(self.name, self.params))
