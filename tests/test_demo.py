@@ -115,6 +115,22 @@ def test_items_do_not_depend_on_catalogue_size(catalog, demo, tmp_path):
     assert _read_jsonl(smaller / "queries.jsonl") == []
 
 
+def test_first_query_continues_the_query_stream_of_the_same_catalogue(catalog, queries, demo, tmp_path):
+    # Query q is seeded by (seed, q) alone: starting at K draws queries K+1.. of the same
+    # catalogue, so a development set is disjoint from the evaluation set by construction.
+    more = tmp_path / "more"
+    summary = generate_demo_catalog(more, n=N, seed=0, n_queries=6, first_query=N_QUERIES - 3)
+    assert summary["first_query"] == N_QUERIES - 3 and summary["n_queries"] == 6
+    assert _read_jsonl(more / "catalog.jsonl") == catalog
+    drawn = _read_jsonl(more / "queries.jsonl")
+    assert drawn[:3] == queries[-3:]
+    assert [q["qid"] for q in drawn[3:]] == [f"q{N_QUERIES + i:05d}" for i in (1, 2, 3)]
+    assert not {q["qid"] for q in drawn[3:]} & {q["qid"] for q in queries}
+    for q in drawn[:3]:
+        if "image" in q:
+            assert (more / q["image"]).read_bytes() == (demo[0] / q["image"]).read_bytes()
+
+
 def test_catalogue_rows_schema(catalog, demo):
     root, _ = demo
     assert len(catalog) == N
@@ -216,8 +232,10 @@ def test_both_languages_in_queries(queries):
     assert text_langs["en"] > 0 and text_langs["zh"] > 0
 
 
-@pytest.mark.parametrize("kwargs", [{"n": 5}, {"n": 60, "seed": -1}, {"n": 60, "n_queries": -3}],
-                         ids=["too-few-items", "negative-seed", "negative-queries"])
+@pytest.mark.parametrize("kwargs", [{"n": 5}, {"n": 60, "seed": -1}, {"n": 60, "n_queries": -3},
+                                    {"n": 60, "first_query": -1}, {"n": 60, "n_queries": 10, "first_query": 99_990}],
+                         ids=["too-few-items", "negative-seed", "negative-queries", "negative-first-query",
+                              "past-the-last-query"])
 def test_bad_arguments_are_input_errors(tmp_path, kwargs):
     with pytest.raises(InputError):
         generate_demo_catalog(tmp_path, **kwargs)

@@ -60,18 +60,25 @@ def test_feature_encoding_times_both_runtimes(tiny_demo, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quality_ab_evaluates_each_trained_model_at_every_item_mix(tiny_demo, tmp_path, capsys):
+    from xmsearch.demo import generate_demo_catalog
+
+    # A development query set of the same catalogue, disjoint from its queries.jsonl.
+    dev = tmp_path / "dev"
+    generate_demo_catalog(dev, n=24, seed=5, n_queries=6, first_query=9)
     out = tmp_path / "mix.md"
     argv = ["--catalog", str(tiny_demo), "--text-model", "minilm-l6", "--seeds", "0",
             "--variant", "plain:epochs=2,group_size=1", "--item-mix", "0", "1",
+            "--dev-queries", str(dev / "queries.jsonl"),
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     assert quality_ab.main(argv) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| plain")]
-    assert [r.split("|")[1].strip() for r in rows] == ["plain @ item_mix 0", "plain @ item_mix 1"]
-    assert "item_mix=0.0" in rows[0] and "item_mix=1.0" in rows[1]
-    # One training per seed: both rows report the same training time.
-    assert rows[0].rsplit("|", 2)[1] == rows[1].rsplit("|", 2)[1]
+    assert [r.split("|")[1].strip() for r in rows] == [
+        "plain @ item_mix 0", "plain @ item_mix 0, dev queries", "plain @ item_mix 1", "plain @ item_mix 1, dev queries"]
+    assert "item_mix=0.0" in rows[0] and "item_mix=1.0" in rows[2]
+    # One training per seed: every row reports the same training time.
+    assert len({r.rsplit("|", 2)[1] for r in rows}) == 1
     log = capsys.readouterr().out
-    assert "plain @ item_mix 0 seed 0:" in log and "plain @ item_mix 1 seed 0:" in log
+    assert "plain @ item_mix 0 seed 0 (eval queries):" in log and "plain @ item_mix 1 seed 0 (dev queries):" in log
 
 
 @pytest.mark.slow

@@ -168,7 +168,8 @@ def cmd_stop(a: argparse.Namespace) -> int:
 def cmd_demo_catalog(a: argparse.Namespace) -> int:
     from xmsearch.demo import generate_demo_catalog
 
-    summary = generate_demo_catalog(a.out, n=a.n, seed=a.seed, n_queries=a.queries, progress=True)
+    summary = generate_demo_catalog(a.out, n=a.n, seed=a.seed, n_queries=a.queries, progress=True,
+                                    first_query=a.first_query)
     print(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
     return 0
 
@@ -288,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=1500, help="number of products (default: 1500)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--queries", type=int, default=300, help="number of queries (default: 300)")
+    d.add_argument("--first-query", type=int, default=0, metavar="K",
+                   help="start at query K: with K >= the evaluation run's --queries, a disjoint "
+                        "development set of the same catalogue, to choose settings on (default: 0)")
     d.set_defaults(func=cmd_demo_catalog)
 
     t = sub.add_parser("train", help="train the fusion module on a catalogue",

@@ -929,7 +929,7 @@ def _item_id(index: int) -> str:
     return f"p{index:06d}"
 
 
-def _validate(n: int, seed: int, n_queries: int) -> None:
+def _validate(n: int, seed: int, n_queries: int, first_query: int = 0) -> None:
     if not isinstance(n, int) or not MIN_ITEMS <= n <= 999_999:
         raise InputError(f"demo catalogue: n={n!r} is out of range; pass an integer from {MIN_ITEMS} "
                          "(every category needs two colours) to 999999")
@@ -937,6 +937,9 @@ def _validate(n: int, seed: int, n_queries: int) -> None:
         raise InputError(f"demo catalogue: seed={seed!r} must be a non-negative integer")
     if not isinstance(n_queries, int) or not 0 <= n_queries <= 99_999:
         raise InputError(f"demo catalogue: n_queries={n_queries!r} must be an integer from 0 to 99999")
+    if not isinstance(first_query, int) or not 0 <= first_query <= 99_999 - n_queries:
+        raise InputError(f"demo catalogue: first_query={first_query!r} must be an integer from 0 to "
+                         f"{99_999 - n_queries} (99999 queries at most, counting the skipped ones)")
 
 
 def _write_jsonl(rows: list[dict], path: Path) -> None:
@@ -975,12 +978,13 @@ def _catalog_row(seed: int, index: int) -> tuple[dict, _Identity]:
     return row, ident
 
 
-def _queries(seed: int, n: int, n_queries: int, rows: list[dict], out_dir: Path, tick: Callable[[], None]) -> list[dict]:
+def _queries(seed: int, n: int, queries_range: range, rows: list[dict], out_dir: Path,
+             tick: Callable[[], None]) -> list[dict]:
     by_category: dict[str, list[dict]] = {}
     for row in rows:
         by_category.setdefault(row["category"], []).append(row)
     queries = []
-    for q in range(n_queries):
+    for q in queries_range:
         rng = _rng(seed, _STREAM_QUERY, q)
         qid = f"q{q + 1:05d}"
         kind = QUERY_KINDS[q % len(QUERY_KINDS)]
@@ -1014,16 +1018,19 @@ def _queries(seed: int, n: int, n_queries: int, rows: list[dict], out_dir: Path,
 
 
 def generate_demo_catalog(out_dir: Path, n: int = 1500, seed: int = 0, n_queries: int = 300,
-                          progress: bool = False) -> dict:
+                          progress: bool = False, first_query: int = 0) -> dict:
     """Draw a demo catalogue of ``n`` products and ``n_queries`` evaluation queries.
 
     Writes ``catalog.jsonl``, ``images/``, ``queries.jsonl`` and ``query_images/`` under
     ``out_dir`` (created if needed; files of an earlier run with the same names are
     overwritten, others are left alone).  Same ``(n, seed, n_queries)`` -> byte-identical
-    files.  Returns a summary: counts per category, colour, pattern, title language and
+    files.  Query ``q`` (qid ``q{q + 1:05d}``) depends on ``(n, seed, q)`` only, so
+    ``first_query`` > 0 draws further queries of the same catalogue, none shared with the
+    first ``first_query``: a development set to choose settings on, apart from the
+    evaluation set ``queries.jsonl`` of the default run.  Returns a summary: counts per category, colour, pattern, title language and
     query kind, and the paths written (as strings).
     """
-    _validate(n, seed, n_queries)
+    _validate(n, seed, n_queries, first_query)
     out_dir = Path(out_dir)
     try:
         (out_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
@@ -1040,7 +1047,8 @@ def generate_demo_catalog(out_dir: Path, n: int = 1500, seed: int = 0, n_queries
         _save_jpeg(photo, out_dir / row["image"])
         rows.append(row)
         bar.update(1)
-    queries = _queries(seed, n, n_queries, rows, out_dir, lambda: bar.update(1))
+    queries = _queries(seed, n, range(first_query, first_query + n_queries), rows, out_dir,
+                       lambda: bar.update(1))
     bar.close()
     _write_jsonl(rows, out_dir / CATALOG_FILE)
     _write_jsonl(queries, out_dir / QUERIES_FILE)
@@ -1048,6 +1056,7 @@ def generate_demo_catalog(out_dir: Path, n: int = 1500, seed: int = 0, n_queries
     return {
         "n_items": n,
         "n_queries": n_queries,
+        "first_query": first_query,
         "seed": seed,
         "categories": dict(sorted(Counter(r["category"] for r in rows).items())),
         "colours": dict(sorted(Counter(r["colour"] for r in rows).items())),
