@@ -144,11 +144,14 @@ def _query(embed: Embed, search: Callable[[np.ndarray], object]) -> Callable[[li
 
 def measure(baseline: TorchBaseline | OnnxBaseline, texts: Sequence[str], images: Sequence[bytes],
             search: Callable[[np.ndarray], object], plan: BaselinePlan = BaselinePlan(),
-            on_result: Callable[[LoadResult], None] = lambda r: None) -> list[LoadResult]:
-    """Text and image queries, one at a time and batched; labels ``"<kind>"`` with ``batch`` set."""
+            on_result: Callable[[LoadResult], None] = lambda r: None,
+            search_photo: Callable[[np.ndarray], object] | None = None) -> list[LoadResult]:
+    """Text and image queries, one at a time and batched; labels ``"<kind>"`` with ``batch`` set.
+    Image queries search with ``search_photo`` where given (``CatalogIndex.search_photo``, as
+    the served path does), else with ``search``."""
     results: list[LoadResult] = []
     for kind, embed, data in (("text", baseline.text, list(texts)), ("image", baseline.image, list(images))):
-        fn = _query(embed, search)
+        fn = _query(embed, search_photo if kind == "image" and search_photo is not None else search)
         for batch in (1, *plan.batch_sizes):
             batches = [[data[(start + j) % len(data)] for j in range(batch)] for start in range(0, len(data), batch)]
             if batch == 1:

@@ -42,6 +42,7 @@ import torch
 
 from benchmarks import publish
 from xmsearch.catalog import read_catalog
+from xmsearch.client.index import PHOTO_RERANK_DEPTH
 from xmsearch.evaluate import load_queries
 from xmsearch.metrics import evaluate
 from xmsearch.models.image import DEFAULT_IMAGE_MODEL
@@ -91,8 +92,10 @@ def query_features(enc: Encoders, queries: list[dict]) -> dict:
 def rank(fusion, f: Features, qf: dict, queries: list[dict], k: int = 10, bs: int = 256) -> dict[str, list[str]]:
     """Top-k catalogue ids per query: what the served ensembles + a Flat index return."""
     fusion.eval()
-    z = torch.cat([fusion.encode_item(f.item_states[i:i + bs].float(), f.item_mask[i:i + bs],
-                                       f.regions[i:i + bs, 0].float()) for i in range(0, len(f.ids), bs)])
+    items = [fusion.encode_item_vectors(f.item_states[i:i + bs].float(), f.item_mask[i:i + bs],
+                                        f.regions[i:i + bs, 0].float()) for i in range(0, len(f.ids), bs)]
+    z = torch.cat([v for v, _ in items])
+    photo = torch.cat([p for _, p in items])
     out = {}
     for q in queries:
         text, image = qf[q["qid"]]
@@ -102,7 +105,12 @@ def rank(fusion, f: Features, qf: dict, queries: list[dict], k: int = 10, bs: in
             e = fusion.encode_text(*text)
         else:
             e = fusion.encode_image(image)
-        out[q["qid"]] = [f.ids[i] for i in (e[0] @ z.T).topk(k).indices.tolist()]
+        if text is None:  # CatalogIndex.search_photo: candidates ranked again by photo-side vectors
+            cand = (e[0] @ z.T).topk(min(max(k, PHOTO_RERANK_DEPTH), len(f.ids))).indices
+            top = cand[(photo[cand] @ e[0]).argsort(descending=True, stable=True)[:k]].tolist()
+        else:
+            top = (e[0] @ z.T).topk(k).indices.tolist()
+        out[q["qid"]] = [f.ids[i] for i in top]
     return out
 
 

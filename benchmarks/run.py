@@ -303,16 +303,20 @@ def run_stack(args: argparse.Namespace, plan: Plan, out: Path, command: str) -> 
 
         t = time.perf_counter()
         index = CatalogIndex.open(index_dir, read_only=True)
-        search = lambda vectors: index.search(vectors, 10)  # noqa: E731 - the same top-10 as Searcher
+        # The same top-10 as Searcher: photo queries ranked again by the photo-side vectors.
+        search = lambda vectors: index.search(vectors, 10)  # noqa: E731
+        search_photo = lambda vectors: index.search_photo(vectors, 10)  # noqa: E731
         bplan = baselines.BaselinePlan(duration_s=plan.baseline_duration_s, warmup_s=plan.search_warmup_s,
                                        batch_sizes=plan.baseline_batches)
         try:
             torch_base = baselines.TorchBaseline(args.text_model, args.fusion)
             torch_rows = baselines.measure(torch_base, texts, images, search, bplan,
-                                           on_result=lambda r: _say(_load_line("pytorch", r)))
+                                           on_result=lambda r: _say(_load_line("pytorch", r)),
+                                           search_photo=search_photo)
             del torch_base
             onnx_rows = baselines.measure(baselines.OnnxBaseline(repo_path), texts, images, search, bplan,
-                                          on_result=lambda r: _say(_load_line("onnxruntime", r)))
+                                          on_result=lambda r: _say(_load_line("onnxruntime", r)),
+                                          search_photo=search_photo)
         finally:
             index.close()
         timings["in-process baselines"] = time.perf_counter() - t

@@ -90,16 +90,27 @@ class Embedder:
     def dim(self) -> int:
         return int(self._parameters()[S.EMBED_DIM_PARAMETER])
 
-    def _run(self, model: str, inputs: dict[str, np.ndarray], progress: bool) -> np.ndarray:
-        out = self.client.infer_batched(model, inputs, [S.EMBEDDING], batch_size=self.batch_size,
+    def _run(self, model: str, inputs: dict[str, np.ndarray], progress: bool,
+             outputs: Sequence[str] = (S.EMBEDDING,)) -> np.ndarray:
+        """The outputs side by side, ``[n, dim * len(outputs)]``."""
+        out = self.client.infer_batched(model, inputs, list(outputs), batch_size=self.batch_size,
                                         max_in_flight=self.max_in_flight, progress=progress)
-        return out[S.EMBEDDING]
+        return out[outputs[0]] if len(outputs) == 1 else np.hstack([out[o] for o in outputs])
 
-    def embed_items(self, titles: Sequence[str], images: Sequence[bytes], progress: bool = False) -> np.ndarray:
-        """Item vectors (title + photo, passage role) for catalogue rows."""
+    @property
+    def serves_photo_vectors(self) -> bool:
+        """Whether the item ensemble returns items' photo-side vectors (``PHOTO_EMBEDDING``;
+        model repositories exported before it did not)."""
+        return S.PHOTO_EMBEDDING in self.client.model_info(S.ITEM).outputs
+
+    def embed_items(self, titles: Sequence[str], images: Sequence[bytes], progress: bool = False,
+                    *, photo: bool = False) -> np.ndarray:
+        """Item vectors (title + photo, passage role) for catalogue rows, ``[n, dim]``; with
+        ``photo``, each row followed by the item's photo-side vector, ``[n, 2 * dim]``."""
         if len(titles) != len(images):
             raise InputError(f"{len(titles)} titles but {len(images)} images")
-        return self._run(S.ITEM, {S.TEXT: _bytes_column(titles), S.IMAGE: _bytes_column(images)}, progress)
+        return self._run(S.ITEM, {S.TEXT: _bytes_column(titles), S.IMAGE: _bytes_column(images)}, progress,
+                         (S.EMBEDDING, S.PHOTO_EMBEDDING) if photo else (S.EMBEDDING,))
 
     def embed_queries(self, texts: Sequence[str] | None = None, images: Sequence[bytes] | None = None,
                       progress: bool = False) -> np.ndarray:

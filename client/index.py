@@ -4,7 +4,8 @@ One index lives in a directory ``INDEX_DIR``::
 
     INDEX_DIR/
       manifest.json          what the index is (dim, factory, fingerprint, generation, ...)
-      catalog.sqlite         items, attributes, id map, tombstones, and the commit record
+      catalog.sqlite         items, attributes, id map, tombstones, photo-side vectors, and
+                             the commit record
       vectors.<G>.faiss      the FAISS index of generation G (exactly one after a clean save)
       .writer.lock           flock held by the one process that may modify the index
 
@@ -17,6 +18,13 @@ Vectors
     Within the tolerance they are renormalised exactly (fp16 engines drift by ~1e-3).
     Pass ``normalize=True`` to accept arbitrary non-zero vectors.  Shapes, dtypes and
     finiteness are checked here, because FAISS' Python wrappers only ``assert``.
+
+Photo-side vectors
+    An index created with ``photo_vectors=True`` also keeps a second vector per item (the
+    item ensemble's ``PHOTO_EMBEDDING``) in the ``photo_vectors(label, vector)`` table, in
+    the same SQLite transaction as the item's row, so it is saved, rolled back and deleted
+    with it.  :meth:`CatalogIndex.search_photo` takes a photo query's first
+    :data:`PHOTO_RERANK_DEPTH` candidates from FAISS and ranks them again by those vectors.
 
 Labels
     Every item gets an int64 *label*, allocated monotonically and never reused.  IVF
@@ -121,6 +129,7 @@ __all__ = [
     "NORM_TOLERANCE",
     "MANIFEST_NAME",
     "CATALOG_NAME",
+    "PHOTO_RERANK_DEPTH",
 ]
 
 logger = logging.getLogger(__name__)
@@ -157,7 +166,12 @@ CREATE TABLE IF NOT EXISTS attributes (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS attributes_by_label ON attributes (label);
 CREATE TABLE IF NOT EXISTS tombstones (label INTEGER PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS photo_vectors (label INTEGER PRIMARY KEY, vector BLOB NOT NULL);
 """
+# Candidates a photo query takes from FAISS before they are ranked again by the items'
+# photo-side vectors (search_photo). Photo queries of the demo find their product within the
+# first 10 of the main vectors; 50 leaves room for look-alikes (same figures as ranking all).
+PHOTO_RERANK_DEPTH = 50
 
 
 @dataclass(frozen=True)
@@ -493,6 +507,8 @@ class CatalogIndex:
         self._id_mode = str(meta["id_mode"])
         self._removal = str(meta["removal"])
         self._search_params: dict[str, int] = dict(meta.get("search_params") or {})
+        # Indexes created before photo-side vectors existed have neither the key nor the table.
+        self._photo = bool(meta.get("photo_vectors", False))
         # Whether the factory trains at all (Flat/HNSW do not), independent of its state.
         self._factory_trains = not faiss.index_factory(
             self._dim, self._factory, faiss.METRIC_INNER_PRODUCT).is_trained
@@ -515,13 +531,17 @@ class CatalogIndex:
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], dim: int, *, fingerprint: str,
-               factory: str = "Flat", metric: str = "ip", gpu: bool = False) -> CatalogIndex:
+               factory: str = "Flat", metric: str = "ip", gpu: bool = False,
+               photo_vectors: bool = False) -> CatalogIndex:
         """Create an empty index in directory ``path`` (created if missing) and save it.
 
         ``factory`` is any FAISS ``index_factory`` string without an ``IDMap`` prefix
         (labels are managed here), e.g. ``"Flat"``, ``"IVF256,Flat"``, ``"IVF4096,PQ32"``,
         ``"HNSW32"``.  ``fingerprint`` identifies the model that embeds the vectors.
         Only ``metric="ip"`` (inner product on unit vectors, i.e. cosine) is supported.
+        ``photo_vectors``: every item also keeps a photo-side vector (the item ensemble's
+        ``PHOTO_EMBEDDING``), stored beside its metadata, by which :meth:`search_photo`
+        ranks a photo query's candidates again; :meth:`add` then requires them.
         """
         root = Path(path)
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
@@ -566,7 +586,7 @@ class CatalogIndex:
             meta = {"format_version": FORMAT_VERSION, "dim": int(dim), "factory": factory,
                     "metric": "ip", "fingerprint": fingerprint, "generation": 0,
                     "next_label": 0, "id_mode": id_mode, "removal": removal,
-                    "search_params": {}, "created_at": now}
+                    "search_params": {}, "created_at": now, "photo_vectors": bool(photo_vectors)}
             conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA)
             conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
                              [(k, json.dumps(v)) for k, v in meta.items()])
@@ -714,6 +734,11 @@ class CatalogIndex:
         return dict(self._search_params)
 
     @property
+    def has_photo_vectors(self) -> bool:
+        """Whether every item keeps a photo-side vector (see :meth:`create`)."""
+        return self._photo
+
+    @property
     def tombstone_count(self) -> int:
         """Deleted items whose vectors stay in a graph index (HNSW) but are never returned."""
         return len(self._tombstones)
@@ -752,6 +777,10 @@ class CatalogIndex:
                 "SELECT label FROM items UNION ALL SELECT label FROM tombstones")),
                 dtype=np.int64)
             in_faiss = self._faiss_labels()
+            if self._photo:
+                live = np.fromiter((r[0] for r in self._conn.execute("SELECT label FROM items")), dtype=np.int64)
+                with_photo = np.fromiter((r[0] for r in self._conn.execute(
+                    "SELECT label FROM photo_vectors")), dtype=np.int64)
         stored.sort()
         in_faiss.sort()
         if not np.array_equal(stored, in_faiss):
@@ -761,6 +790,11 @@ class CatalogIndex:
                 f"verify(): {self._path / _faiss_name(self._generation)} and "
                 f"{self._path / CATALOG_NAME} disagree: labels only in SQLite {only_sql}, "
                 f"only in FAISS {only_faiss}; re-index")
+        if self._photo and not np.array_equal(np.sort(live), np.sort(with_photo)):
+            raise IndexStoreError(
+                f"verify(): in {self._path / CATALOG_NAME}, items without a photo-side vector "
+                f"{np.setdiff1d(live, with_photo)[:10].tolist()}, photo-side vectors of no item "
+                f"{np.setdiff1d(with_photo, live)[:10].tolist()}; re-index")
 
     def _faiss_labels(self) -> np.ndarray:
         if self._id_mode == "idmap":
@@ -830,7 +864,8 @@ class CatalogIndex:
 
     def add(self, ids: Sequence[str], vectors: np.ndarray,
             metadata: Sequence[Mapping[str, Any] | None] | None = None, *,
-            upsert: bool = False, normalize: bool = False) -> list[int]:
+            upsert: bool = False, normalize: bool = False,
+            photo_vectors: np.ndarray | None = None) -> list[int]:
         """Add items; returns their labels.
 
         ``metadata[i]`` describes ``ids[i]``: keys ``title`` and ``image`` (path or URL)
@@ -839,13 +874,28 @@ class CatalogIndex:
         call) raise InputError naming them, unless ``upsert=True`` replaces them.  An
         untrained factory is trained on these vectors when there are at least the
         recommended number (see :attr:`training_size`); otherwise InputError says how
-        many are needed.  Changes are durable after :meth:`save`.
+        many are needed.  ``photo_vectors[i]`` is ``ids[i]``'s photo-side vector, required
+        by an index created with ``photo_vectors=True`` and refused by others.  Changes are
+        durable after :meth:`save`.
         """
         ids = _check_ids(ids, "add()")
         x = check_embeddings(vectors, self._dim, what="add(): vectors", normalize=normalize)
         if len(x) != len(ids):
             raise InputError(f"add(): {len(ids)} ids but {len(x)} vectors; pass one vector "
                              "per id")
+        if self._photo and photo_vectors is None:
+            raise InputError(f"add(): index {self._path} keeps a photo-side vector per item; "
+                             "pass photo_vectors (one per id)")
+        if not self._photo and photo_vectors is not None:
+            raise InputError(f"add(): index {self._path} was created without photo-side vectors "
+                             "(photo_vectors=False); add the items without them")
+        photo = None
+        if photo_vectors is not None:
+            photo = check_embeddings(photo_vectors, self._dim, what="add(): photo_vectors",
+                                     normalize=normalize)
+            if len(photo) != len(ids):
+                raise InputError(f"add(): {len(ids)} ids but {len(photo)} photo vectors; pass one "
+                                 "per id")
         metas = [None] * len(ids) if metadata is None else list(metadata)
         if len(metas) != len(ids):
             raise InputError(f"add(): {len(ids)} ids but {len(metas)} metadata entries")
@@ -898,6 +948,10 @@ class CatalogIndex:
                     # OR IGNORE: a list attribute may repeat a value.
                     "INSERT OR IGNORE INTO attributes (field, value, label) VALUES (?, ?, ?)",
                     [(f, v, int(lb)) for lb, r in zip(labels, rows) for f, v in r[4]])
+                if photo is not None:
+                    self._conn.executemany(
+                        "INSERT INTO photo_vectors (label, vector) VALUES (?, ?)",
+                        [(int(lb), v.tobytes()) for lb, v in zip(labels, photo)])
                 # FAISS last: if it refuses, the savepoint undoes the rows and nothing
                 # else has changed yet.
                 self._index.add_with_ids(x, labels)
@@ -951,6 +1005,8 @@ class CatalogIndex:
         values = [(int(lb),) for lb in labels]
         self._conn.executemany("DELETE FROM attributes WHERE label = ?", values)
         self._conn.executemany("DELETE FROM items WHERE label = ?", values)
+        if self._photo:
+            self._conn.executemany("DELETE FROM photo_vectors WHERE label = ?", values)
         if self._removal == "tombstone":
             self._conn.executemany("INSERT INTO tombstones (label) VALUES (?)", values)
 
@@ -1159,42 +1215,91 @@ class CatalogIndex:
         Exactly ``min(k, matching items)`` hits come back per query.  ``nprobe`` /
         ``efSearch`` override the persistent knobs for this call.
         """
-        q = check_embeddings(queries, self._dim, what="search(): queries", normalize=normalize)
+        q, k, clauses, overrides = self._search_args(queries, k, filters, nprobe, efSearch, normalize,
+                                                     "search()")
+        if len(q) == 0:
+            return []
+        with self._rw.read():
+            self._require_open("search()")
+            distances, labels = self._ranked(q, k, clauses, overrides)
+            meta = self._rows_of(np.unique(labels[labels >= 0]).tolist())
+        return self._hits(distances, labels, meta)
+
+    def search_photo(self, queries: np.ndarray, k: int,
+                     filters: Mapping[str, Any] | None = None, *, depth: int = PHOTO_RERANK_DEPTH,
+                     nprobe: int | None = None,
+                     efSearch: int | None = None,  # noqa: N803 - FAISS name
+                     normalize: bool = False) -> list[list[Hit]]:
+        """Top-k items per *photo* query: the first ``max(k, depth)`` candidates of
+        :meth:`search`, ranked again by the query's cosine with each candidate's photo-side
+        vector, which becomes the hit's score.  The same as :meth:`search` on an index
+        without photo-side vectors; arguments as there."""
+        if not self._photo:
+            return self.search(queries, k, filters, nprobe=nprobe, efSearch=efSearch, normalize=normalize)
+        depth = check_k(depth)
+        q, k, clauses, overrides = self._search_args(queries, k, filters, nprobe, efSearch, normalize,
+                                                     "search_photo()")
+        if len(q) == 0:
+            return []
+        with self._rw.read():
+            self._require_open("search_photo()")
+            _, candidates = self._ranked(q, max(k, depth), clauses, overrides)
+            valid = candidates >= 0
+            found, vectors = self._photo_vectors_of(np.unique(candidates[valid]))
+            if len(found) != len(np.unique(candidates[valid])):
+                raise IndexStoreError(f"search_photo(): {self._path / CATALOG_NAME} lacks the photo-side "
+                                      "vectors of some items; run verify() and re-index")
+            # Every candidate's photo-side vector against its own query, in one product.
+            pos = np.searchsorted(found, np.where(valid, candidates, found[0] if len(found) else 0))
+            scores = (np.einsum("qkd,qd->qk", vectors[pos], q) if len(found)
+                      else np.zeros(candidates.shape, np.float32))
+            scores[~valid] = -np.inf
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            distances = np.take_along_axis(scores, order, axis=1)
+            labels = np.where(np.isfinite(distances), np.take_along_axis(candidates, order, axis=1), -1)
+            meta = self._rows_of(np.unique(labels[labels >= 0]).tolist())
+        return self._hits(distances, labels, meta)
+
+    def _search_args(self, queries: np.ndarray, k: int, filters: Mapping[str, Any] | None,
+                     nprobe: int | None, ef_search: int | None, normalize: bool, step: str
+                     ) -> tuple[np.ndarray, int, list[tuple[str, list[str]]], dict[str, int]]:
+        q = check_embeddings(queries, self._dim, what=f"{step}: queries", normalize=normalize)
         k = check_k(k)
         if filters is not None and not isinstance(filters, Mapping):
-            raise InputError("search(): filters must be a dict {field: value or [values]}, "
+            raise InputError(f"{step}: filters must be a dict {{field: value or [values]}}, "
                              f"got {type(filters).__name__}")
         clauses = [(f, filter_values(f, v)) for f, v in (filters or {}).items()]
         overrides = {}
         if nprobe is not None:
             overrides["nprobe"] = self._valid_nprobe(nprobe)
-        if efSearch is not None:
-            overrides["efSearch"] = self._valid_ef(efSearch)
-        if len(q) == 0:
-            return []
-        with self._rw.read():
-            self._require_open("search()")
-            allowed = self._labels_matching(clauses) if clauses else None
-            candidates = len(allowed) if allowed is not None else self._count
-            if candidates == 0:
-                return [[] for _ in range(len(q))]
-            expected = min(k, candidates)
-            params = {**self._search_params, **overrides}
-            distances, labels = self._faiss_search(q, k, allowed, params,
-                                                   use_gpu=not clauses and not overrides)
-            short = (labels >= 0).sum(axis=1) < expected
-            if short.any():
-                rows = np.flatnonzero(short)
-                d2, l2 = self._search_exhaustive(q[rows], k, allowed, params)
-                distances[rows], labels[rows] = d2, l2
-            found = labels[labels >= 0]
-            meta = self._rows_of(np.unique(found).tolist())
-        hits = []
-        for drow, lrow in zip(distances, labels):
-            hits.append([Hit(id=meta[int(lb)][0], score=float(d), label=int(lb),
-                             metadata=meta[int(lb)][1])
-                         for d, lb in zip(drow, lrow) if lb >= 0])
-        return hits
+        if ef_search is not None:
+            overrides["efSearch"] = self._valid_ef(ef_search)
+        return q, k, clauses, overrides
+
+    def _ranked(self, q: np.ndarray, k: int, clauses: list[tuple[str, list[str]]],
+                overrides: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's top-k scores and labels (-1 past the matches); under the read lock."""
+        allowed = self._labels_matching(clauses) if clauses else None
+        candidates = len(allowed) if allowed is not None else self._count
+        if candidates == 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        expected = min(k, candidates)
+        params = {**self._search_params, **overrides}
+        distances, labels = self._faiss_search(q, k, allowed, params,
+                                               use_gpu=not clauses and not overrides)
+        short = (labels >= 0).sum(axis=1) < expected
+        if short.any():
+            rows = np.flatnonzero(short)
+            d2, l2 = self._search_exhaustive(q[rows], k, allowed, params)
+            distances[rows], labels[rows] = d2, l2
+        return distances, labels
+
+    @staticmethod
+    def _hits(distances: np.ndarray, labels: np.ndarray,
+              meta: Mapping[int, tuple[str, dict[str, Any]]]) -> list[list[Hit]]:
+        return [[Hit(id=meta[int(lb)][0], score=float(d), label=int(lb), metadata=meta[int(lb)][1])
+                 for d, lb in zip(drow, lrow) if lb >= 0]
+                for drow, lrow in zip(distances, labels)]
 
     def _faiss_search(self, q: np.ndarray, k: int, allowed: np.ndarray | None,
                       params: Mapping[str, int], *, use_gpu: bool,
@@ -1324,6 +1429,22 @@ class CatalogIndex:
                     meta.update(json.loads(attrs))
                     out[label] = (item_id, meta)
         return out
+
+    def _photo_vectors_of(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels found, sorted; their photo-side vectors [n, dim])``."""
+        found: list[int] = []
+        blobs: list[bytes] = []
+        with self._db_lock:
+            for start in range(0, len(labels), _SQL_CHUNK):
+                chunk = [int(x) for x in labels[start:start + _SQL_CHUNK]]
+                marks = ",".join("?" * len(chunk))
+                for label, blob in self._conn.execute(
+                        f"SELECT label, vector FROM photo_vectors WHERE label IN ({marks})", chunk):
+                    found.append(label)
+                    blobs.append(blob)
+        order = np.argsort(np.asarray(found, dtype=np.int64), kind="stable")
+        vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self._dim)
+        return np.asarray(found, dtype=np.int64)[order], vectors[order]
 
     def _labels_matching(self, clauses: list[tuple[str, list[str]]]) -> np.ndarray:
         parts, args = [], []

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xmsearch import spec as S
 from xmsearch.catalog import BadRow, CatalogRow, read_catalog
 from xmsearch.client.embed import Embedder, embed_isolating, stack_rows
 from xmsearch.client.index import CatalogIndex
@@ -62,17 +63,34 @@ def open_or_create(index_dir: Path, embedder: Embedder, factory: str, resume: bo
             if index.dim != embedder.dim:
                 raise IndexStoreError(f"index {index_dir} holds {index.dim}-d vectors, the server "
                                       f"embeds {embedder.dim}-d")
+            if index.has_photo_vectors and not embedder.serves_photo_vectors:
+                raise IndexStoreError(f"index {index_dir} keeps a photo-side vector per item and the "
+                                      f"server's {S.ITEM!r} ensemble returns none ({S.PHOTO_EMBEDDING}): "
+                                      "serve the model repository the index was built with")
         except BaseException:
             index.close()  # a refused index must not stay locked for writing
             raise
         return index
     return CatalogIndex.create(index_dir, embedder.dim, fingerprint=embedder.fingerprint,
-                               factory=factory, gpu=gpu)
+                               factory=factory, gpu=gpu, photo_vectors=embedder.serves_photo_vectors)
 
 
-def _embed_rows(embedder: Embedder, rows: list[CatalogRow], bad: list[BadRow]
+def _width(index: CatalogIndex) -> int:
+    """Columns per embedded row: the item vector, then the photo-side one where the index keeps it."""
+    return index.dim * (2 if index.has_photo_vectors else 1)
+
+
+def _add(index: CatalogIndex, rows: list[CatalogRow], vectors: np.ndarray) -> None:
+    d = index.dim
+    index.add([r.id for r in rows], vectors[:, :d], [r.metadata() for r in rows],
+              photo_vectors=vectors[:, d:] if index.has_photo_vectors else None)
+
+
+def _embed_rows(embedder: Embedder, rows: list[CatalogRow], bad: list[BadRow], width: int
                 ) -> tuple[list[CatalogRow], np.ndarray]:
-    """Embed rows; isolate rows the server refuses (one request each) instead of failing."""
+    """Embed rows (``width`` columns each: the item vector, and the photo-side vector when
+    twice the embedding width); isolate rows the server refuses (one request each)."""
+    photo = width != embedder.dim
     ok_rows, photos = [], []
     for r in rows:
         try:
@@ -81,10 +99,11 @@ def _embed_rows(embedder: Embedder, rows: list[CatalogRow], bad: list[BadRow]
         except OSError as e:
             bad.append(BadRow(r.line, r.id, f"cannot read image {r.image}: {e.strerror or e}"))
     if not ok_rows:
-        return [], stack_rows([], embedder.dim)
+        return [], stack_rows([], width)
     kept, vectors, refused = embed_isolating(
-        lambda idx: embedder.embed_items([ok_rows[i].title for i in idx], [photos[i] for i in idx]),
-        len(ok_rows), embedder.dim)
+        lambda idx: embedder.embed_items([ok_rows[i].title for i in idx], [photos[i] for i in idx],
+                                         photo=photo),
+        len(ok_rows), width)
     for i, e in refused.items():
         bad.append(BadRow(ok_rows[i].line, ok_rows[i].id, f"refused by the server: {e}"))
     return [ok_rows[i] for i in kept], vectors
@@ -94,7 +113,7 @@ _QUEUED_PER_SLOT = 4  # requests queued per in-flight slot, ahead of the oldest 
 
 
 def _embedded_chunks(embedder: Embedder, chunks: list[list[CatalogRow]], bad: list[BadRow],
-                     request_rows: int, in_flight: int
+                     request_rows: int, in_flight: int, width: int
                      ) -> Iterator[tuple[list[CatalogRow], list[CatalogRow], np.ndarray]]:
     """``(chunk, kept rows, vectors)`` for each chunk, in order.
 
@@ -116,18 +135,18 @@ def _embedded_chunks(embedder: Embedder, chunks: list[list[CatalogRow]], bad: li
                     nxt = next(pieces, None)
                     if nxt is None:
                         break
-                    queued.append((nxt[0], pool.submit(_embed_rows, embedder, nxt[1], bad)))
+                    queued.append((nxt[0], pool.submit(_embed_rows, embedder, nxt[1], bad, width)))
                 if not queued:
                     break
                 c, fut = queued.popleft()
                 if c != current:  # chunk `current` is complete (pieces arrive in order)
-                    yield chunks[current], kept, stack_rows(vectors, embedder.dim)
+                    yield chunks[current], kept, stack_rows(vectors, width)
                     kept, vectors, current = [], [], c
                 rows, vecs = fut.result()
                 kept += rows
                 vectors.append(vecs)
             if chunks:
-                yield chunks[current], kept, stack_rows(vectors, embedder.dim)
+                yield chunks[current], kept, stack_rows(vectors, width)
         finally:  # stopped early (an error, an interrupt): send nothing more
             for _, fut in queued:
                 fut.cancel()
@@ -168,11 +187,12 @@ def ingest_catalog(catalog: Path, index_dir: Path, embedder: Embedder, *, factor
             if len(sample) < lo:
                 raise IndexStoreError(f"factory {index.factory!r} needs at least {lo} vectors to train, "
                                       f"the catalogue has {len(sample)} usable rows: use Flat or HNSW32")
-            with closing(_embedded_chunks(embedder, [sample], report.bad, request_rows, in_flight)) as one:
+            with closing(_embedded_chunks(embedder, [sample], report.bad, request_rows, in_flight,
+                                          _width(index))) as one:
                 _, kept, vecs = next(one)
-            index.train(vecs)
+            index.train(vecs[:, :index.dim])
             if kept:  # the training sample is embedded already: add it, do not embed it twice
-                index.add([r.id for r in kept], vecs, [r.metadata() for r in kept])
+                _add(index, kept, vecs)
                 report.added += len(kept)
             index.save()
             todo = todo[len(sample):]
@@ -180,10 +200,11 @@ def ingest_catalog(catalog: Path, index_dir: Path, embedder: Embedder, *, factor
             index.set_search_params(nprobe=nprobe, efSearch=ef_search)
         done = 0
         chunks = [todo[start:start + chunk_size] for start in range(0, len(todo), chunk_size)]
-        with closing(_embedded_chunks(embedder, chunks, report.bad, request_rows, in_flight)) as embedded:
+        with closing(_embedded_chunks(embedder, chunks, report.bad, request_rows, in_flight,
+                                      _width(index))) as embedded:
             for n, (chunk, kept, vecs) in enumerate(embedded, start=1):
                 if kept:
-                    index.add([r.id for r in kept], vecs, [r.metadata() for r in kept])
+                    _add(index, kept, vecs)
                     report.added += len(kept)
                 done += len(chunk)
                 if n % save_every == 0:

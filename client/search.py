@@ -1,4 +1,6 @@
-"""Search: a query (text, photo or both) -> served embedding -> FAISS top-k with filters.
+"""Search: a query (text, photo or both) -> served embedding -> FAISS top-k with filters
+(photo queries: FAISS candidates ranked again by the items' photo-side vectors,
+:meth:`CatalogIndex.search_photo`).
 
 Single queries from many threads (a web front end sharing one :class:`Searcher`) are
 answered together: while one round of queries is being embedded and searched, the queries
@@ -172,6 +174,8 @@ class Searcher:
         check_k(k)
         photos = [read_image(i) for i in images] if images is not None else None
         vectors = self.embedder.embed_queries(texts, photos)
+        if texts is None:
+            return self.index.search_photo(vectors, k, filters)
         return self.index.search(vectors, k, filters)
 
     def _embed(self, queries: list[_Query]) -> np.ndarray:
@@ -192,8 +196,10 @@ class Searcher:
             groups.setdefault((queries[i].k, _filters_key(queries[i].filters)), []).append(row)
         for (k, _), rows in groups.items():
             members = [live[r] for r in rows]
+            # Photo queries: candidates ranked again by the items' photo-side vectors.
+            search = self.index.search_photo if queries[members[0]].kind == "image" else self.index.search
             try:
-                hits = self.index.search(vectors[rows], k, queries[members[0]].filters)
+                hits = search(vectors[rows], k, queries[members[0]].filters)
             except Exception as exc:  # noqa: BLE001 - handed to this group's callers
                 for i in members:
                     outcomes[i] = exc

@@ -333,6 +333,21 @@ def test_tiny_faiss_bench_rows() -> None:
     assert pq.bytes_per_vector < flat.bytes_per_vector
 
 
+def test_photo_rerank_cost_times_both_searches_on_one_index(tmp_path: Path) -> None:
+    from benchmarks import photo_rerank_cost
+
+    out = tmp_path / "cost.md"
+    assert photo_rerank_cost.main(["--items", "300", "--dim", "16", "--rounds", "2", "--calls", "3",
+                                   "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("$ python -m benchmarks.photo_rerank_cost --items 300")
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| 300 |")]
+    assert [r[2].strip() for r in rows] == ["1", "16"]
+    for r in rows:
+        plain, photo, ratio = float(r[3]), float(r[4]), float(r[5].strip().rstrip("x"))
+        assert plain > 0 and photo > 0 and ratio == pytest.approx(photo / plain, abs=0.01)
+
+
 def _row(index: str, params: str, recall: float, qps: float, speedup: float, n: int = 1000) -> faiss_bench.FaissRow:
     return faiss_bench.FaissRow(n=n, index=index, params=params, recall_at_10=recall, qps=qps, latency_ms=1.0,
                                 build_s=1.0, bytes_per_vector=100.0, speedup_vs_flat=speedup)

@@ -169,8 +169,10 @@ def test_ensembles_expose_the_public_contract() -> None:
         cfg = configs[name]
         assert [i.name for i in cfg.input] == inputs, name
         assert all((i.data_type, list(i.dims)) == (mc.TYPE_STRING, [1]) for i in cfg.input), name
+        # Catalogue items also return their photo-side vector (CatalogIndex.search_photo).
+        outputs = ["EMBEDDING", "PHOTO_EMBEDDING"] if name == S.ITEM else ["EMBEDDING"]
         assert [(o.name, o.data_type, list(o.dims)) for o in cfg.output] == \
-            [("EMBEDDING", mc.TYPE_FP32, [256])], name
+            [(o, mc.TYPE_FP32, [256]) for o in outputs], name
         assert cfg.parameters[S.FINGERPRINT_PARAMETER].string_value == "fp"
     # A query runs only the branches it needs.
     steps = {n: [s.model_name for s in configs[n].ensemble_scheduling.step] for n in wanted}
@@ -414,7 +416,7 @@ def test_checkpoint_from_before_query_cross_loads_with_one_joint_path(tmp_path: 
     assert back.config()["query_cross"] is False
     states, mask, regions = tiny_cases()[0]
     with torch.no_grad():
-        assert torch.equal(FusionEntry(back, "item")(states, mask, regions),
+        assert torch.equal(FusionEntry(back, "item")(states, mask, regions)[0],
                            FusionEntry(back, "joint")(states, mask, regions))
 
 

@@ -27,8 +27,10 @@ def test_entry_points_give_unit_vectors(fusion, kind):
             "item": (states, mask, regions)}[kind]
     with torch.no_grad():
         out = FusionEntry(fusion, kind)(*args)
-    assert out.shape == (3, 16)
-    assert torch.allclose(out.norm(dim=-1), torch.ones(3), atol=1e-5)
+    # The item entry point returns the item vector and its photo-side vector.
+    for vec in out if kind == "item" else (out,):
+        assert vec.shape == (3, 16)
+        assert torch.allclose(vec.norm(dim=-1), torch.ones(3), atol=1e-5)
 
 
 def test_padding_tokens_are_ignored(fusion):
@@ -76,9 +78,9 @@ def test_query_cross_gives_text_image_queries_their_own_cross_attention():
     assert extra and all(k.split(".")[0] in ("t2i_q", "i2t_q", "norm_t_q", "norm_i_q") for k in extra)
     own.load_state_dict({**own.state_dict(), **shared.state_dict()})
     with torch.no_grad():
-        item = FusionEntry(own, "item")(states, mask, regions)
+        item = FusionEntry(own, "item")(states, mask, regions)[0]
         query = FusionEntry(own, "joint")(states, mask, regions)
-        assert torch.equal(item, FusionEntry(shared, "item")(states, mask, regions))
+        assert torch.equal(item, FusionEntry(shared, "item")(states, mask, regions)[0])
         assert not torch.allclose(item, query, atol=1e-3)  # the query weights are its own
         # Without query_cross both entry points are one computation.
         assert torch.equal(FusionEntry(shared, "joint")(states, mask, regions), item)
@@ -109,11 +111,16 @@ def test_item_mix_adds_the_single_modality_embeddings_to_the_stored_item_vector(
     assert plain.config()["item_mix"] == 0.0 and mixed.config()["item_mix"] == 0.5
     with torch.no_grad():
         joint = plain.encode_joint(states, mask, regions)
-        assert torch.equal(FusionEntry(plain, "item")(states, mask, regions), joint)
+        assert torch.equal(FusionEntry(plain, "item")(states, mask, regions)[0], joint)
         want = torch.nn.functional.normalize(
             joint + 0.5 * (plain.encode_text(states, mask) + plain.encode_image(regions)), dim=-1)
-        got = FusionEntry(mixed, "item")(states, mask, regions)
+        got, photo = FusionEntry(mixed, "item")(states, mask, regions)
         assert torch.allclose(got, want, atol=1e-6)
+        assert torch.equal(got, mixed.encode_item(states, mask, regions))
+        # The photo-side vector has none of the title-only embedding, whatever the mix.
+        want_photo = torch.nn.functional.normalize(joint + plain.encode_image(regions), dim=-1)
+        assert torch.allclose(photo, want_photo, atol=1e-6)
+        assert torch.equal(photo, FusionEntry(plain, "item")(states, mask, regions)[1])
         assert not torch.allclose(got, joint, atol=1e-3)
         # Only the stored item vectors change: every query entry point is the same computation.
         assert torch.equal(FusionEntry(mixed, "joint")(states, mask, regions),

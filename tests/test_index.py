@@ -453,6 +453,83 @@ def test_add_delete_duplicates_and_unknown_ids(tmp_path, rng, factory):
         assert len(again) == 399 and again.contains(["sku4", "sku7"]) == [False, True]
 
 
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+def test_photo_vectors_rank_photo_queries_again(tmp_path, rng, factory):
+    n, depth = 300, 50
+    idx = CatalogIndex.create(tmp_path / "p", SMALL_DIM, fingerprint="fp-A", factory=factory,
+                              photo_vectors=True)
+    x, photo = unit(rng, n), unit(rng, n)
+    ids = [f"sku{i}" for i in range(n)]
+    with pytest.raises(InputError, match="pass photo_vectors"):
+        idx.add(ids, x)
+    with pytest.raises(InputError, match="photo_vectors"):
+        idx.add(ids, x, photo_vectors=photo[:, :8])
+    with pytest.raises(InputError, match="300 ids but 299 photo vectors"):
+        idx.add(ids, x, photo_vectors=photo[:-1])
+    assert len(idx) == 0
+    idx.add(ids, x, [item_meta(i) for i in range(n)], photo_vectors=photo)
+    assert idx.has_photo_vectors
+
+    def expected(q: np.ndarray, k: int, allowed=None) -> list[list[str]]:
+        out = []
+        for qv in q:
+            order = [i for i in np.argsort(-(x @ qv), kind="stable") if allowed is None or i in allowed]
+            cand = order[:max(k, depth)]
+            out.append([ids[i] for i in sorted(cand, key=lambda i: -(photo[i] @ qv))[:k]])
+        return out
+
+    q = unit(rng, 6)
+    got = idx.search_photo(q, 5, depth=depth)
+    if factory == "Flat":  # exact candidates: the same lists as ranking by hand
+        assert result_ids(got) == expected(q, 5)
+    for qv, row in zip(q, got):  # the score is the photo-side cosine, best first
+        scores = [h.score for h in row]
+        assert scores == sorted(scores, reverse=True)
+        for h in row:
+            assert h.score == pytest.approx(float(photo[int(h.id[3:])] @ qv), abs=1e-5)
+    # Not the order of the main vectors: the photo-side ranking decides.
+    assert result_ids(got) != result_ids(idx.search(q, 5))
+    # Filters hold; fewer matches than k give all of them.
+    rows = idx.search_photo(q, 10, filters={"color": "c3"})
+    assert all(len(r) == 10 and all(h.metadata["color"] == "c3" for h in r) for r in rows)
+    if factory == "Flat":
+        allowed = {i for i in range(n) if i % 8 == 3}
+        assert result_ids(rows) == expected(q, 10, allowed)
+    # A deleted item leaves both stores; an upsert replaces its photo-side vector too.
+    idx.delete(["sku1"])
+    assert all("sku1" not in {h.id for h in r} for r in idx.search_photo(np.stack([x[1]]), 20))
+    new_photo = unit(rng, 1)
+    idx.add(["sku2"], x[2:3], [{"title": "again"}], upsert=True, photo_vectors=new_photo)
+    top = idx.search_photo(new_photo, 1, depth=n)[0][0]
+    assert top.id == "sku2" and top.score == pytest.approx(1.0, abs=1e-5)
+    before = result_ids(idx.search_photo(q, 5))
+    idx.save()
+    idx.verify()
+    idx.close()
+    with CatalogIndex.open(tmp_path / "p", read_only=True) as again:
+        assert again.has_photo_vectors and len(again) == n - 1
+        assert result_ids(again.search_photo(q, 5)) == before
+        assert again.search_photo(new_photo, 1, depth=n)[0][0].id == "sku2"
+
+    # verify() notices an item whose photo-side vector went missing.
+    import sqlite3
+    with sqlite3.connect(tmp_path / "p" / "catalog.sqlite") as conn:
+        conn.execute("DELETE FROM photo_vectors WHERE label = (SELECT label FROM items WHERE id = 'sku5')")
+    with CatalogIndex.open(tmp_path / "p", read_only=True) as broken:
+        with pytest.raises(IndexStoreError, match="without a photo-side vector"):
+            broken.verify()
+
+
+def test_index_without_photo_vectors_searches_photo_queries_as_any_other(tmp_path, rng):
+    idx, x, ids = make_index(tmp_path / "i", rng, n=200)
+    assert not idx.has_photo_vectors
+    q = unit(rng, 4)
+    assert result_ids(idx.search_photo(q, 7)) == result_ids(idx.search(q, 7))
+    with pytest.raises(InputError, match="created without photo-side vectors"):
+        idx.add(["new"], unit(rng, 1), photo_vectors=unit(rng, 1))
+    idx.close()
+
+
 def test_metadata_round_trip_and_filter_semantics(tmp_path, rng):
     idx = CatalogIndex.create(tmp_path / "i", SMALL_DIM, fingerprint="fp-A")
     metas = [

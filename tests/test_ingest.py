@@ -184,6 +184,21 @@ def test_ingest_keeps_good_rows_reports_bad_ones(catalogue: Catalogue, embedder:
         assert all(len(hits) == 5 for hits in results)
         assert all(h.id in catalogue.good for hits in results for h in hits)
         assert all(hits[0].score >= hits[-1].score for hits in results)
+
+        # Photo queries are ranked again by the items' photo-side vectors, which the ingest
+        # stored from the item ensemble's second output: a hit's score is that cosine.
+        assert embedder.serves_photo_vectors and searcher.index.has_photo_vectors
+        rows = {r.id: r for r in read_catalog(catalogue.path)[0]}
+        probe = [rows[i] for i in good[:4]]
+        photos = [r.image.read_bytes() for r in probe]
+        both = embedder.embed_items([r.title for r in probe], photos, photo=True)
+        assert both.shape == (4, 2 * embedder.dim)
+        queries = embedder.embed_queries(images=photos)
+        for r, q, photo_side, hits in zip(probe, queries, both[:, embedder.dim:],
+                                          searcher.search_many(images=photos, k=3)):
+            assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+            assert hits[0].id == r.id
+            assert hits[0].score == pytest.approx(float(q @ photo_side), abs=1e-4)
     finally:
         searcher.close()
 

@@ -67,20 +67,20 @@ def bytes_tensor(name: str, rows: list[bytes]) -> grpcclient.InferInput:
 
 
 def raw_infer(client: grpcclient.InferenceServerClient, model: str,
-              inputs: list[grpcclient.InferInput]) -> np.ndarray:
-    result = client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(S.EMBEDDING)],
+              inputs: list[grpcclient.InferInput], output: str = S.EMBEDDING) -> np.ndarray:
+    result = client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(output)],
                           client_timeout=60)
-    return result.as_numpy(S.EMBEDDING)
+    return result.as_numpy(output)
 
 
 def embed(client, model: str, texts: list[str] | None = None,
-          images: list[bytes] | None = None) -> np.ndarray:
+          images: list[bytes] | None = None, output: str = S.EMBEDDING) -> np.ndarray:
     inputs = []
     if texts is not None:
         inputs.append(bytes_tensor(S.TEXT, [t.encode() for t in texts]))
     if images is not None:
         inputs.append(bytes_tensor(S.IMAGE, images))
-    return raw_infer(client, model, inputs)
+    return raw_infer(client, model, inputs, output)
 
 
 def assert_matches(served: np.ndarray, reference: np.ndarray, what: str) -> None:
@@ -154,6 +154,12 @@ def test_item_matches_reference_in_passage_role(client, reference_pipeline, phot
     titles = [ENGLISH[1], CHINESE[1], ENGLISH[2], "白色帆布鞋 white canvas sneakers"]
     served = embed(client, S.ITEM, texts=titles, images=photos)
     assert_matches(served, reference_pipeline.embed(titles, photos, "passage"), "item")
+    # The item ensemble's second output: the photo-side vector, from the same request path.
+    served_photo = embed(client, S.ITEM, texts=titles, images=photos, output=S.PHOTO_EMBEDDING)
+    reference, reference_photo = reference_pipeline.embed_items(titles, photos)
+    assert_matches(served_photo, reference_photo, "item photo-side")
+    np.testing.assert_allclose(served, reference, atol=1e-3)
+    assert not np.allclose(served_photo, served, atol=1e-3)
 
 
 def test_image_sizes_and_formats(client, reference_pipeline) -> None:

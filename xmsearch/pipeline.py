@@ -124,3 +124,13 @@ class ReferencePipeline:
             out = (self.fusion.encode_joint(states, mask, regions, query=True) if role == "query"
                    else self.fusion.encode_item(states, mask, regions))
         return out.numpy().astype(np.float32)
+
+    @torch.no_grad()
+    def embed_items(self, texts: list[str], images: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """Catalogue items' two vectors, as the item ensemble returns them: ``EMBEDDING``
+        (what every query searches) and ``PHOTO_EMBEDDING`` (photo queries' second ranking)."""
+        if len(texts) != len(images):
+            raise ValueError(f"{len(texts)} texts but {len(images)} images")
+        states, mask = self.encoders.text_states(texts, "passage")
+        z, photo = self.fusion.encode_item_vectors(states, mask, self.encoders.image_regions(images))
+        return z.numpy().astype(np.float32), photo.numpy().astype(np.float32)

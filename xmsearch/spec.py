@@ -48,6 +48,9 @@ PIXEL_VALUES = "PIXEL_VALUES"  # FP32 [3, H, W]
 TOKEN_STATES = "TOKEN_STATES"  # FP32 [-1, text_dim]
 IMAGE_REGIONS = "IMAGE_REGIONS"  # FP32 [regions, image_dim]
 EMBEDDING = "EMBEDDING"  # FP32 [embed_dim], L2-normalised
+# FP32 [embed_dim], L2-normalised: a catalogue item's photo-side vector (the item ensemble's
+# second output), by which the index ranks the candidates of a photo query again.
+PHOTO_EMBEDDING = "PHOTO_EMBEDDING"
 
 # Model-config parameter carrying the fingerprint of the weights behind an ensemble.
 FINGERPRINT_PARAMETER = "xmsearch_fingerprint"
@@ -119,6 +122,7 @@ def member_specs(d: Dims) -> dict[str, ModelSpec]:
     regions = TensorSpec(IMAGE_REGIONS, "float32", (d.regions, d.image_dim))
     pixels = TensorSpec(PIXEL_VALUES, "float32", (3, d.image_size, d.image_size))
     emb = TensorSpec(EMBEDDING, "float32", (d.embed_dim,))
+    photo_emb = TensorSpec(PHOTO_EMBEDDING, "float32", (d.embed_dim,))
     text = TensorSpec(TEXT, "object", (1,))
     image = TensorSpec(IMAGE, "object", (1,))
     seq = {"min_axis": {"sequence": 1}, "opt_axis": {"sequence": 16},
@@ -133,7 +137,7 @@ def member_specs(d: Dims) -> dict[str, ModelSpec]:
         ModelSpec(FUSION_TEXT, (states, mask), (emb,), 64, (8, 16, 32), 1000, **seq),
         ModelSpec(FUSION_IMAGE, (regions,), (emb,), 64, (8, 16, 32), 1000),
         ModelSpec(FUSION_JOINT, (states, mask, regions), (emb,), 64, (8, 16, 32), 1000, **seq),
-        ModelSpec(FUSION_ITEM, (states, mask, regions), (emb,), 64, (16, 32), 1000, **seq),
+        ModelSpec(FUSION_ITEM, (states, mask, regions), (emb, photo_emb), 64, (16, 32), 1000, **seq),
     ]
     return {s.name: s for s in specs}
 
@@ -176,9 +180,9 @@ def ensemble_specs() -> dict[str, EnsembleSpec]:
                             {INPUT_IDS: "input_ids", ATTENTION_MASK: "attention_mask",
                              PIXEL_VALUES: "pixel_values"})
 
-    def fusion_of(model: str) -> EnsembleStep:
+    def fusion_of(model: str, *outputs: str) -> EnsembleStep:
         return EnsembleStep(model, {TOKEN_STATES: "token_states", ATTENTION_MASK: "attention_mask",
-                                    IMAGE_REGIONS: "image_regions"}, {EMBEDDING: EMBEDDING})
+                                    IMAGE_REGIONS: "image_regions"}, {o: o for o in (EMBEDDING, *outputs)})
 
     img_enc = EnsembleStep(IMAGE_ENCODER, {PIXEL_VALUES: "pixel_values"}, {IMAGE_REGIONS: "image_regions"})
     f_text = EnsembleStep(FUSION_TEXT, {TOKEN_STATES: "token_states", ATTENTION_MASK: "attention_mask"},
@@ -189,6 +193,7 @@ def ensemble_specs() -> dict[str, EnsembleSpec]:
         EnsembleSpec(QUERY_IMAGE, (IMAGE,), (img_pre, img_enc, f_image)),
         EnsembleSpec(QUERY_TEXT_IMAGE, (TEXT, IMAGE), (both(JOINT_PREPROCESS), text_enc, img_enc,
                                                           fusion_of(FUSION_JOINT))),
-        EnsembleSpec(ITEM, (TEXT, IMAGE), (both(ITEM_PREPROCESS), text_enc, img_enc, fusion_of(FUSION_ITEM))),
+        EnsembleSpec(ITEM, (TEXT, IMAGE), (both(ITEM_PREPROCESS), text_enc, img_enc,
+                                                 fusion_of(FUSION_ITEM, PHOTO_EMBEDDING))),
     ]
     return {e.name: e for e in ens}

@@ -121,8 +121,13 @@ class AttentionFusion(nn.Module):
 
     def encode_item(self, text_states: torch.Tensor, text_mask: torch.Tensor,
                     image_regions: torch.Tensor) -> torch.Tensor:
-        """A catalogue item (title + photo): what the index stores."""
+        """A catalogue item (title + photo): the vector the index searches."""
         return self.item(self.text_tokens(text_states), text_mask, self.image_tokens(image_regions))
+
+    def encode_item_vectors(self, text_states: torch.Tensor, text_mask: torch.Tensor,
+                            image_regions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A catalogue item's two stored vectors (:meth:`item_vectors`)."""
+        return self.item_vectors(self.text_tokens(text_states), text_mask, self.image_tokens(image_regions))
 
     # The same on projected tokens: training projects each feature tensor once and
     # reuses it across views (the 1280-wide region projection dominates its cost).
@@ -178,10 +183,24 @@ class AttentionFusion(nn.Module):
         Training matches every query view against the joint embedding alone; the two
         single-modality embeddings of the same item are added afterwards, a late fusion
         of three views of one product (``TrainConfig.item_mix``)."""
+        return self.item_vectors(t, text_mask, v)[0]
+
+    def item_vectors(self, t: torch.Tensor, text_mask: torch.Tensor, v: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """An item's two stored vectors: :meth:`item` (what every query kind searches) and
+        its photo-side vector, ``normalise(joint + photo-only)``, by which the candidates
+        of a photo query are ranked again.
+
+        The two query kinds pull the stored vector apart: text and text+image queries find
+        their items best with much of the title-only embedding in it, photo queries with
+        none of it and more of the photo-only one (a grid of both weights on a development
+        query set, benchmarks/results/quality_ab.md, 2026-12-06 afternoon)."""
         z = self.joint(t, text_mask, v)
+        p = self.image_only(v)
+        photo = F.normalize(z + p, dim=-1)
         if self.item_mix:
-            z = F.normalize(z + self.item_mix * (self.text_only(t, text_mask) + self.image_only(v)), dim=-1)
-        return z
+            z = F.normalize(z + self.item_mix * (self.text_only(t, text_mask) + p), dim=-1)
+        return z, photo
 
     def _pool_and_project(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         # Broadcasting the learned query against tokens[:, :1] keeps the batch axis symbolic.
@@ -208,5 +227,5 @@ class FusionEntry(nn.Module):
         if self.kind == "image":
             return f.encode_image(args[0])
         if self.kind == "item":
-            return f.encode_item(args[0], args[1], args[2])
+            return f.encode_item_vectors(args[0], args[1], args[2])
         return f.encode_joint(args[0], args[1], args[2], query=True)
