@@ -1236,7 +1236,9 @@ class CatalogIndex:
         without photo-side vectors; arguments as there."""
         if not self._photo:
             return self.search(queries, k, filters, nprobe=nprobe, efSearch=efSearch, normalize=normalize)
-        depth = check_k(depth)
+        if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
+            raise InputError(f"search_photo(): depth (candidates ranked again) must be a positive "
+                             f"integer, got {depth!r}")
         q, k, clauses, overrides = self._search_args(queries, k, filters, nprobe, efSearch, normalize,
                                                      "search_photo()")
         if len(q) == 0:

@@ -489,7 +489,10 @@ def test_photo_vectors_rank_photo_queries_again(tmp_path, rng, factory):
             assert h.score == pytest.approx(float(photo[int(h.id[3:])] @ qv), abs=1e-5)
     # Not the order of the main vectors: the photo-side ranking decides.
     assert result_ids(got) != result_ids(idx.search(q, 5))
-    # Filters hold; fewer matches than k give all of them.
+    with pytest.raises(InputError, match="depth"):
+        idx.search_photo(q, 5, depth=0)
+    assert idx.search_photo(q, 5, filters={"color": "no-such"}) == [[] for _ in q]
+    # Filters hold.
     rows = idx.search_photo(q, 10, filters={"color": "c3"})
     assert all(len(r) == 10 and all(h.metadata["color"] == "c3" for h in r) for r in rows)
     if factory == "Flat":

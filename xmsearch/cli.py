@@ -313,9 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--group-size", type=int, default=4,
                    help="look-alike items per group in the extra photo batches that teach the photo path "
                         "to tell near-duplicates apart (1: off; default 4)")
-    t.add_argument("--item-mix", type=float, default=0.5, metavar="M",
+    t.add_argument("--item-mix", type=float, default=2.0, metavar="M",
                    help="an item's stored vector is its title+photo embedding plus M times the sum of its "
-                        "title-only and photo-only embeddings, renormalised (0: the joint one alone; default 0.5)")
+                        "title-only and photo-only embeddings, renormalised (0: the joint one alone; "
+                        "photo queries are ranked again by a second vector that does not use it; default 2)")
     t.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="arithmetic of the training steps: bf16 autocast (fp32 weights) or fp32; auto picks "
                         "bf16 where the CPU has native bfloat16 (AVX512-BF16/AMX): 1.6x faster per epoch on the demo "

@@ -123,8 +123,11 @@ class TrainConfig:
     # Stored item vector = joint + item_mix * (title-only + photo-only), renormalised
     # (AttentionFusion.item); training itself matches every query view against the joint
     # embedding. 0.5 against 0 over three seeds: text R@10 +0.04 to +0.05, photo+text R@10
-    # +0.04 to +0.06, photo R@1 0.00 to +0.01 (quality_ab.md, 2026-12-04 late).
-    item_mix: float = 0.5
+    # +0.04 to +0.06 (quality_ab.md, 2026-12-04 late). Since photo queries are ranked again by
+    # the photo-side vector (CatalogIndex.search_photo), which does not depend on it, 2 against
+    # 0.5 on the development queries over three seeds: text R@10 0.853 -> 0.859, photo+text R@10
+    # 0.755 -> 0.776, photo R@1 unchanged; 3 adds at most 0.003 (quality_ab.md, 2026-12-06 afternoon).
+    item_mix: float = 2.0
     group_size: int = 4  # >1: an extra photo -> item loss on batches of look-alike groups (neighbour_batches)
     # Arithmetic of the training steps: "bf16" runs them under bfloat16 autocast (weights,
     # optimiser state and the similarity logits stay fp32), "auto" picks it where the CPU
