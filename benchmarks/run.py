@@ -391,7 +391,8 @@ def _write_sections(out: Path, command: str, plan: Plan, served, torch_rows, onn
     common = (f"Demo catalogue ({_rel(args.catalog) if args.catalog else f'{plan.catalogue_items} generated items'}"
               f"{ingested}), "
               f"text model {args.text_model}, {weights}. Every query ends in the same FAISS Flat top-10 search of "
-              f"the index built by the ingest. Threads share one client (one gRPC channel), as a web front end "
+              f"the index built by the ingest (a photo query: the first 50, ranked again by the items' photo-side "
+              f"vectors, `CatalogIndex.search_photo`, served and in process alike). Threads share one client (one gRPC channel), as a web front end "
               f"would. {plan.search_duration_s:g} s measured per point after {plan.search_warmup_s:g} s of warm-up; "
               f"load average (1/5/15 min) at the end of the run: {_load()}.")
     items = compare.ratios(served, torch_rows, onnx_rows, sweeps, ingest.items_per_second if ingest else None)

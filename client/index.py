@@ -1234,11 +1234,11 @@ class CatalogIndex:
         :meth:`search`, ranked again by the query's cosine with each candidate's photo-side
         vector, which becomes the hit's score.  The same as :meth:`search` on an index
         without photo-side vectors; arguments as there."""
-        if not self._photo:
-            return self.search(queries, k, filters, nprobe=nprobe, efSearch=efSearch, normalize=normalize)
         if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
             raise InputError(f"search_photo(): depth (candidates ranked again) must be a positive "
                              f"integer, got {depth!r}")
+        if not self._photo:
+            return self.search(queries, k, filters, nprobe=nprobe, efSearch=efSearch, normalize=normalize)
         q, k, clauses, overrides = self._search_args(queries, k, filters, nprobe, efSearch, normalize,
                                                      "search_photo()")
         if len(q) == 0:
