@@ -532,6 +532,21 @@ def test_index_without_photo_vectors_searches_photo_queries_as_any_other(tmp_pat
         idx.add(["new"], unit(rng, 1), photo_vectors=unit(rng, 1))
     idx.close()
 
+    # An index written before photo-side vectors existed: no meta key, no table.
+    import sqlite3
+    with sqlite3.connect(tmp_path / "i" / "catalog.sqlite") as conn:
+        conn.execute("DELETE FROM meta WHERE key = 'photo_vectors'")
+        conn.execute("DROP TABLE photo_vectors")
+    with CatalogIndex.open(tmp_path / "i") as old:
+        assert not old.has_photo_vectors
+        old.delete(["sku3"])
+        old.add(["new"], unit(rng, 1), [{"title": "new"}])
+        assert result_ids(old.search_photo(q, 7)) == result_ids(old.search(q, 7))
+        assert old.contains(["sku3", "new"]) == [False, True]
+    with CatalogIndex.open(tmp_path / "i", read_only=True) as again:
+        again.verify()
+        assert len(again) == 200
+
 
 def test_metadata_round_trip_and_filter_semantics(tmp_path, rng):
     idx = CatalogIndex.create(tmp_path / "i", SMALL_DIM, fingerprint="fp-A")
