@@ -302,10 +302,11 @@ def _item_row(item_id: str, meta: Any) -> tuple[str | None, str | None, dict[str
     return title, image, attrs, pairs
 
 
-def check_k(k: Any) -> int:
-    """``k`` as an int, or an InputError: a search's result count must be a positive integer."""
+def check_k(k: Any, step: str = "search()") -> int:
+    """``k`` as an int, or an InputError naming ``step``: a search's result count must be a
+    positive integer."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise InputError(f"search(): k must be a positive integer, got {k!r}")
+        raise InputError(f"{step}: k must be a positive integer, got {k!r}")
     return int(k)
 
 
@@ -1266,7 +1267,7 @@ class CatalogIndex:
                      nprobe: int | None, ef_search: int | None, normalize: bool, step: str
                      ) -> tuple[np.ndarray, int, list[tuple[str, list[str]]], dict[str, int]]:
         q = check_embeddings(queries, self._dim, what=f"{step}: queries", normalize=normalize)
-        k = check_k(k)
+        k = check_k(k, step)
         if filters is not None and not isinstance(filters, Mapping):
             raise InputError(f"{step}: filters must be a dict {{field: value or [values]}}, "
                              f"got {type(filters).__name__}")

@@ -491,6 +491,8 @@ def test_photo_vectors_rank_photo_queries_again(tmp_path, rng, factory):
     assert result_ids(got) != result_ids(idx.search(q, 5))
     with pytest.raises(InputError, match="depth"):
         idx.search_photo(q, 5, depth=0)
+    with pytest.raises(InputError, match=r"search_photo\(\): k must be a positive integer"):
+        idx.search_photo(q, 0)
     assert idx.search_photo(q, 5, filters={"color": "no-such"}) == [[] for _ in q]
     # Filters hold.
     rows = idx.search_photo(q, 10, filters={"color": "c3"})
