@@ -302,11 +302,11 @@ def _item_row(item_id: str, meta: Any) -> tuple[str | None, str | None, dict[str
     return title, image, attrs, pairs
 
 
-def check_k(k: Any, step: str = "search()") -> int:
-    """``k`` as an int, or an InputError naming ``step``: a search's result count must be a
-    positive integer."""
+def check_k(k: Any, step: str = "search()", name: str = "k") -> int:
+    """``k`` as an int, or an InputError naming ``step`` and the argument ``name``: a
+    search's result count (or candidate count) must be a positive integer."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise InputError(f"{step}: k must be a positive integer, got {k!r}")
+        raise InputError(f"{step}: {name} must be a positive integer, got {k!r}")
     return int(k)
 
 
@@ -1216,15 +1216,7 @@ class CatalogIndex:
         Exactly ``min(k, matching items)`` hits come back per query.  ``nprobe`` /
         ``efSearch`` override the persistent knobs for this call.
         """
-        q, k, clauses, overrides = self._search_args(queries, k, filters, nprobe, efSearch, normalize,
-                                                     "search()")
-        if len(q) == 0:
-            return []
-        with self._rw.read():
-            self._require_open("search()")
-            distances, labels = self._ranked(q, k, clauses, overrides)
-            meta = self._rows_of(np.unique(labels[labels >= 0]).tolist())
-        return self._hits(distances, labels, meta)
+        return self._search(queries, k, filters, nprobe, efSearch, normalize, "search()")
 
     def search_photo(self, queries: np.ndarray, k: int,
                      filters: Mapping[str, Any] | None = None, *, depth: int = PHOTO_RERANK_DEPTH,
@@ -1235,33 +1227,45 @@ class CatalogIndex:
         :meth:`search`, ranked again by the query's cosine with each candidate's photo-side
         vector, which becomes the hit's score.  The same as :meth:`search` on an index
         without photo-side vectors; arguments as there."""
-        if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or depth < 1:
-            raise InputError(f"search_photo(): depth (candidates ranked again) must be a positive "
-                             f"integer, got {depth!r}")
+        depth = check_k(depth, "search_photo()", "depth (candidates ranked again)")
         if not self._photo:
             return self.search(queries, k, filters, nprobe=nprobe, efSearch=efSearch, normalize=normalize)
-        q, k, clauses, overrides = self._search_args(queries, k, filters, nprobe, efSearch, normalize,
-                                                     "search_photo()")
+        return self._search(queries, k, filters, nprobe, efSearch, normalize, "search_photo()", depth)
+
+    def _search(self, queries: np.ndarray, k: int, filters: Mapping[str, Any] | None,
+                nprobe: int | None, ef_search: int | None, normalize: bool, step: str,
+                rerank_depth: int | None = None) -> list[list[Hit]]:
+        """:meth:`search`, or with ``rerank_depth`` :meth:`search_photo`'s second ranking."""
+        q, k, clauses, overrides = self._search_args(queries, k, filters, nprobe, ef_search, normalize, step)
         if len(q) == 0:
             return []
         with self._rw.read():
-            self._require_open("search_photo()")
-            _, candidates = self._ranked(q, max(k, depth), clauses, overrides)
-            valid = candidates >= 0
-            found, vectors = self._photo_vectors_of(np.unique(candidates[valid]))
-            if len(found) != len(np.unique(candidates[valid])):
-                raise IndexStoreError(f"search_photo(): {self._path / CATALOG_NAME} lacks the photo-side "
-                                      "vectors of some items; run verify() and re-index")
-            # Every candidate's photo-side vector against its own query, in one product.
-            pos = np.searchsorted(found, np.where(valid, candidates, found[0] if len(found) else 0))
-            scores = (np.einsum("qkd,qd->qk", vectors[pos], q) if len(found)
-                      else np.zeros(candidates.shape, np.float32))
-            scores[~valid] = -np.inf
-            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            distances = np.take_along_axis(scores, order, axis=1)
-            labels = np.where(np.isfinite(distances), np.take_along_axis(candidates, order, axis=1), -1)
+            self._require_open(step)
+            if rerank_depth is None:
+                distances, labels = self._ranked(q, k, clauses, overrides)
+            else:
+                _, candidates = self._ranked(q, max(k, rerank_depth), clauses, overrides)
+                distances, labels = self._photo_ranked(q, k, candidates)
             meta = self._rows_of(np.unique(labels[labels >= 0]).tolist())
         return self._hits(distances, labels, meta)
+
+    def _photo_ranked(self, q: np.ndarray, k: int, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The top-k of each query's candidates by their photo-side vectors; under the read lock."""
+        valid = candidates >= 0
+        wanted = np.unique(candidates[valid])
+        found, vectors = self._photo_vectors_of(wanted)
+        if len(found) != len(wanted):
+            raise IndexStoreError(f"search_photo(): {self._path / CATALOG_NAME} lacks the photo-side "
+                                  "vectors of some items; run verify() and re-index")
+        # Every candidate's photo-side vector against its own query, in one product.
+        pos = np.searchsorted(found, np.where(valid, candidates, found[0] if len(found) else 0))
+        scores = (np.einsum("qkd,qd->qk", vectors[pos], q) if len(found)
+                  else np.zeros(candidates.shape, np.float32))
+        scores[~valid] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        distances = np.take_along_axis(scores, order, axis=1)
+        labels = np.where(np.isfinite(distances), np.take_along_axis(candidates, order, axis=1), -1)
+        return distances, labels
 
     def _search_args(self, queries: np.ndarray, k: int, filters: Mapping[str, Any] | None,
                      nprobe: int | None, ef_search: int | None, normalize: bool, step: str
@@ -1404,50 +1408,41 @@ class CatalogIndex:
     def _scalar(self, sql: str) -> int:
         return int(self._conn.execute(sql).fetchone()[0])
 
-    def _labels_of(self, ids: Sequence[str]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        unique = list(dict.fromkeys(ids))
+    def _select_in(self, sql: str, values: Sequence[Any]) -> list[tuple]:
+        """The rows of ``sql``, whose one ``{}`` is filled with an ``IN`` list, over
+        ``values`` in chunks below SQLite's bound-parameter limit."""
+        rows: list[tuple] = []
         with self._db_lock:
-            for start in range(0, len(unique), _SQL_CHUNK):
-                chunk = unique[start:start + _SQL_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                out.update(self._conn.execute(
-                    f"SELECT id, label FROM items WHERE id IN ({marks})", chunk).fetchall())
-        return out
+            for start in range(0, len(values), _SQL_CHUNK):
+                chunk = list(values[start:start + _SQL_CHUNK])
+                rows += self._conn.execute(sql.format(",".join("?" * len(chunk))), chunk).fetchall()
+        return rows
+
+    def _labels_of(self, ids: Sequence[str]) -> dict[str, int]:
+        return dict(self._select_in("SELECT id, label FROM items WHERE id IN ({})", list(dict.fromkeys(ids))))
 
     def _rows_of(self, labels: Sequence[int]) -> dict[int, tuple[str, dict[str, Any]]]:
         out: dict[int, tuple[str, dict[str, Any]]] = {}
-        with self._db_lock:
-            for start in range(0, len(labels), _SQL_CHUNK):
-                chunk = [int(x) for x in labels[start:start + _SQL_CHUNK]]
-                marks = ",".join("?" * len(chunk))
-                for label, item_id, title, image, attrs in self._conn.execute(
-                        "SELECT label, id, title, image, attributes FROM items "
-                        f"WHERE label IN ({marks})", chunk):
-                    meta: dict[str, Any] = {}
-                    if title is not None:
-                        meta[TITLE_KEY] = title
-                    if image is not None:
-                        meta[IMAGE_KEY] = image
-                    meta.update(json.loads(attrs))
-                    out[label] = (item_id, meta)
+        for label, item_id, title, image, attrs in self._select_in(
+                "SELECT label, id, title, image, attributes FROM items WHERE label IN ({})",
+                [int(x) for x in labels]):
+            meta: dict[str, Any] = {}
+            if title is not None:
+                meta[TITLE_KEY] = title
+            if image is not None:
+                meta[IMAGE_KEY] = image
+            meta.update(json.loads(attrs))
+            out[label] = (item_id, meta)
         return out
 
     def _photo_vectors_of(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(labels found, sorted; their photo-side vectors [n, dim])``."""
-        found: list[int] = []
-        blobs: list[bytes] = []
-        with self._db_lock:
-            for start in range(0, len(labels), _SQL_CHUNK):
-                chunk = [int(x) for x in labels[start:start + _SQL_CHUNK]]
-                marks = ",".join("?" * len(chunk))
-                for label, blob in self._conn.execute(
-                        f"SELECT label, vector FROM photo_vectors WHERE label IN ({marks})", chunk):
-                    found.append(label)
-                    blobs.append(blob)
-        order = np.argsort(np.asarray(found, dtype=np.int64), kind="stable")
-        vectors = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), self._dim)
-        return np.asarray(found, dtype=np.int64)[order], vectors[order]
+        rows = self._select_in("SELECT label, vector FROM photo_vectors WHERE label IN ({})",
+                               [int(x) for x in labels])
+        found = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self._dim)
+        order = np.argsort(found, kind="stable")
+        return found[order], vectors[order]
 
     def _labels_matching(self, clauses: list[tuple[str, list[str]]]) -> np.ndarray:
         parts, args = [], []
