@@ -446,3 +446,50 @@ def test_fingerprint_mismatch_is_refused(catalogue: Catalogue, embedder: Embedde
     # Refused before anything was written.
     with CatalogIndex.open(out, read_only=True) as idx:
         assert len(idx) == 0
+
+
+@pytest.mark.slow
+def test_an_index_with_photo_vectors_refuses_a_server_that_serves_none(catalogue: Catalogue,
+                                                                      exported_repository: Path,
+                                                                      start_triton, tmp_path: Path) -> None:
+    """A repository exported before the ``item`` ensemble returned photo-side vectors (its
+    PHOTO_EMBEDDING output taken out here): an index that keeps them is refused by name and
+    left as it was; a new index built through that server keeps one vector per item."""
+    import os
+    import shutil
+
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from xmsearch import spec as S
+
+    repo = tmp_path / "older-repository"
+    shutil.copytree(exported_repository, repo, copy_function=os.link)  # hard links: no copy of the weights
+    config_path = repo / S.ITEM / "config.pbtxt"
+    config = text_format.Parse(config_path.read_text(), mc.ModelConfig())
+    outputs = [o for o in config.output if o.name != S.PHOTO_EMBEDDING]
+    del config.output[:]
+    config.output.extend(outputs)
+    for step in config.ensemble_scheduling.step:
+        step.output_map.pop(S.PHOTO_EMBEDDING, None)
+    config_path.unlink()  # a new file, not a write through the hard link into the fixture's
+    config_path.write_text(text_format.MessageToString(config))
+
+    with start_triton(repo) as server:
+        emb = Embedder(server.url)
+        try:
+            assert not emb.serves_photo_vectors
+            keeps = tmp_path / "keeps"
+            CatalogIndex.create(keeps, emb.dim, fingerprint=emb.fingerprint, photo_vectors=True).close()
+            with pytest.raises(IndexStoreError, match=f"keeps a photo-side vector per item .*{S.PHOTO_EMBEDDING}"):
+                ingest_catalog(catalogue.path, keeps, emb, add=True)
+            with CatalogIndex.open(keeps, read_only=True) as idx:
+                assert len(idx) == 0 and idx.has_photo_vectors
+            plain = tmp_path / "plain"
+            report = ingest_catalog(catalogue.path, plain, emb)
+            assert report.added == N_ITEMS
+            with CatalogIndex.open(plain, read_only=True) as idx:
+                assert len(idx) == N_ITEMS and not idx.has_photo_vectors
+        finally:
+            emb.close()
+    assert S.PHOTO_EMBEDDING in (exported_repository / S.ITEM / "config.pbtxt").read_text()  # fixture untouched
