@@ -100,12 +100,12 @@ def test_a_checkpoint_is_stale_when_its_catalogue_encoders_or_settings_change(tr
     # A setting added after the checkpoint was trained counts as its default (which trains as
     # before it existed): still current at the default, stale at any other value.
     older = FusionCheckpoint.load(path)
-    del older.meta["config"]["hard_weight"]
+    del older.meta["config"]["group_size"]
     older.save(tmp_path / "older.pt")
     assert stale_checkpoint(tmp_path / "older.pt", small_catalog, "minilm-l6", "efficientnet-lite0", cfg) is None
     assert stale_checkpoint(tmp_path / "older.pt", small_catalog, "minilm-l6", "efficientnet-lite0",
-                            TrainConfig(epochs=25, batch_size=48, val_fraction=0.0, seed=0, hard_weight=2.0)) \
-        == "its training settings differ: hard_weight 1.0 -> 2.0"
+                            TrainConfig(epochs=25, batch_size=48, val_fraction=0.0, seed=0, group_size=2)) \
+        == "its training settings differ: group_size 4 -> 2"
     damaged = tmp_path / "damaged.pt"
     damaged.write_bytes(path.read_bytes()[:1000])
     assert "unreadable" in stale_checkpoint(damaged, small_catalog, "minilm-l6", "efficientnet-lite0", cfg)
@@ -487,8 +487,6 @@ def test_bad_training_settings_are_refused_before_any_encoding(tmp_path, capsys)
         TrainConfig(temperature=0)
     with pytest.raises(InputError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
         TrainConfig(precision="fp16")
-    with pytest.raises(InputError, match="hard_batch_size must be 0 or >= 2, got 1; hard_weight must be >= 0, got -1"):
-        TrainConfig(hard_batch_size=1, hard_weight=-1)
 
 
 @pytest.mark.slow

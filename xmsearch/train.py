@@ -129,11 +129,6 @@ class TrainConfig:
     # 0.755 -> 0.776, photo R@1 unchanged; 3 adds at most 0.003 (quality_ab.md, 2026-12-06 afternoon).
     item_mix: float = 2.0
     group_size: int = 4  # >1: an extra photo -> item loss on batches of look-alike groups (neighbour_batches)
-    # The look-alike photo loss of a step is the mean over chunks of at most this many of its
-    # items (0: one chunk of batch_size), and counts hard_weight times in the step's loss.
-    hard_batch_size: int = 0
-    hard_weight: float = 1.0
-    edit_per_step: int = 1  # edit partners per item and step (of EDIT_VIEWS); their losses are averaged
     # Arithmetic of the training steps: "bf16" runs them under bfloat16 autocast (weights,
     # optimiser state and the similarity logits stay fp32), "auto" picks it where the CPU
     # multiplies bfloat16 natively (bf16_supported). On the demo's 2 cores 1.6x faster per epoch
@@ -152,9 +147,6 @@ class TrainConfig:
             ("temperature", self.temperature, self.temperature > 0, "> 0"),
             ("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)"),
             ("group_size", self.group_size, self.group_size >= 1, ">= 1"),
-            ("hard_batch_size", self.hard_batch_size, self.hard_batch_size == 0 or self.hard_batch_size >= 2, "0 or >= 2"),
-            ("hard_weight", self.hard_weight, self.hard_weight >= 0, ">= 0"),
-            ("edit_per_step", self.edit_per_step, 1 <= self.edit_per_step <= EDIT_VIEWS, f"in [1, {EDIT_VIEWS}]"),
             ("precision", self.precision, self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
             ("item_mix", self.item_mix, 0 <= self.item_mix <= ITEM_MIX_MAX, f"in [0, {ITEM_MIX_MAX:g}]")) if not ok]
         if problems:
@@ -708,26 +700,15 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
                 loss = (info_nce(fusion.text_only(view_t, vm), z, scale, positives)
                         + info_nce(fusion.image_only(aug_v), z, scale)
                         + info_nce(fusion.image_only(photo_v), z, scale)
-                        + info_nce(fusion.joint(view_t, vm, aug_v, query=True), zq, scale))
-                edits = [info_nce(fusion.joint(edit_t, f.edit_mask[idx, e], other_v, query=True), zq, scale)]
-                for shift in range(1, min(cfg.edit_per_step, f.edit_other.shape[1])):
-                    # Further partners of the same items: the cached ones after e.
-                    e2 = (e + shift) % f.edit_other.shape[1]
-                    j2 = f.edit_other[idx, e2]
-                    t2 = fusion.text_tokens(f.edit_states[idx, e2].float())
-                    v2 = fusion.reduced_image_tokens(reduced[j2, views.photo(j2, low=0)])
-                    edits.append(info_nce(fusion.joint(t2, f.edit_mask[idx, e2], v2, query=True), zq, scale))
-                loss = loss + torch.stack(edits).mean()
+                        + info_nce(fusion.joint(view_t, vm, aug_v, query=True), zq, scale)
+                        + info_nce(fusion.joint(edit_t, f.edit_mask[idx, e], other_v, query=True), zq, scale))
                 if hard is not None and len(hard[b:b + cfg.batch_size]) > 1:
                     # Photo -> item again, on a batch of look-alike groups: only the photo path
                     # has to tell them apart (text and edit queries name no detail that could).
                     h = hard[b:b + cfg.batch_size]
                     zh = _embed_items(fusion, f, reduced, h)
-                    qh = fusion.image_only(fusion.reduced_image_tokens(reduced[h, views.photo(h)]))
-                    chunk = cfg.hard_batch_size or len(h)
-                    parts = [info_nce(qh[c:c + chunk], zh[c:c + chunk], scale)
-                             for c in range(0, len(h), chunk) if len(h[c:c + chunk]) > 1]
-                    loss = loss + cfg.hard_weight * torch.stack(parts).mean()
+                    shots = reduced[h, views.photo(h)]
+                    loss = loss + info_nce(fusion.image_only(fusion.reduced_image_tokens(shots)), zh, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -790,11 +771,10 @@ def stale_checkpoint(ckpt: Path, catalog: Path, text_model: str, image_model: st
         return "it does not record the catalogue and features it was trained on"
     if ck.meta["features"] != features_path(catalog, text_model, image_model, cfg.seed, feature_cache_dir(ckpt)).name:
         return "it was trained on another catalogue or feature recipe"
-    # A setting added after the checkpoint was trained counts as its default, which keeps
-    # what training did before the setting existed.
+    # A setting added after the checkpoint was trained counts as its default: a new setting's
+    # default trains as before it existed (one that does not comes with a new TRAINING_RECIPE).
     old = {**_DEFAULTS, **ck.meta.get("config", {})}
-    changed = [f"{k} {old.get(k, '(unset)')!r} -> {v!r}" for k, v in asdict(cfg).items()
-               if old.get(k) != v]
+    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in asdict(cfg).items() if old[k] != v]
     if changed:
         return "its training settings differ: " + ", ".join(changed)
     return None
