@@ -14,7 +14,9 @@ its search hit carries.
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +29,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
 
+from xmsearch import spec as S
 from xmsearch.catalog import read_catalog
 from xmsearch.client.embed import Embedder
 from xmsearch.client.index import CatalogIndex
@@ -455,14 +460,6 @@ def test_an_index_with_photo_vectors_refuses_a_server_that_serves_none(catalogue
     """A repository exported before the ``item`` ensemble returned photo-side vectors (its
     PHOTO_EMBEDDING output taken out here): an index that keeps them is refused by name and
     left as it was; a new index built through that server keeps one vector per item."""
-    import os
-    import shutil
-
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2 as mc
-
-    from xmsearch import spec as S
-
     repo = tmp_path / "older-repository"
     shutil.copytree(exported_repository, repo, copy_function=os.link)  # hard links: no copy of the weights
     config_path = repo / S.ITEM / "config.pbtxt"
