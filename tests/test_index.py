@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -517,7 +518,6 @@ def test_photo_vectors_rank_photo_queries_again(tmp_path, rng, factory):
         assert again.search_photo(new_photo, 1, depth=n)[0][0].id == "sku2"
 
     # verify() notices an item whose photo-side vector went missing.
-    import sqlite3
     with sqlite3.connect(tmp_path / "p" / "catalog.sqlite") as conn:
         conn.execute("DELETE FROM photo_vectors WHERE label = (SELECT label FROM items WHERE id = 'sku5')")
     with CatalogIndex.open(tmp_path / "p", read_only=True) as broken:
@@ -535,7 +535,6 @@ def test_index_without_photo_vectors_searches_photo_queries_as_any_other(tmp_pat
     idx.close()
 
     # An index written before photo-side vectors existed: no meta key, no table.
-    import sqlite3
     with sqlite3.connect(tmp_path / "i" / "catalog.sqlite") as conn:
         conn.execute("DELETE FROM meta WHERE key = 'photo_vectors'")
         conn.execute("DROP TABLE photo_vectors")
