@@ -34,6 +34,7 @@ ORT_SPINNING = {"off": ("0", "0", "0"), "run": ("1", "1", "0"), "always": ("1", 
 SPIN_LONE_MEMBERS = (S.TEXT_ENCODER, S.IMAGE_ENCODER)
 
 _DTYPES = {"TYPE_INT64": mc.TYPE_INT64, "TYPE_FP32": mc.TYPE_FP32, "TYPE_FP16": mc.TYPE_FP16,
+           "TYPE_UINT8": mc.TYPE_UINT8,
            "TYPE_STRING": mc.TYPE_STRING, "TYPE_BOOL": mc.TYPE_BOOL}
 
 

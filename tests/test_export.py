@@ -25,7 +25,7 @@ from xmsearch.checkpoint import FusionCheckpoint
 from xmsearch.errors import CheckpointError, ConfigError, ModelError
 from xmsearch.export import onnx as onnx_export
 from xmsearch.export import tensorrt as trt_export
-from xmsearch.export.pipeline import fingerprint_of, load_fusion
+from xmsearch.export.pipeline import fingerprint_of, load_fusion, sample_images
 from xmsearch.export.repository import (NEURAL, TARGETS, TargetSettings, check_configs, read_config,
                                         read_repository, repository_configs, to_text, write_config)
 from xmsearch.models.fusion import AttentionFusion, FusionEntry
@@ -34,7 +34,7 @@ DIMS = S.Dims(384, 1800)
 MEMBERS = tuple(S.member_specs(DIMS))
 PREPROCESSING = S.PREPROCESSING
 _ONNX_TO_TRITON = {onnx.TensorProto.INT64: mc.TYPE_INT64, onnx.TensorProto.FLOAT: mc.TYPE_FP32,
-                   onnx.TensorProto.FLOAT16: mc.TYPE_FP16}
+                   onnx.TensorProto.FLOAT16: mc.TYPE_FP16, onnx.TensorProto.UINT8: mc.TYPE_UINT8}
 
 
 def configs_for(target: str) -> dict[str, mc.ModelConfig]:
@@ -275,6 +275,33 @@ def _graph_tensors(values, skip: set[str]) -> list[tuple[str, int, list]]:
 
 def _config_tensors(items) -> list[tuple[str, int, list]]:
     return [(t.name, t.data_type, list(t.dims)) for t in items]
+
+
+def test_image_encoder_takes_uint8_pixels_and_normalises_them_itself(exported_repository: Path,
+                                                                   reference_pipeline) -> None:
+    """PIXEL_VALUES is uint8 in the config and the graph, whose first step is the trunk's
+    normalisation (v / 255 - mean) / std; a float32 tensor is refused by the graph."""
+    import onnxruntime as ort
+
+    cfg = read_config(exported_repository / S.IMAGE_ENCODER / "config.pbtxt")
+    assert [(t.name, t.data_type) for t in cfg.input] == [(S.PIXEL_VALUES, mc.TYPE_UINT8)]
+    enc = reference_pipeline.encoders
+    px = np.stack([enc.image_pre(b) for b in sample_images(2)])
+    assert px.dtype == np.uint8
+    pre = enc.image.preprocess
+    mean = np.asarray(pre.mean, np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(pre.std, np.float32).reshape(1, 3, 1, 1)
+    with torch.no_grad():
+        normalised = enc.image.normalise(torch.from_numpy(px)).numpy()
+        regions = enc.image(torch.from_numpy(px)).numpy()
+        from_floats = enc.image(torch.from_numpy(px.astype(np.float32))).numpy()
+    assert np.abs(normalised - (px.astype(np.float32) / 255.0 - mean) / std).max() < 1e-5
+    assert np.array_equal(regions, from_floats)  # 0-255 floats: the same
+    sess = ort.InferenceSession(str(exported_repository / S.IMAGE_ENCODER / "1" / "model.onnx"),
+                                providers=["CPUExecutionProvider"])
+    assert np.abs(sess.run(None, {S.PIXEL_VALUES: px})[0] - regions).max() < 1e-3
+    with pytest.raises(Exception, match="tensor\\(float\\)"):
+        sess.run(None, {S.PIXEL_VALUES: px.astype(np.float32)})
 
 
 @pytest.mark.parametrize("member", NEURAL)

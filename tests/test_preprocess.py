@@ -61,27 +61,32 @@ def test_query_prefix_applied_only_for_queries(minilm_tokenizer):
         minilm_tokenizer.encode(["x"], "document")
 
 
-def test_image_pixels_shape_and_normalisation():
+def test_image_pixels_are_uint8_rgb_resized_and_cropped():
     pre = ImagePreprocessor(ImagePreprocessConfig(224, (0.5,) * 3, (0.5,) * 3))
     x = pre(_png(320, 240))
-    assert x.shape == (3, 224, 224) and x.dtype == np.float32
-    # (200/255 - 0.5) / 0.5 in the red channel, everywhere (uniform image).
-    assert np.allclose(x[0], (200 / 255 - 0.5) / 0.5, atol=1e-2)
+    assert x.shape == (3, 224, 224) and x.dtype == np.uint8 and x.flags.c_contiguous
+    assert (x[0] == 200).all()  # the uniform image's red value, unnormalised
 
 
-def test_image_pixels_are_the_normalisation_formula_bit_for_bit():
-    """The lookup table gives exactly (v / 255 - mean) / std in float32 for every value."""
-    rng = np.random.default_rng(0)
-    noise = Image.fromarray(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8))  # every value occurs
+def test_pixel_affine_is_the_normalisation_formula():
+    """``v * scale + shift`` in float32 is (v / 255 - mean) / std to float32 rounding, for every
+    8-bit value of every channel (the image encoder's first step applies it)."""
     cfg = ImagePreprocessConfig(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet's
-    got = ImagePreprocessor(cfg).pixels(noise)
-    mean = np.asarray(cfg.mean, np.float32).reshape(3, 1, 1)
-    std = np.asarray(cfg.std, np.float32).reshape(3, 1, 1)
-    want = (np.asarray(noise, np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
-    assert got.dtype == np.float32 and got.shape == (3, 224, 224)
-    assert np.array_equal(got, want)
-    grey = ImagePreprocessor(cfg).pixels(noise.convert("L"))  # not RGB: converted, not misread
-    assert grey.shape == (3, 224, 224)
+    scale, shift = cfg.affine()
+    assert scale.dtype == shift.dtype == np.float32 and scale.shape == shift.shape == (3,)
+    v = np.arange(256, dtype=np.float32)[None, :]
+    got = v * scale[:, None] + shift[:, None]
+    mean, std = np.asarray(cfg.mean)[:, None], np.asarray(cfg.std)[:, None]
+    want = (v.astype(np.float64) / 255.0 - mean) / std
+    assert np.abs(got - want).max() < 1e-5
+
+
+def test_image_pixels_of_a_grey_image_are_three_channels():
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (224, 224), dtype=np.uint8), "L")
+    grey = ImagePreprocessor(ImagePreprocessConfig()).pixels(noise)  # not RGB: converted, not misread
+    assert grey.shape == (3, 224, 224) and grey.dtype == np.uint8
+    assert np.array_equal(grey[0], np.asarray(noise)) and np.array_equal(grey[0], grey[2])
 
 
 def test_transparent_png_composited_on_white():

@@ -92,8 +92,9 @@ def assert_matches(served: np.ndarray, reference: np.ndarray, what: str) -> None
 
 
 def rejection(client, model: str, inputs: list[grpcclient.InferInput]) -> InferenceServerException:
+    output = S.IMAGE_REGIONS if model == S.IMAGE_ENCODER else S.EMBEDDING  # what a good request asks for
     with pytest.raises(InferenceServerException) as info:
-        raw_infer(client, model, inputs)
+        raw_infer(client, model, inputs, output)
     return info.value
 
 
@@ -237,6 +238,13 @@ def _fp32_text() -> list[grpcclient.InferInput]:
     return [t]
 
 
+def _fp32_pixels() -> list[grpcclient.InferInput]:
+    """Normalised float pixels, as the image encoder took before it took uint8 ones."""
+    t = grpcclient.InferInput(S.PIXEL_VALUES, [1, 3, 224, 224], "FP32")
+    t.set_data_from_numpy(np.zeros((1, 3, 224, 224), np.float32))
+    return [t]
+
+
 def _wide_text() -> list[grpcclient.InferInput]:
     t = grpcclient.InferInput(S.TEXT, [1, 2], "BYTES")
     t.set_data_from_numpy(np.array([[b"red", b"dress"]], dtype=object))
@@ -299,6 +307,8 @@ BAD_REQUESTS = {
     # Triton's own validation, before any step runs.
     "wrong-dtype": (S.QUERY_TEXT, _fp32_text, r"input 'TEXT' data-type is 'FP32', but model "
                                               r"'query_text' expects 'BYTES'"),
+    "float-pixels": (S.IMAGE_ENCODER, _fp32_pixels, r"input 'PIXEL_VALUES' data-type is 'FP32', but "
+                                                    r"model 'image_encoder' expects 'UINT8'"),
     "wrong-shape": (S.QUERY_TEXT, _wide_text, r"unexpected shape for input 'TEXT' for model "
                                               r"'query_text'. Expected \[-1,1\], got \[1,2\]"),
     "batch-33": (S.QUERY_TEXT, lambda: [bytes_tensor(S.TEXT, [b"dress"] * 33)],

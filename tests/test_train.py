@@ -209,7 +209,7 @@ def test_image_regions_are_multiscale_and_normalised_per_depth():
 
     enc = ImageEncoder("efficientnet-lite0")
     assert enc.trunk.widths == [40, 80, 80, 320, 1280] and enc.dim == 1800
-    px = torch.randn(2, 3, 224, 224)
+    px = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
     with torch.no_grad():
         regions = enc(px)
     assert regions.shape == (2, 49, 1800)
@@ -217,7 +217,7 @@ def test_image_regions_are_multiscale_and_normalised_per_depth():
         torch.testing.assert_close(part.norm(dim=-1), torch.ones(2, 49), atol=1e-4, rtol=0)
     # The deepest block is the model's own feature map, region for region.
     with torch.no_grad():
-        head = enc.trunk.net.extract_features(px).flatten(2).transpose(1, 2)
+        head = enc.trunk.net.extract_features(enc.normalise(px)).flatten(2).transpose(1, 2)
     torch.testing.assert_close(regions[..., -1280:], torch.nn.functional.normalize(head, dim=-1),
                                atol=1e-5, rtol=1e-4)
 

@@ -81,12 +81,14 @@ class Encoders:
         from xmsearch.export.pipeline import sample_images
         from xmsearch.spec import IMAGE_ENCODER, member_specs
 
-        h = hashlib.sha256(self.image_model.encode())
+        spec = member_specs(self.dims)[IMAGE_ENCODER]
+        # The input dtype is part of the name: a graph cached when pixels were float32 is not
+        # fed uint8 ones.
+        h = hashlib.sha256(f"{self.image_model}:{spec.inputs[0].dtype}".encode())
         for name, t in self.image.state_dict().items():
             h.update(name.encode())
             h.update(t.detach().cpu().numpy().tobytes())
         path = Path(folder) / f"image-encoder-{self.image_model}-{h.hexdigest()[:16]}.onnx"
-        spec = member_specs(self.dims)[IMAGE_ENCODER]
         px = torch.from_numpy(np.stack([self.image_pre(b) for b in sample_images(3)]))
         if not path.exists():
             logger.info("exporting the image encoder to %s for ONNX Runtime", path)

@@ -60,6 +60,14 @@ class ImagePreprocessConfig:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, shift) per channel, float32 [3]: ``v * scale + shift`` is
+        ``(v / 255 - mean) / std`` for an 8-bit value ``v``, the normalisation that the
+        image encoder applies to the uint8 pixels it is sent (``ImageEncoder``)."""
+        std = np.asarray(self.std, dtype=np.float64)
+        mean = np.asarray(self.mean, dtype=np.float64)
+        return (1.0 / (255.0 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+
     @classmethod
     def from_json(cls, text: str) -> "ImagePreprocessConfig":
         d = json.loads(text)
@@ -195,16 +203,16 @@ def decode_image(data: bytes, *, what: str = "IMAGE") -> Image.Image:
 
 
 class ImagePreprocessor:
-    """RGB image -> normalised float32 pixels [3, size, size] (resize short side, centre crop)."""
+    """RGB image -> uint8 pixels [3, size, size] (resize short side, centre crop).
+
+    The pixels stay 8-bit: the image encoder's graph normalises them (``mean``, ``std`` of
+    the config, ``ImageEncoder``), so the tensor that travels from this preprocessing step to
+    the encoder, between Triton members or over the network, is a quarter of float32's
+    bytes (benchmarks/results/NOTES.md, uint8 pixels).
+    """
 
     def __init__(self, config: ImagePreprocessConfig):
         self.config = config
-        mean = np.asarray(config.mean, dtype=np.float32).reshape(3, 1)
-        std = np.asarray(config.std, dtype=np.float32).reshape(3, 1)
-        # (v / 255 - mean) / std for every 8-bit value v of each channel, computed in float32
-        # as the per-pixel arithmetic would be: the same bits, looked up instead of three
-        # passes over the image (benchmarks/results/image_normalise.md).
-        self._lut = ((np.arange(256, dtype=np.float32)[None, :] / 255.0 - mean) / std).astype(np.float32)
 
     @classmethod
     def from_dir(cls, folder: Path) -> "ImagePreprocessor":
@@ -224,15 +232,10 @@ class ImagePreprocessor:
         return img.crop((left, top, left + size, top + size))
 
     def pixels(self, img: Image.Image) -> np.ndarray:
-        size = self.config.size
         img = self.cropped(img)
         if img.mode != "RGB":
             img = img.convert("RGB")
-        rgb = np.asarray(img)  # [size, size, 3] uint8
-        out = np.empty((3, size, size), np.float32)
-        for c in range(3):
-            np.take(self._lut[c], rgb[..., c], out=out[c])
-        return out
+        return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))  # [3, size, size] uint8
 
     def __call__(self, data: bytes, *, what: str = "IMAGE") -> np.ndarray:
         return self.pixels(decode_image(data, what=what))

@@ -44,7 +44,7 @@ TEXT = "TEXT"  # BYTES [1]: UTF-8 text
 IMAGE = "IMAGE"  # BYTES [1]: encoded JPEG/PNG/WebP
 INPUT_IDS = "INPUT_IDS"  # INT64 [-1]
 ATTENTION_MASK = "ATTENTION_MASK"  # INT64 [-1]
-PIXEL_VALUES = "PIXEL_VALUES"  # FP32 [3, H, W]
+PIXEL_VALUES = "PIXEL_VALUES"  # UINT8 [3, H, W]: RGB 0-255, the image encoder normalises
 TOKEN_STATES = "TOKEN_STATES"  # FP32 [-1, text_dim]
 IMAGE_REGIONS = "IMAGE_REGIONS"  # FP32 [regions, image_dim]
 EMBEDDING = "EMBEDDING"  # FP32 [embed_dim], L2-normalised
@@ -60,7 +60,7 @@ EMBED_DIM_PARAMETER = "xmsearch_embed_dim"
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str  # numpy dtype name: "int64", "float32", "object" (BYTES)
+    dtype: str  # numpy dtype name: "int64", "float32", "uint8", "object" (BYTES)
     dims: tuple[int, ...]  # without the batch dimension
     # ONNX dynamic-axis names for the -1 dims (batch is always "batch").
     axis_names: tuple[str, ...] = ()
@@ -69,7 +69,7 @@ class TensorSpec:
     @property
     def triton_dtype(self) -> str:
         return {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
-                "object": "TYPE_STRING", "bool": "TYPE_BOOL"}[self.dtype]
+                "uint8": "TYPE_UINT8", "object": "TYPE_STRING", "bool": "TYPE_BOOL"}[self.dtype]
 
     @property
     def onnx_dynamic_axes(self) -> dict[int, str]:
@@ -120,7 +120,7 @@ def member_specs(d: Dims) -> dict[str, ModelSpec]:
     states = TensorSpec(TOKEN_STATES, "float32", (-1, d.text_dim), ("sequence",))
     mask = TensorSpec(ATTENTION_MASK, "int64", (-1,), ("sequence",))
     regions = TensorSpec(IMAGE_REGIONS, "float32", (d.regions, d.image_dim))
-    pixels = TensorSpec(PIXEL_VALUES, "float32", (3, d.image_size, d.image_size))
+    pixels = TensorSpec(PIXEL_VALUES, "uint8", (3, d.image_size, d.image_size))
     emb = TensorSpec(EMBEDDING, "float32", (d.embed_dim,))
     photo_emb = TensorSpec(PHOTO_EMBEDDING, "float32", (d.embed_dim,))
     text = TensorSpec(TEXT, "object", (1,))

@@ -82,7 +82,7 @@ class _TextStep(_Base):
 
 
 class _ImageStep(_Base):
-    """Reads IMAGE (encoded bytes) into PIXEL_VALUES [3, H, W] float32."""
+    """Reads IMAGE (encoded bytes) into PIXEL_VALUES [3, H, W] uint8."""
 
     def initialize(self, args: dict) -> None:
         super().initialize(args)

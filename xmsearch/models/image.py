@@ -38,7 +38,13 @@ _LITE = ImagePreprocessConfig(224, (127 / 255,) * 3, (128 / 255,) * 3)
 
 
 class ImageEncoder(nn.Module):
-    """pixels [B, 3, 224, 224] -> region features [B, 49, C]."""
+    """uint8 pixels [B, 3, 224, 224] (RGB, 0-255) -> region features [B, 49, C].
+
+    The normalisation of the trunk's training recipe (``preprocess.mean`` / ``std``) is the
+    first step of the graph, a multiply-add per channel on the 8-bit pixels cast to float:
+    preprocessing hands over a quarter of float32's bytes, and on a GPU the arithmetic runs
+    there.  Float pixels in 0-255 give the same result.
+    """
 
     def __init__(self, name: str = DEFAULT_IMAGE_MODEL, checkpoint: str | Path | None = None):
         super().__init__()
@@ -51,10 +57,18 @@ class ImageEncoder(nn.Module):
         else:
             raise ModelError(f"unknown image model {name!r}: choose one of {', '.join(IMAGE_MODELS)}")
         self.dim = sum(self.trunk.widths)
+        scale, shift = self.preprocess.affine()
+        # Not in the state dict: they follow from the model name, like ``preprocess``.
+        self.register_buffer("pixel_scale", torch.from_numpy(scale).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_shift", torch.from_numpy(shift).view(1, 3, 1, 1), persistent=False)
         self.eval()
 
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (or 0-255 float) pixels -> the float input the trunk was trained on."""
+        return pixels.to(torch.float32) * self.pixel_scale + self.pixel_shift
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        maps = self.trunk(pixels)  # shallow to deep, each [B, C_i, h_i, w_i]
+        maps = self.trunk(self.normalise(pixels))  # shallow to deep, each [B, C_i, h_i, w_i]
         grid = maps[-1].shape[-1]
         parts = []
         for fmap in maps:
