@@ -82,10 +82,10 @@ export_repository(Path(sys.argv[1]), target="cpu", untrained=True, text_model=sy
 def export_with(package_root: Path, out: Path, text_model: str) -> Path:
     """Export an untrained cpu repository into ``out`` with the code under ``package_root``,
     and link that code into every python-backend member's version folder: the stub puts the
-    folder on its ``sys.path`` (and ignores ``PYTHONPATH``), where the package is found before
-    the editable install's finder is asked, as long as the server's working directory (the
-    stub's first ``sys.path`` entry) holds no ``xmsearch`` of its own (``main`` serves from
-    the work folder)."""
+    folder on its ``sys.path``, where the package is found before the editable install's finder
+    is asked, as long as the server's working directory (the stub's first ``sys.path`` entry,
+    ahead of ``PYTHONPATH``) holds no ``xmsearch`` of its own (``main`` serves from the work
+    folder)."""
     env = dict(os.environ, PYTHONPATH=str(package_root))
     subprocess.run([sys.executable, "-c", EXPORT, str(out), str(package_root), text_model],
                    check=True, env=env, cwd=package_root)
