@@ -48,7 +48,7 @@ from benchmarks import input_data, perf_sweep, proc_cpu, publish, stack
 from benchmarks.e2e import measure_ingest
 from xmsearch import spec
 from xmsearch.errors import ConfigError
-from xmsearch.export.repository import read_config, read_repository, write_config
+from xmsearch.export.repository import read_repository, write_config
 
 ORT_FIELDS = {"threads": "intra_op_threads", "spin": "allow_spinning", "spin_stop": "force_spinning_stop",
               "spin_rows": "spin_max_rows", "spin_threads": "spin_intra_op_threads",
@@ -147,9 +147,9 @@ def make_variant(repository: Path, out: Path, overrides: list[Override]) -> None
             write_config(configs[n], out / n)
 
 
-def _measure(v: Variant, server: stack.PrivateServer, inputs: dict[str, Path], catalog_file: Path, work: Path,
-             settings: perf_sweep.SweepSettings, members: dict[str, Path] | None = None) -> None:
-    url = server.url
+def measure_queries(v: Variant, url: str, inputs: dict[str, Path], work: Path,
+                    settings: perf_sweep.SweepSettings) -> None:
+    """perf_analyzer on each query ensemble: p50 at concurrency 1 and infer/s at 16 into ``v``."""
     for kind in KINDS:
         model = input_data.KIND_MODEL[kind]
         result = perf_sweep.run_sweep(model, url, inputs[kind], work / "perf" / v.name, settings)
@@ -158,6 +158,12 @@ def _measure(v: Variant, server: stack.PrivateServer, inputs: dict[str, Path], c
             v.figures.setdefault(f"{model} p50 ms c=1", []).append(by_level[1].p50_us / 1000)
         if 16 in by_level:
             v.figures.setdefault(f"{model} infer/s c=16", []).append(by_level[16].throughput)
+
+
+def _measure(v: Variant, server: stack.PrivateServer, inputs: dict[str, Path], catalog_file: Path, work: Path,
+             settings: perf_sweep.SweepSettings, members: dict[str, Path] | None = None) -> None:
+    url = server.url
+    measure_queries(v, url, inputs, work, settings)
     best = {}
     member_settings = replace(settings, concurrency=MEMBER_LEVELS)
     for member, data in (members or {}).items():

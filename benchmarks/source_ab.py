@@ -30,7 +30,7 @@ from pathlib import Path
 
 from benchmarks import input_data, perf_sweep, proc_cpu, publish, stack
 from benchmarks.e2e import measure_ingest
-from benchmarks.serving_ab import KINDS, LEVELS, Variant, table
+from benchmarks.serving_ab import KINDS, LEVELS, Variant, measure_queries, table
 from xmsearch import spec
 from xmsearch.errors import ConfigError
 
@@ -104,23 +104,17 @@ def link_package(package_root: Path, repository: Path) -> Path:
     return repository
 
 
-def measure(v: Variant, server: stack.PrivateServer, inputs: dict[str, Path], catalog_file: Path,
+def measure(v: Variant, url: str, pid: int, inputs: dict[str, Path], catalog_file: Path,
             work: Path, settings: perf_sweep.SweepSettings) -> None:
-    for kind in KINDS:
-        model = input_data.KIND_MODEL[kind]
-        rows = {r.concurrency: r for r in perf_sweep.run_sweep(model, server.url, inputs[kind],
-                                                                work / "perf" / v.name, settings).rows}
-        if 1 in rows:
-            v.figures.setdefault(f"{model} p50 ms c=1", []).append(rows[1].p50_us / 1000)
-        if 16 in rows:
-            v.figures.setdefault(f"{model} infer/s c=16", []).append(rows[16].throughput)
-    ingest = measure_ingest(catalog_file, work / f"index-{v.name}", server.url, server_pid=server.server.pid)
+    """One round of ``v``'s figures from the server at ``url`` whose process is ``pid``."""
+    measure_queries(v, url, inputs, work, settings)
+    ingest = measure_ingest(catalog_file, work / f"index-{v.name}", url, server_pid=pid)
     v.figures.setdefault("ingest items/s", []).append(ingest.items_per_second)
     cpu = dict(ingest.cpu_ms, total=sum(ms for k, ms in ingest.cpu_ms.items() if k != "client"))
     for row in CPU_ROWS:
         if row in cpu:
             v.figures.setdefault(f"ingest CPU ms/item: {row}", []).append(cpu[row])
-    if megabytes := proc_cpu.tree_pss_mb(server.server.pid):
+    if megabytes := proc_cpu.tree_pss_mb(pid):
         v.figures.setdefault("server memory MB (PSS)", []).append(megabytes)
 
 
@@ -158,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                   for v, repo in sides}
         for rnd in range(a.rounds):
             for v, _ in (sides if rnd % 2 == 0 else sides[::-1]):
-                measure(v, served[v.name], inputs, cat.catalog_file, work, settings)
+                server = served[v.name]
+                measure(v, server.url, server.server.pid, inputs, cat.catalog_file, work, settings)
                 print(f"round {rnd} {v.name}: " + ", ".join(f"{k} {vals[-1]:.2f}" for k, vals in v.figures.items()),
                       flush=True)
     variants = [v for v, _ in sides]

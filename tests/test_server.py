@@ -77,6 +77,30 @@ def test_locate_triton_prepares_private_backends_with_this_pythons_stub(tmp_path
     assert stub.read_bytes() == wheel_stub.read_bytes()
 
 
+def test_backend_copies_of_two_installations_live_side_by_side(tmp_path: Path) -> None:
+    """Two virtual environments (two checkouts) sharing a cache each keep their own copy: one
+    rebuilding its copy never removes the other's from under a server that is starting."""
+    from xmsearch.server import prepare_backends
+
+    wheels = []
+    for name in ("venv-a", "venv-b"):
+        server_dir = tmp_path / name / "tritonserver"
+        (server_dir / "backends" / "python").mkdir(parents=True)
+        (server_dir / "backends" / "python" / "libtriton_python.so").write_bytes(name.encode())
+        stubs = server_dir / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
+        stubs.mkdir(parents=True)
+        (stubs / "triton_python_backend_stub").write_bytes(b"stub " + name.encode())
+        wheels.append(server_dir)
+    cache = tmp_path / "cache"
+    a, b = (prepare_backends(w, "0.7.0", cache) for w in wheels)
+    assert a != b and a.parent == b.parent == cache
+    assert (a / "python" / "libtriton_python.so").read_bytes() == b"venv-a"
+    assert (b / "python" / "libtriton_python.so").read_bytes() == b"venv-b"
+    inode = (a / "python" / "libtriton_python.so").stat().st_ino
+    assert prepare_backends(wheels[0], "0.7.0", cache) == a  # still current: not rebuilt
+    assert (a / "python" / "libtriton_python.so").stat().st_ino == inode
+
+
 def test_server_environment_puts_venv_and_libpython_first(tmp_path: Path) -> None:
     install = locate_triton(cache_dir=tmp_path)
     env = server_environment(install, {"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"})

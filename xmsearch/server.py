@@ -19,6 +19,7 @@ reports readiness through a callback so that the CLI decides what to show.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -106,9 +107,12 @@ def _same_file(a: Path, b: Path) -> bool:
 def prepare_backends(server_dir: Path, version: str, cache_dir: Path | None = None) -> Path:
     """Return a private copy of the wheel's ``backends`` folder with this Python's stub.
 
-    The copy lives in ``<cache>/triton-backends-<version>-py<X.Y>`` and is rebuilt when it
-    does not match the wheel (size and mtime of every file).  It is built in a temporary
-    folder and renamed into place, so concurrent test sessions never see half a copy.
+    The copy lives in ``<cache>/triton-backends-<version>-py<X.Y>-<install>``, ``<install>`` a
+    short hash of where the wheel is installed, and is rebuilt when it does not match the
+    wheel (size and mtime of every file).  It is built in a temporary folder and renamed into
+    place, so concurrent test sessions never see half a copy; and two virtual environments
+    (two checkouts) keep a copy each, instead of replacing each other's, which a server of the
+    other starting at that moment would find missing.
     """
     source = server_dir / "backends"
     stub = server_dir / "python_backend_stubs" / _python_version() / "triton_python_backend_stub"
@@ -120,7 +124,8 @@ def prepare_backends(server_dir: Path, version: str, cache_dir: Path | None = No
             "Python versions"
         )
     root = cache_dir or _cache_root()
-    target = root / f"triton-backends-{version}-py{_python_version()}"
+    install = hashlib.sha256(str(Path(server_dir).resolve()).encode()).hexdigest()[:8]
+    target = root / f"triton-backends-{version}-py{_python_version()}-{install}"
     wanted = {
         p.relative_to(source): p
         for p in source.rglob("*")
