@@ -149,8 +149,9 @@ def make_variant(repository: Path, out: Path, overrides: list[Override]) -> None
 
 def measure_queries(v: Variant, url: str, inputs: dict[str, Path], work: Path,
                     settings: perf_sweep.SweepSettings) -> None:
-    """perf_analyzer on each query ensemble: p50 at concurrency 1 and infer/s at 16 into ``v``."""
-    for kind in KINDS:
+    """perf_analyzer on the query ensemble of each kind in ``inputs`` (kind -> input data file):
+    p50 at concurrency 1 and infer/s at 16 into ``v``."""
+    for kind in inputs:
         model = input_data.KIND_MODEL[kind]
         result = perf_sweep.run_sweep(model, url, inputs[kind], work / "perf" / v.name, settings)
         by_level = {r.concurrency: r for r in result.rows}

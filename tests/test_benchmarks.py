@@ -1093,18 +1093,23 @@ def test_member_traffic_serves_its_chains_and_reports_cpu_per_row(tmp_path: Path
 
 @pytest.mark.triton
 @pytest.mark.slow
-@pytest.mark.skipif(not perf_sweep.TOOLS_WRAPPER.is_file(),
-                    reason="perf_analyzer not set up here (run benchmarks/setup_perf_analyzer.sh)")
 def test_source_ab_measures_a_served_repository(xm_server, served_demo_index, tmp_path: Path) -> None:
+    """The ingest's items/s, CPU per item and the server's memory always; the query ensembles'
+    perf_analyzer figures where perf_analyzer is set up (``make bench`` does that)."""
     from benchmarks import source_ab
     from benchmarks.serving_ab import KINDS, Variant
 
     demo, _ = served_demo_index
-    inputs = {k: input_data.write_input_data(tmp_path / f"{k}.json", demo / "catalog.jsonl", k) for k in KINDS}
+    with_perf = perf_sweep.TOOLS_WRAPPER.is_file()
+    inputs = {k: input_data.write_input_data(tmp_path / f"{k}.json", demo / "catalog.jsonl", k)
+              for k in (KINDS if with_perf else ())}
     settings = perf_sweep.SweepSettings(concurrency=(1, 16), measurement_interval_ms=500,
                                         stability_percentage=80, max_trials=4)
     v = Variant("here", [])
     source_ab.measure(v, xm_server.url, xm_server.pid, inputs, demo / "catalog.jsonl", tmp_path, settings)
     assert v.figures["ingest items/s"][0] > 0
     assert v.figures["ingest CPU ms/item: total"][0] >= v.figures["ingest CPU ms/item: image_encoder"][0] > 0
-    assert {"query_text p50 ms c=1", "query_image infer/s c=16", "server memory MB (PSS)"} <= set(v.figures)
+    assert "server memory MB (PSS)" in v.figures
+    queries = {"query_text p50 ms c=1", "query_text infer/s c=16", "query_image p50 ms c=1",
+               "query_image infer/s c=16"}
+    assert (queries <= set(v.figures)) if with_perf else not queries & set(v.figures)
