@@ -108,17 +108,17 @@ def run(rounds: int, requests: int, cases: dict[str, tuple[str, str, int]] = CAS
 
     from benchmarks import proc_cpu
     from benchmarks.stack import PrivateServer
+    from xmsearch.client.triton import infer_inputs
 
     per_thread = max(1, requests // IN_FLIGHT)
     x = np.zeros((ROWS, 16), np.float32)
 
     def send(url: str, model: str, n: int) -> None:
         client = grpcclient.InferenceServerClient(url)
-        inp = grpcclient.InferInput("X", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
+        inputs = infer_inputs({"X": x})
         try:
             for _ in range(n):
-                client.infer(model, [inp])
+                client.infer(model, inputs)
         finally:
             client.close()
 
