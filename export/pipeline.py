@@ -146,9 +146,10 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
     """Export the models and write a complete, checked model repository into ``out``.
 
     ``text_precision``: the served text encoder graph, "fp32", "int8" (dynamic ONNX Runtime
-    quantization, CPU only: ``xmsearch.export.quantize``) or "auto" (int8 where the text
-    encoder runs on ONNX Runtime's CPU provider, fp32 on a GPU).  Every graph is first checked
-    in fp32 against PyTorch at ``min_cosine``; an int8 text encoder is then checked again.
+    quantization with one activation scale per token, CPU only: ``xmsearch.export.quantize``)
+    or "auto" (int8 where the text encoder runs on ONNX Runtime's CPU provider, fp32 on a GPU).
+    Every graph is first checked in fp32 against PyTorch at ``min_cosine``; an int8 text
+    encoder is then checked again, and for rows that come out the same alone or batched.
     """
     if target not in TARGETS:
         raise ModelError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
@@ -179,12 +180,14 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
             path = onnx_export.export_onnx(module, specs[member], example, stage / member / "1" / "model.onnx")
             reports = onnx_export.check_parity(module, specs[member], path, cases, min_cosine)
             if member == S.TEXT_ENCODER and text_precision == "int8":
-                step(f"quantizing {member} to int8 (dynamic, per-channel MatMul weights)")
+                step(f"quantizing {member} to int8 (weights per output channel, activations per token)")
                 fp32_path = path.with_name("model.fp32.onnx")
                 path.rename(fp32_path)
                 quantize.quantize_int8(fp32_path, path)
                 fp32_path.unlink()
                 reports.append(quantize.check_int8_parity(module, path, cases))
+                drift = quantize.check_batch_independence(path, cases)
+                step(f"  batch independence: a row alone vs in its batch, max |diff| {drift:.2e}")
             result.parity.extend(reports)
             for r in reports:
                 step(f"  parity {r}")

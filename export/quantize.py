@@ -1,20 +1,34 @@
-"""Dynamic int8 quantization of the text encoder graph for CPU serving.
+"""Dynamic int8 quantization of the text encoder graph for CPU serving, one scale per token.
 
 The text encoder is the largest CPU cost of an item after the photo (about as much as
 the image encoder per title for the 12-layer e5) and the whole cost of a text query.
-ONNX Runtime's dynamic quantization stores each ``MatMul`` weight as int8 with one scale
-per output channel and quantizes the activations per call (uint8, one scale per tensor),
-so the products run on the CPU's int8 dot-product units (VNNI / AMX) with no calibration
-set: measured in ``benchmarks/results/text_int8.md``.
+:func:`quantize_int8` rewrites every ``MatMul`` with a constant weight so the product runs
+on the CPU's int8 dot-product units (VNNI / AMX) with no calibration set:
 
-Only ``MatMul`` is quantized (the embedding tables, layer norms and softmax stay fp32), and
-the quantized graph is checked against the PyTorch encoder like every fp32 graph, with its
-own lower bound (:data:`INT8_MIN_COSINE`): the bound catches a graph that quantization
-broke (activation outliers, a wrong op), while what int8 costs in retrieval quality is
-measured end to end on a catalogue (``xmsearch eval``; README, "Text encoder precision").
+* the weight is stored as int8 with one scale per output channel (symmetric, [-127, 127]);
+* the activation is quantized when the graph runs, with **one scale per token** (per row
+  of the flattened ``[tokens, K]`` input: its largest magnitude maps to 127), as uint8 with
+  zero point 128, by ``QuantizeLinear`` along the row axis;
+* ONNX Runtime's ``MatMulIntegerToFloat`` multiplies the two and applies the weight
+  scales; one ``Mul`` applies the token scales.
 
-Dynamic int8 graphs run on ONNX Runtime's CPU provider only (its CUDA provider has no
-kernel for ``DynamicQuantizeMatMul``); GPU targets use TensorRT's own FP16 / INT8 instead.
+One scale per token, not per run, is what makes a row's result its own: ONNX Runtime's
+``quantize_dynamic`` takes one activation scale over the whole tensor, so under Triton's
+dynamic batching a title's vector moved with whatever shared its batch (up to 0.25 per
+value, cosine 0.993, for the same title alone and among 15 others).  With a scale per
+token a row is computed the same alone or batched, and padding never enters a real
+token's scale.  It is also closer to fp32 (per-token cosine with PyTorch 0.994 against
+0.976 for the e5 encoder) for about the same time per call: measured side by side in
+``benchmarks/results/text_int8.md``.
+
+Embedding tables, layer norms, softmax and the attention products between activations
+stay fp32, and the quantized graph is checked against the PyTorch encoder like every fp32
+graph, with its own lower bound (:data:`INT8_MIN_COSINE`), and for batch independence
+(:data:`INT8_MAX_BATCH_DRIFT`).  What int8 costs in retrieval quality is measured end to
+end on a catalogue (``xmsearch eval``; README, "Text encoder precision").
+
+``MatMulIntegerToFloat`` is an ONNX Runtime operator (``com.microsoft``), and these graphs
+run on its CPU provider only; GPU targets use TensorRT's own FP16 / INT8 instead.
 """
 
 from __future__ import annotations
@@ -31,6 +45,11 @@ TEXT_PRECISIONS = ("auto", "fp32", "int8")
 # (benchmarks/results/text_int8.md); weights with one scale per tensor instead of one per
 # output channel gave 0.86-0.94, and a broken graph lands far lower.
 INT8_MIN_COSINE = 0.93
+
+# Largest |difference| allowed between a row's states computed alone (at its own length) and
+# in a batch with other rows (check_batch_independence).  Measured 0 for the per-token graph;
+# the per-run activation scale of onnxruntime's quantize_dynamic gave 0.25.
+INT8_MAX_BATCH_DRIFT = 1e-3
 
 
 def cpu_has_int8_dot_product() -> bool:
@@ -69,28 +88,113 @@ def resolve_text_precision(requested: str, on_gpu: bool, int8_cpu: bool | None =
 
 
 def quantize_int8(src: Path, dst: Path) -> Path:
-    """Write the dynamically int8-quantized version of the ONNX graph ``src`` to ``dst``."""
+    """Write the int8 version of the ONNX graph ``src`` to ``dst``: weights per output channel,
+    activations per token (module docstring).  Raises ModelError when no ``MatMul`` had a
+    constant 2-D weight to quantize, or the result fails ``onnx.checker``."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     src, dst = Path(src), Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    quant_log = logging.getLogger()  # onnxruntime.quantization warns through the root logger
-    level = quant_log.level
-    quant_log.setLevel(logging.ERROR)  # its "run pre-processing first" advice concerns static quantization
-    try:
-        quantize_dynamic(str(src), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8)
-    finally:
-        quant_log.setLevel(level)
-    ops = {n.op_type for n in onnx.load(str(dst), load_external_data=False).graph.node}
-    if not ops & {"DynamicQuantizeMatMul", "MatMulInteger"}:
+    model = onnx.load(str(src))
+    if rewrite_matmuls_int8(model) == 0:
+        ops = {n.op_type for n in model.graph.node}
         raise ModelError(f"int8 quantization of {src} changed no MatMul (ops: {', '.join(sorted(ops))})")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(dst))
     try:
         onnx.checker.check_model(str(dst))
     except onnx.checker.ValidationError as e:
         raise ModelError(f"int8 graph {dst} fails onnx.checker: {e}") from e
     return dst
+
+
+def rewrite_matmuls_int8(model) -> int:
+    """Rewrite, in place, every ``MatMul`` of ``model`` whose second input is a 2-D float
+    initializer as the per-token int8 product of the module docstring; returns how many.
+
+    Activations feeding several such products (a layer's query, key and value
+    projections) are quantized once.  The nodes that quantize an activation go where its
+    first product was, so the graph stays in topological order.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        raise ModelError(f"int8 quantization needs ONNX opset >= 13 (per-axis QuantizeLinear); "
+                         f"this graph has opset {opset}")
+    graph = model.graph
+    weights = {i.name: i for i in graph.initializer
+               if len(i.dims) == 2 and i.data_type == TensorProto.FLOAT}
+    added: list = []
+
+    def const(name: str, value) -> str:
+        added.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    prefix = "int8q"
+    to_127 = const(f"{prefix}/to_127", np.float32(1.0 / 127.0))
+    tiny = const(f"{prefix}/tiny", np.float32(1e-12))  # an all-zero row keeps a usable scale
+    zero_point = const(f"{prefix}/zero_point", np.uint8(128))
+    unit = const(f"{prefix}/unit", np.float32(1.0))
+    first, last = const(f"{prefix}/first", np.array([0], np.int64)), const(f"{prefix}/last", np.array([-1], np.int64))
+
+    def reduce_max(x: str, y: str):  # over the last axis; opset 18 moved ``axes`` to an input
+        if opset >= 18:
+            return helper.make_node("ReduceMax", [x, last], [y], keepdims=0)
+        return helper.make_node("ReduceMax", [x], [y], axes=[-1], keepdims=0)
+
+    rows: dict[str, tuple[str, str, str]] = {}  # activation -> (uint8 rows, row scales [M, 1], leading shape)
+    nodes, replaced, products = [], set(), 0
+    for node in graph.node:
+        w = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if w is None:
+            nodes.append(node)
+            continue
+        k, n = w.dims
+        a, out = node.input[0], node.output[0]
+        if a not in rows:
+            p = f"{prefix}/a{len(rows)}"
+            nodes += [
+                helper.make_node("Shape", [a], [f"{p}/shape"]),
+                helper.make_node("Slice", [f"{p}/shape", first, last], [f"{p}/lead"]),
+                helper.make_node("Reshape", [a, const(f"{p}/rows_k", np.array([-1, k], np.int64))], [f"{p}/rows"]),
+                helper.make_node("Abs", [f"{p}/rows"], [f"{p}/abs"]),
+                reduce_max(f"{p}/abs", f"{p}/max"),
+                helper.make_node("Max", [f"{p}/max", tiny], [f"{p}/max_pos"]),
+                helper.make_node("Mul", [f"{p}/max_pos", to_127], [f"{p}/scale"]),
+                helper.make_node("Shape", [f"{p}/scale"], [f"{p}/m"]),
+                helper.make_node("Expand", [zero_point, f"{p}/m"], [f"{p}/zero_points"]),
+                helper.make_node("QuantizeLinear", [f"{p}/rows", f"{p}/scale", f"{p}/zero_points"], [f"{p}/q"],
+                                 axis=0),
+                helper.make_node("Unsqueeze", [f"{p}/scale", last], [f"{p}/scale_col"]),
+            ]
+            rows[a] = (f"{p}/q", f"{p}/scale_col", f"{p}/lead")
+        q, scale_col, lead = rows[a]
+        weight = numpy_helper.to_array(w).astype(np.float32)
+        w_scale = (np.maximum(np.abs(weight).max(axis=0), 1e-12) / 127.0).astype(np.float32)
+        w_int8 = np.clip(np.round(weight / w_scale), -127, 127).astype(np.int8)
+        p = f"{prefix}/p{products}"
+        nodes += [
+            helper.make_node("MatMulIntegerToFloat",
+                             [q, const(f"{p}/w_int8", w_int8), unit, const(f"{p}/w_scale", w_scale), zero_point],
+                             [f"{p}/y_rows"], domain="com.microsoft"),
+            helper.make_node("Mul", [f"{p}/y_rows", scale_col], [f"{p}/y_scaled"]),
+            helper.make_node("Concat", [lead, const(f"{p}/n", np.array([n], np.int64))], [f"{p}/y_shape"], axis=0),
+            helper.make_node("Reshape", [f"{p}/y_scaled", f"{p}/y_shape"], [out]),
+        ]
+        replaced.add(w.name)
+        products += 1
+    if not products:
+        return 0
+    still_used = {i for nd in nodes for i in nd.input}
+    kept = [i for i in graph.initializer if i.name not in replaced or i.name in still_used]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return products
 
 
 def check_int8_parity(module, path: Path, cases: list[tuple], min_cosine: float = INT8_MIN_COSINE):
@@ -124,3 +228,29 @@ def check_int8_parity(module, path: Path, cases: list[tuple], min_cosine: float 
         raise ModelError(f"int8 text encoder parity check failed (need cosine >= {min_cosine:g} per token): "
                          f"{report}; export with --text-precision fp32")
     return report
+
+
+def check_batch_independence(path: Path, cases: list[tuple], rows: int = 4,
+                             max_drift: float = INT8_MAX_BATCH_DRIFT) -> float:
+    """Largest |difference| between the text encoder graph at ``path`` run on the first
+    ``rows`` rows of ``cases[0]`` in their batch and on each row alone, trimmed to its own
+    length, over real tokens.  A served vector must not depend on what Triton's dynamic
+    batcher put next to it: raises ModelError above ``max_drift``."""
+    import numpy as np
+
+    from xmsearch.export.onnx import onnx_session
+    from xmsearch.spec import ATTENTION_MASK, INPUT_IDS, TEXT_ENCODER, TOKEN_STATES
+
+    sess = onnx_session(path)
+    ids, mask = (t.numpy() for t in cases[0])
+    batched = sess.run([TOKEN_STATES], {INPUT_IDS: ids, ATTENTION_MASK: mask})[0]
+    drift = 0.0
+    for r in range(min(rows, len(ids))):
+        n = int(mask[r].sum())
+        alone = sess.run([TOKEN_STATES], {INPUT_IDS: ids[r:r + 1, :n], ATTENTION_MASK: mask[r:r + 1, :n]})[0][0]
+        drift = max(drift, float(np.max(np.abs(alone - batched[r, :n]))))
+    if not drift <= max_drift:
+        raise ModelError(f"{TEXT_ENCODER} graph {path}: a row's states alone and in a batch of {len(ids)} differ "
+                         f"by up to {drift:.3g} (allowed {max_drift:g}): served vectors would depend on their "
+                         "batch-mates; export with --text-precision fp32")
+    return drift

@@ -905,7 +905,7 @@ def test_fusion_width_cost_times_each_graph_at_both_widths(tmp_path) -> None:
             assert f"| {graph}, ms per call, batch {b} |" in text
 
 
-def test_text_int8_compares_both_graphs_on_a_catalogue(tmp_path: Path) -> None:
+def test_text_int8_compares_the_three_graphs_on_a_catalogue(tmp_path: Path) -> None:
     from benchmarks import text_int8
     from xmsearch.demo import MIN_ITEMS, generate_demo_catalog
 
@@ -915,11 +915,16 @@ def test_text_int8_compares_both_graphs_on_a_catalogue(tmp_path: Path) -> None:
                            "--seconds", "0.02", "--out", str(out)]) == 0
     text = out.read_text()
     assert text.startswith("$ python -m benchmarks.text_int8 --catalog")
-    assert "### minilm-l6" in text and "| one query (16 tokens), ms per call |" in text
-    cos = float(re.search(r"states with PyTorch over \d+ batches of titles: min (\S+) ", text).group(1))
-    assert 0.9 < cos < 0.9999  # int8 moved the states, a little
-    rows = re.findall(r"^\| (fp32|int8) \| (\S+) \| (\S+) \|", text, re.M)
-    assert [r[0] for r in rows] == ["fp32", "int8"] and all(0 <= float(x) <= 1 for r in rows for x in r[1:])
+    assert "### minilm-l6" in text and "| one query (1x16 tokens), ms per call |" in text
+    assert "| measure | fp32 | int8 per run | int8 per token | int8 per token / int8 per run |" in text
+    states = {v: (float(c), float(d)) for v, c, d in
+              re.findall(r"^\| (fp32|int8 per run|int8 per token) \| ([\d.]+) \| ([\d.e+-]+) \|$", text, re.M)}
+    assert list(states) == ["fp32", "int8 per run", "int8 per token"]
+    assert states["fp32"][0] > 0.9999 and 0.9 < states["int8 per token"][0] < 0.9999  # int8 moved the states
+    assert states["int8 per token"][0] > states["int8 per run"][0]  # a little, and less than one scale per run
+    assert states["int8 per token"][1] <= 1e-3 < states["int8 per run"][1]  # rows alone = rows batched
+    rows = re.findall(r"^\| (fp32|int8 per run|int8 per token) \| (\S+) \| (\S+) \| (\S+) \| (\S+) \|$", text, re.M)
+    assert [r[0] for r in rows] == list(states) and all(0 <= float(x) <= 1 for r in rows for x in r[1:])
 
 
 def test_ingest_stream_parses_shapes_and_loads_an_earlier_ingest(tmp_path: Path) -> None:

@@ -69,11 +69,12 @@ def test_default_cpu_export_serves_an_int8_text_encoder(int8_export: ExportResul
     assert int8_export.text_precision == "int8"
     record = json.loads((out / "xmsearch_export.json").read_text())
     assert record["text_precision"] == "int8"
-    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= _ops(out / S.TEXT_ENCODER / "1" / "model.onnx")
-    assert "MatMulInteger" not in _ops(exported_repository / S.TEXT_ENCODER / "1" / "model.onnx")
+    int8_ops = _ops(out / S.TEXT_ENCODER / "1" / "model.onnx")
+    assert {"MatMulIntegerToFloat", "QuantizeLinear"} <= int8_ops and "DynamicQuantizeLinear" not in int8_ops
+    assert "MatMulIntegerToFloat" not in _ops(exported_repository / S.TEXT_ENCODER / "1" / "model.onnx")
     assert not list((out / S.TEXT_ENCODER / "1").glob("*.fp32.onnx"))  # the fp32 step is not shipped
     for member in (S.IMAGE_ENCODER, S.FUSION_TEXT):  # nothing else is quantized
-        assert "MatMulInteger" not in _ops(out / member / "1" / "model.onnx")
+        assert "MatMulIntegerToFloat" not in _ops(out / member / "1" / "model.onnx")
     # The fp32 graph was checked at the usual bound before quantization, the int8 one after.
     reports = {r.model: r for r in int8_export.parity}
     assert reports[S.TEXT_ENCODER].min_cosine >= 0.9999
@@ -97,6 +98,85 @@ def test_int8_parity_check_names_the_way_out(int8_export: ExportResult, referenc
     assert report.cases == 1 and report.min_cosine >= quantize.INT8_MIN_COSINE
     with pytest.raises(ModelError, match=r"need cosine >= 1 per token.*--text-precision fp32"):
         quantize.check_int8_parity(enc.text, path, [(ids, mask)], min_cosine=1.0)
+
+
+class _Block(torch.nn.Module):
+    """A transformer-like block in miniature: a layer norm feeding two projections (one
+    activation, two products), a GELU, and an output projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = torch.nn.LayerNorm(32)
+        self.a, self.b = torch.nn.Linear(32, 64), torch.nn.Linear(32, 64)
+        self.out = torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.out(torch.nn.functional.gelu(self.a(h)) * self.b(h))
+
+
+def _export(module: torch.nn.Module, example: torch.Tensor, path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(module, (example,), str(path), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch", 1: "tokens"}, "y": {0: "batch", 1: "tokens"}},
+                          opset_version=17, dynamo=False)
+    return path
+
+
+def test_int8_rows_come_out_the_same_alone_or_batched(tmp_path: Path) -> None:
+    from xmsearch.export.onnx import onnx_session
+
+    block = _Block().eval()
+    x = torch.randn(6, 5, 32) * torch.linspace(0.01, 30.0, 6)[:, None, None]  # rows of very different range
+    x[2, 1] = 0.0  # a token of zeros quantizes to zeros, not NaN
+    int8 = quantize.quantize_int8(_export(block, x[:2], tmp_path / "block.onnx"), tmp_path / "block.int8.onnx")
+    model = onnx.load(str(int8))
+    ops = [n.op_type for n in model.graph.node]
+    # Three products, two activations: the normalised input is quantized once for both of its products.
+    assert ops.count("MatMulIntegerToFloat") == 3 and ops.count("QuantizeLinear") == 2 and "MatMul" not in ops
+    assert {i.data_type for i in model.graph.initializer if len(i.dims) == 2} == {onnx.TensorProto.INT8}
+
+    sess = onnx_session(int8)
+    batched = sess.run(None, {"x": x.numpy()})[0]
+    alone = np.concatenate([sess.run(None, {"x": x[i:i + 1].numpy()})[0] for i in range(len(x))])
+    tokens_alone = sess.run(None, {"x": x[3:4, 2:3].numpy()})[0]
+    np.testing.assert_array_equal(alone, batched)  # no row's scale comes from another row
+    np.testing.assert_array_equal(tokens_alone[0, 0], batched[3, 2])  # nor from another token
+    with torch.no_grad():
+        want = block(x).numpy()
+    assert np.isfinite(batched).all()
+    cos = np.sum(want * batched, -1) / (np.linalg.norm(want, axis=-1) * np.linalg.norm(batched, axis=-1))
+    assert cos.min() > 0.99, np.round(cos, 4)  # every row near fp32, the smallest-range row included
+
+
+def test_quantizing_a_graph_of_an_old_opset_is_refused(tmp_path: Path) -> None:
+    block = _Block().eval()
+    src = _export(block, torch.randn(2, 3, 32), tmp_path / "block.onnx")
+    model = onnx.load(str(src))
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = 11
+    with pytest.raises(ModelError, match="opset >= 13.*opset 11"):
+        quantize.rewrite_matmuls_int8(model)
+
+
+def test_batch_independence_check_catches_one_activation_scale_per_run(
+        int8_export: ExportResult, exported_repository: Path, reference_pipeline, tmp_path: Path) -> None:
+    """The export's check passes the per-token graph and refuses the one-scale-per-run graph
+    of onnxruntime's quantize_dynamic (the text encoder's int8 before 2026-12-06)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    texts = ["blue down jacket", ENGLISH[2], CHINESE[1], "hat"]  # lengths far apart: padding in the batch
+    cases = [tuple(torch.from_numpy(a) for a in reference_pipeline.encoders.text_pre.encode(texts, "passage"))]
+    served = int8_export.out / S.TEXT_ENCODER / "1" / "model.onnx"
+    assert quantize.check_batch_independence(served, cases) <= quantize.INT8_MAX_BATCH_DRIFT
+    per_run = tmp_path / "per_run.onnx"
+    quantize_dynamic(str(exported_repository / S.TEXT_ENCODER / "1" / "model.onnx"), str(per_run),
+                     op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8)
+    with pytest.raises(ModelError, match=r"alone and in a batch of 4 differ.*batch-mates.*--text-precision fp32"):
+        quantize.check_batch_independence(per_run, cases)
 
 
 def test_quantizing_a_graph_without_matmul_is_an_error(tmp_path: Path) -> None:
@@ -125,11 +205,15 @@ def test_int8_repository_served_stays_close_to_the_fp32_reference(
             served = {"query_text": embed(client, S.QUERY_TEXT, texts=ENGLISH + CHINESE),
                       "item": embed(client, S.ITEM, texts=titles, images=photos),
                       "query_image": embed(client, S.QUERY_IMAGE, images=photos)}
+            # One request of five texts, and five requests of one: the same vectors, as a row's
+            # int8 activation scales are its own (and so under Triton's dynamic batching too).
+            alone = np.concatenate([embed(client, S.QUERY_TEXT, texts=[t]) for t in ENGLISH + CHINESE])
         finally:
             client.close()
     reference = {"query_text": reference_pipeline.embed(ENGLISH + CHINESE, None, "query"),
                  "item": reference_pipeline.embed(titles, photos, "passage"),
                  "query_image": reference_pipeline.embed(None, photos, "query")}
+    np.testing.assert_allclose(alone, served["query_text"], atol=1e-5)
     for name, got in served.items():
         want = reference[name]
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4, err_msg=name)
