@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Where the editable install puts the subpackages that live outside xmsearch/ (pyproject.toml).
 SUBPACKAGES = {"export": "export", "client": "client"}
 # CPU per ingested item: the server tree's total and these members' stubs (proc_cpu labels).
-CPU_ROWS = ("total", spec.IMAGE_ENCODER, spec.ITEM_PREPROCESS)
+CPU_ROWS = ("total", spec.IMAGE_ENCODER, spec.TEXT_ENCODER, spec.ITEM_PREPROCESS)
 
 
 def assemble_package(tree: Path, out: Path) -> Path:
