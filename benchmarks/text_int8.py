@@ -126,9 +126,14 @@ def compare(text_model: str, catalog: Path, rounds: int, seconds: float, max_tit
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_onnx(encoder, spec, (ids[:2], mask[:2]), Path(tmp) / "fp32.onnx")
         per_run = Path(tmp) / "per_run.onnx"
-        logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's static-quantization advice
-        quantize_dynamic(str(fp32), str(per_run), op_types_to_quantize=["MatMul"], per_channel=True,
-                         weight_type=QuantType.QInt8)
+        root = logging.getLogger()  # quantize_dynamic gives static-quantization advice through it
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(str(fp32), str(per_run), op_types_to_quantize=["MatMul"], per_channel=True,
+                             weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
         paths = dict(zip(VARIANTS, (fp32, per_run, quantize_int8(fp32, Path(tmp) / "per_token.onnx"))))
         sessions = {v: onnx_session(path, threads=2, spinning=False) for v, path in paths.items()}
         checked = [pre.encode(titles[i:i + 64], "passage") for i in range(0, min(len(titles), max_titles), 64)]
