@@ -40,9 +40,10 @@ from xmsearch.errors import ModelError
 TEXT_PRECISIONS = ("auto", "fp32", "int8")
 
 # Lowest cosine of one real token's state, int8 graph vs PyTorch fp32 (padding positions
-# excluded).  Measured over 512 demo titles: MiniLM-L6 0.963, multilingual-e5-small-q4 0.965
-# (benchmarks/results/text_int8.md); weights with one scale per tensor instead of one per
-# output channel gave 0.86-0.94, and a broken graph lands far lower.
+# excluded).  Measured over 512 demo titles: MiniLM-L6 0.988, multilingual-e5-small-q4 0.994
+# (benchmarks/results/text_int8.md); one activation scale per run gave 0.963 / 0.965, weights
+# with one scale per tensor instead of one per output channel 0.86-0.94, and a broken graph
+# lands far lower.  Kept loose: other catalogues' texts may sit lower than the demo's titles.
 INT8_MIN_COSINE = 0.93
 
 # Largest |difference| allowed between a row's states computed alone (at its own length) and
