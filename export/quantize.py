@@ -6,9 +6,8 @@ the image encoder per title for the 12-layer e5) and the whole cost of a text qu
 on the CPU's int8 dot-product units (VNNI / AMX) with no calibration set:
 
 * the weight is stored as int8 with one scale per output channel (symmetric, [-127, 127]);
-* the activation is quantized when the graph runs, with **one scale per token** (per row
-  of the flattened ``[tokens, K]`` input: its largest magnitude maps to 127), as uint8 with
-  zero point 128, by ``QuantizeLinear`` along the row axis;
+* the activation is quantized when the graph runs, with **one scale per token** (its
+  largest magnitude maps to 127), as uint8 with zero point 128;
 * ONNX Runtime's ``MatMulIntegerToFloat`` multiplies the two and applies both scales.
 
 One scale per token, not per run, is what makes a row's result its own: ONNX Runtime's
@@ -119,9 +118,8 @@ def rewrite_matmuls_int8(model) -> int:
     from onnx import TensorProto, helper, numpy_helper
 
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset < 13:
-        raise ModelError(f"int8 quantization needs ONNX opset >= 13 (per-axis QuantizeLinear); "
-                         f"this graph has opset {opset}")
+    if opset < 10:
+        raise ModelError(f"int8 quantization needs ONNX opset >= 10 (QuantizeLinear); this graph has opset {opset}")
     graph = model.graph
     weights = {i.name: i for i in graph.initializer
                if len(i.dims) == 2 and i.data_type == TensorProto.FLOAT}
@@ -134,39 +132,35 @@ def rewrite_matmuls_int8(model) -> int:
     prefix = "int8q"
     to_127 = const(f"{prefix}/to_127", np.float32(1.0 / 127.0))
     zero_point = const(f"{prefix}/zero_point", np.uint8(128))
-    last = const(f"{prefix}/last", np.array([-1], np.int64))
+    unit = const(f"{prefix}/unit", np.float32(1.0))
+    last_axis = const(f"{prefix}/last_axis", np.array([-1], np.int64)) if opset >= 18 else None
 
     def reduce_max(x: str, y: str):  # over the last axis; opset 18 moved ``axes`` to an input
-        if opset >= 18:
-            return helper.make_node("ReduceMax", [x, last], [y], keepdims=1)
+        if last_axis:
+            return helper.make_node("ReduceMax", [x, last_axis], [y], keepdims=1)
         return helper.make_node("ReduceMax", [x], [y], axes=[-1], keepdims=1)
 
-    rows: dict[str, tuple[str, str]] = {}  # activation -> (its uint8 tokens, their scales [..., 1])
+    rows: dict[str, tuple[str, str]] = {}  # activation -> (its uint8 codes, token scales [..., 1])
     nodes, replaced, products = [], set(), 0
     for node in graph.node:
         w = weights.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
         if w is None:
             nodes.append(node)
             continue
-        k, _ = w.dims
         a = node.input[0]
         if a not in rows:
             # Scales from the activation as it is ([..., tokens, K] -> [..., tokens, 1]); the
-            # quantization itself on its [tokens, K] view, one QuantizeLinear scale per row.  A
-            # token of zeros gets scale 0: whatever its uint8 codes, its product is 0 x codes = 0.
+            # tokens divided by them, then QuantizeLinear with scalar scale 1 and zero point 128
+            # (one node, no reshape to the [tokens, K] view that a per-row QuantizeLinear would
+            # need).  A token of zeros gets scale 0: whatever its codes, its product is 0 x codes.
             p = f"{prefix}/a{len(rows)}"
             nodes += [
                 helper.make_node("Abs", [a], [f"{p}/abs"]),
                 reduce_max(f"{p}/abs", f"{p}/max"),
                 helper.make_node("Mul", [f"{p}/max", to_127], [f"{p}/scale"]),
-                helper.make_node("Reshape", [f"{p}/scale", last], [f"{p}/row_scale"]),
-                helper.make_node("Shape", [f"{p}/row_scale"], [f"{p}/m"]),
-                helper.make_node("Expand", [zero_point, f"{p}/m"], [f"{p}/row_zero_point"]),
-                helper.make_node("Reshape", [a, const(f"{p}/rows_k", np.array([-1, k], np.int64))], [f"{p}/rows"]),
-                helper.make_node("QuantizeLinear", [f"{p}/rows", f"{p}/row_scale", f"{p}/row_zero_point"],
-                                 [f"{p}/q_rows"], axis=0),
-                helper.make_node("Shape", [a], [f"{p}/shape"]),
-                helper.make_node("Reshape", [f"{p}/q_rows", f"{p}/shape"], [f"{p}/q"]),
+                helper.make_node("Reciprocal", [f"{p}/scale"], [f"{p}/inverse"]),
+                helper.make_node("Mul", [a, f"{p}/inverse"], [f"{p}/scaled"]),
+                helper.make_node("QuantizeLinear", [f"{p}/scaled", unit, zero_point], [f"{p}/q"]),
             ]
             rows[a] = (f"{p}/q", f"{p}/scale")
         q, scale = rows[a]
