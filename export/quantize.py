@@ -15,7 +15,7 @@ One scale per token, not per run, is what makes a row's result its own: ONNX Run
 dynamic batching a title's vector moved with whatever shared its batch (up to 0.26 per
 value, cosine 0.993, for the same title alone and among 15 others).  With a scale per
 token a row is computed the same alone or batched, and padding never enters a real
-token's scale.  It is also closer to fp32 (per-token cosine with PyTorch 0.994 against
+token's scale.  It is also closer to fp32 (per-token cosine with PyTorch 0.993 against
 0.965 for the e5 encoder), for a little more time per call than one scale per run (the
 scales are separate graph nodes, not fused into the product): measured side by side in
 ``benchmarks/results/text_int8.md``.
@@ -39,7 +39,7 @@ from xmsearch.errors import ModelError
 TEXT_PRECISIONS = ("auto", "fp32", "int8")
 
 # Lowest cosine of one real token's state, int8 graph vs PyTorch fp32 (padding positions
-# excluded).  Measured over 512 demo titles: MiniLM-L6 0.988, multilingual-e5-small-q4 0.994
+# excluded).  Measured over 512 demo titles: MiniLM-L6 0.988, multilingual-e5-small-q4 0.993
 # (benchmarks/results/text_int8.md); one activation scale per run gave 0.963 / 0.965, weights
 # with one scale per tensor instead of one per output channel 0.86-0.94, and a broken graph
 # lands far lower.  Kept loose: other catalogues' texts may sit lower than the demo's titles.
