@@ -62,42 +62,6 @@ def _encode(session, pre, texts: list[str], role: str, batch: int = 64):
 VARIANTS = ("fp32", "int8 per run", "int8 per token")
 
 
-def _states(session, ids, mask):
-    from xmsearch import spec as S
-
-    return session.run([S.TOKEN_STATES], {S.INPUT_IDS: ids, S.ATTENTION_MASK: mask})[0]
-
-
-def _min_cosine(encoder, session, batches) -> float:
-    """Lowest per-token cosine of ``session``'s states with PyTorch's, real tokens only."""
-    import numpy as np
-    import torch
-
-    worst = 1.0
-    for ids, mask in batches:
-        with torch.no_grad():
-            ref = encoder(torch.from_numpy(ids), torch.from_numpy(mask)).numpy().astype(np.float64)
-        got = _states(session, ids, mask).astype(np.float64)
-        real = mask.astype(bool)
-        r, g = ref[real], got[real]
-        cos = np.sum(r * g, 1) / np.maximum(np.linalg.norm(r, axis=1) * np.linalg.norm(g, axis=1), 1e-12)
-        worst = min(worst, float(cos.min()))
-    return worst
-
-
-def _batch_drift(session, ids, mask) -> float:
-    """Largest |difference| of a row's states alone (own length) and in the batch ``ids``."""
-    import numpy as np
-
-    batched = _states(session, ids, mask)
-    drift = 0.0
-    for r in range(len(ids)):
-        n = int(mask[r].sum())
-        alone = _states(session, ids[r:r + 1, :n], mask[r:r + 1, :n])[0]
-        drift = max(drift, float(np.abs(alone - batched[r, :n]).max()))
-    return drift
-
-
 def compare(text_model: str, catalog: Path, rounds: int, seconds: float, max_titles: int) -> tuple[dict, dict]:
     """(timings {(variant, measure): [ms per round]}, figures {variant: {...}}) for one text model."""
     import logging
@@ -110,7 +74,7 @@ def compare(text_model: str, catalog: Path, rounds: int, seconds: float, max_tit
     from xmsearch.catalog import read_catalog
     from xmsearch.evaluate import load_queries
     from xmsearch.export.onnx import export_onnx, onnx_session
-    from xmsearch.export.quantize import quantize_int8
+    from xmsearch.export.quantize import batch_drift, check_int8_parity, quantize_int8
     from xmsearch.metrics import evaluate
     from xmsearch.models.text import TextEncoder, resolve_text_model
     from xmsearch.preprocess import TextPreprocessor
@@ -136,11 +100,13 @@ def compare(text_model: str, catalog: Path, rounds: int, seconds: float, max_tit
             root.setLevel(level)
         paths = dict(zip(VARIANTS, (fp32, per_run, quantize_int8(fp32, Path(tmp) / "per_token.onnx"))))
         sessions = {v: onnx_session(path, threads=2, spinning=False) for v, path in paths.items()}
-        checked = [pre.encode(titles[i:i + 64], "passage") for i in range(0, min(len(titles), max_titles), 64)]
+        checked = [tuple(torch.from_numpy(a) for a in pre.encode(titles[i:i + 64], "passage"))
+                   for i in range(0, min(len(titles), max_titles), 64)]
         drift_batch = pre.encode(titles[:16], "passage")
         figures: dict = {"queries": len(queries), "titles": len(titles), "checked": len(checked)}
-        for v, sess in sessions.items():
-            figures[v] = {"cosine": _min_cosine(encoder, sess, checked), "drift": _batch_drift(sess, *drift_batch)}
+        for v, sess in sessions.items():  # the export's own measures, without its bounds
+            figures[v] = {"cosine": check_int8_parity(encoder, paths[v], checked, min_cosine=-1.0).min_cosine,
+                          "drift": batch_drift(sess, *drift_batch)}
         feeds = {"one query": pre.encode([queries[0]["text"] if queries else titles[0]], "query"),
                  "8 titles": pre.encode(titles[8:16], "passage"),
                  "32 titles": pre.encode(titles[-32:], "passage")}

@@ -223,25 +223,33 @@ def check_int8_parity(module, path: Path, cases: list[tuple], min_cosine: float 
     return report
 
 
-def check_batch_independence(path: Path, cases: list[tuple], rows: int = 4,
-                             max_drift: float = INT8_MAX_BATCH_DRIFT) -> float:
-    """Largest |difference| between the text encoder graph at ``path`` run on the first
-    ``rows`` rows of ``cases[0]`` in their batch and on each row alone, trimmed to its own
-    length, over real tokens.  A served vector must not depend on what Triton's dynamic
-    batcher put next to it: raises ModelError above ``max_drift``."""
+def batch_drift(session, ids, mask, rows: int | None = None) -> float:
+    """Largest |difference|, over real tokens, between the text encoder ``session``'s states
+    for the first ``rows`` rows of ``ids`` / ``mask`` (all when None) in their batch and for
+    each row alone, trimmed to its own length."""
     import numpy as np
 
-    from xmsearch.export.onnx import onnx_session
-    from xmsearch.spec import ATTENTION_MASK, INPUT_IDS, TEXT_ENCODER, TOKEN_STATES
+    from xmsearch.spec import ATTENTION_MASK, INPUT_IDS, TOKEN_STATES
 
-    sess = onnx_session(path)
-    ids, mask = (t.numpy() for t in cases[0])
-    batched = sess.run([TOKEN_STATES], {INPUT_IDS: ids, ATTENTION_MASK: mask})[0]
+    batched = session.run([TOKEN_STATES], {INPUT_IDS: ids, ATTENTION_MASK: mask})[0]
     drift = 0.0
-    for r in range(min(rows, len(ids))):
+    for r in range(len(ids) if rows is None else min(rows, len(ids))):
         n = int(mask[r].sum())
-        alone = sess.run([TOKEN_STATES], {INPUT_IDS: ids[r:r + 1, :n], ATTENTION_MASK: mask[r:r + 1, :n]})[0][0]
+        alone = session.run([TOKEN_STATES], {INPUT_IDS: ids[r:r + 1, :n], ATTENTION_MASK: mask[r:r + 1, :n]})[0][0]
         drift = max(drift, float(np.max(np.abs(alone - batched[r, :n]))))
+    return drift
+
+
+def check_batch_independence(path: Path, cases: list[tuple], rows: int = 4,
+                             max_drift: float = INT8_MAX_BATCH_DRIFT) -> float:
+    """:func:`batch_drift` of the text encoder graph at ``path`` over the first ``rows`` rows
+    of ``cases[0]``.  A served vector must not depend on what Triton's dynamic batcher put
+    next to it: raises ModelError above ``max_drift``."""
+    from xmsearch.export.onnx import onnx_session
+    from xmsearch.spec import TEXT_ENCODER
+
+    ids, mask = (t.numpy() for t in cases[0])
+    drift = batch_drift(onnx_session(path), ids, mask, rows)
     if not drift <= max_drift:
         raise ModelError(f"{TEXT_ENCODER} graph {path}: a row's states alone and in a batch of {len(ids)} differ "
                          f"by up to {drift:.3g} (allowed {max_drift:g}): served vectors would depend on their "
