@@ -43,6 +43,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 from benchmarks import input_data, perf_sweep, proc_cpu, publish, stack
 from benchmarks.e2e import measure_ingest
@@ -190,6 +191,16 @@ def member_inputs(repository: Path, queries_file: Path, names: list[str], work: 
                                load_queries(queries_file, "image"), work)
 
 
+def alternate_rounds(variants: list[Variant], rounds: int, measure: Callable[[Variant], None]) -> None:
+    """``rounds`` rounds of ``measure(v)`` over ``variants``, every other round in reverse order
+    (so neither side always goes first), printing each variant's latest figures as it goes."""
+    for rnd in range(rounds):
+        for v in variants if rnd % 2 == 0 else variants[::-1]:
+            measure(v)
+            print(f"round {rnd} {v.name}: " + ", ".join(f"{k} {vals[-1]:.2f}" for k, vals in v.figures.items()),
+                  flush=True)
+
+
 def table(variants: list[Variant]) -> str:
     """Median (min-max) of each figure per variant, and its ratio to the first variant."""
     base = variants[0]
@@ -249,12 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             path = work / f"repo-{v.name}"
             make_variant(repos[v.name].path, path, v.overrides)
             served[v.name] = servers.enter_context(stack.PrivateServer(path, log_file=work / f"{v.name}.log"))
-        for rnd in range(a.rounds):
-            order = variants if rnd % 2 == 0 else variants[::-1]
-            for v in order:
-                _measure(v, served[v.name], inputs, cat.catalog_file, work, settings, members)
-                print(f"round {rnd} {v.name}: " + ", ".join(f"{k} {vals[-1]:.1f}" for k, vals in v.figures.items()),
-                      flush=True)
+        alternate_rounds(variants, a.rounds, lambda v: _measure(v, served[v.name], inputs, cat.catalog_file, work,
+                                                                settings, members))
     described = "\n".join(f"- `{v.name}`: " + (", ".join(f"{o.member + '.' if o.member else ''}{o.field}={o.value}"
                                                          for o in v.overrides) or "as exported")
                           for v in variants)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from benchmarks import input_data, perf_sweep, proc_cpu, publish, stack
 from benchmarks.e2e import measure_ingest
-from benchmarks.serving_ab import KINDS, LEVELS, Variant, measure_queries, table
+from benchmarks.serving_ab import KINDS, LEVELS, Variant, alternate_rounds, measure_queries, table
 from xmsearch import spec
 from xmsearch.errors import ConfigError
 
@@ -142,21 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     inputs = {k: input_data.write_input_data(work / f"{k}.json", cat.queries_file, k) for k in KINDS}
     settings = perf_sweep.SweepSettings(concurrency=LEVELS, measurement_interval_ms=a.interval_ms,
                                         stability_percentage=30.0, max_trials=5)
-    sides = [(Variant(a.base, []), base_repo), (Variant("working tree", []), here_repo)]
+    variants = [Variant(a.base, []), Variant("working tree", [])]
     t0 = time.perf_counter()
     here = Path.cwd()
     os.chdir(work)  # the stubs' first sys.path entry: not a checkout with an xmsearch/ folder
     with ExitStack() as servers:
         servers.callback(os.chdir, here)
         served = {v.name: servers.enter_context(stack.PrivateServer(repo, log_file=work / f"{v.name}.log"))
-                  for v, repo in sides}
-        for rnd in range(a.rounds):
-            for v, _ in (sides if rnd % 2 == 0 else sides[::-1]):
-                server = served[v.name]
-                measure(v, server.url, server.server.pid, inputs, cat.catalog_file, work, settings)
-                print(f"round {rnd} {v.name}: " + ", ".join(f"{k} {vals[-1]:.2f}" for k, vals in v.figures.items()),
-                      flush=True)
-    variants = [v for v, _ in sides]
+                  for v, repo in zip(variants, (base_repo, here_repo))}
+        alternate_rounds(variants, a.rounds, lambda v: measure(v, served[v.name].url, served[v.name].server.pid,
+                                                               inputs, cat.catalog_file, work, settings))
     text = (f"- `{a.base}`: exported and served by that revision's code\n- `working tree`: this checkout\n\n"
             f"{table(variants)}\n\nMedian (min-max) over {a.rounds} rounds, both served at once and measured in "
             f"alternating order; {cat.n_items}-item demo catalogue, {a.text_model}, untrained fusion; "

@@ -967,6 +967,22 @@ def test_ingest_stream_measures_every_variant(xm_server, served_demo_index, tmp_
 
 
 @pytest.mark.slow
+def test_alternate_rounds_swaps_the_order_every_other_round(capsys) -> None:
+    from benchmarks.serving_ab import Variant, alternate_rounds
+
+    variants = [Variant("a", []), Variant("b", [])]
+    calls: list[str] = []
+
+    def measure(v: Variant) -> None:
+        calls.append(v.name)
+        v.figures.setdefault("x", []).append(float(len(calls)))
+
+    alternate_rounds(variants, 3, measure)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert variants[0].figures["x"] == [1.0, 4.0, 5.0] and variants[1].figures["x"] == [2.0, 3.0, 6.0]
+    assert capsys.readouterr().out.splitlines()[:2] == ["round 0 a: x 1.00", "round 0 b: x 2.00"]
+
+
 def test_serving_ab_member_inputs_are_real_rows(exported_repository: Path, tmp_path: Path) -> None:
     """``serving_ab --member``: the member's perf_analyzer input is rows computed from real
     queries through the exported graphs, as ``make bench`` writes them."""
