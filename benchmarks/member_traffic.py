@@ -67,36 +67,17 @@ def traffic_repository(root: Path, cases: dict[str, tuple[str, str, int]] = CASE
     """Write the make/take members and one ensemble per case into ``root``; case -> ensemble."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from xmsearch.export.repository import write_config
-
-    def io(cls, name, dtype="TYPE_FP32", dims=(-1,)):
-        return cls(name=name, data_type=getattr(mc, dtype), dims=list(dims))
-
-    def member(name, source, inputs, outputs):
-        cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=64)
-        cfg.input.extend(inputs)
-        cfg.output.extend(outputs)
-        cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
-        cfg.dynamic_batching.SetInParent()
-        write_config(cfg, root / name)
-        (root / name / "1").mkdir(exist_ok=True)
-        (root / name / "1" / "model.py").write_text(source)
+    from benchmarks.stack import toy_chain, toy_io, toy_member
 
     chains = {}
     for case, (triton_dtype, np_dtype, elements) in cases.items():
         s = slug(case)
-        member(f"make_{s}", MAKE.format(elements=elements, dtype=np_dtype),
-               [io(mc.ModelInput, "X")], [io(mc.ModelOutput, "T", triton_dtype, (elements,))])
-        member(f"take_{s}", TAKE, [io(mc.ModelInput, "T", triton_dtype, (elements,))], [io(mc.ModelOutput, "Y")])
-        cfg = mc.ModelConfig(name=f"chain_{s}", platform="ensemble", max_batch_size=64)
-        cfg.input.append(io(mc.ModelInput, "X"))
-        cfg.output.append(io(mc.ModelOutput, "Y"))
-        step = cfg.ensemble_scheduling.step.add(model_name=f"make_{s}", model_version=-1)
-        step.input_map["X"], step.output_map["T"] = "X", "t"
-        step = cfg.ensemble_scheduling.step.add(model_name=f"take_{s}", model_version=-1)
-        step.input_map["T"], step.output_map["Y"] = "t", "Y"
-        write_config(cfg, root / f"chain_{s}")
-        (root / f"chain_{s}" / "1").mkdir(exist_ok=True)
+        tensor = (triton_dtype, (elements,))
+        toy_member(root, f"make_{s}", MAKE.format(elements=elements, dtype=np_dtype),
+                   [toy_io(mc.ModelInput, "X")], [toy_io(mc.ModelOutput, "T", *tensor)])
+        toy_member(root, f"take_{s}", TAKE, [toy_io(mc.ModelInput, "T", *tensor)], [toy_io(mc.ModelOutput, "Y")])
+        toy_chain(root, f"chain_{s}", [(f"make_{s}", {"X": "X"}, {"T": "t"}), (f"take_{s}", {"T": "t"}, {"Y": "Y"})],
+                  [toy_io(mc.ModelInput, "X")], [toy_io(mc.ModelOutput, "Y")])
         chains[case] = f"chain_{s}"
     return chains
 

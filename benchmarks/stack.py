@@ -126,6 +126,48 @@ def exported_repository(text_model: str = spec.DEFAULT_TEXT_MODEL, fusion: Path 
     return Repository(path, text_model, result.trained, result.fingerprint)
 
 
+def toy_io(cls, name: str, dtype: str = "TYPE_FP32", dims: tuple[int, ...] = (-1,)):
+    """A ``ModelInput`` / ``ModelOutput`` (``cls``) of a toy repository's member or ensemble."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    return cls(name=name, data_type=getattr(mc, dtype), dims=list(dims))
+
+
+def toy_member(root: Path, name: str, source: str, inputs: list, outputs: list) -> None:
+    """Write a one-instance python-backend member with dynamic batching (``source`` is its
+    model.py): the do-nothing steps of ``stub_floor`` and ``member_traffic``."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from xmsearch.export.repository import write_config
+
+    cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=64)
+    cfg.input.extend(inputs)
+    cfg.output.extend(outputs)
+    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    cfg.dynamic_batching.SetInParent()
+    write_config(cfg, root / name)
+    (root / name / "1").mkdir(exist_ok=True)
+    (root / name / "1" / "model.py").write_text(source)
+
+
+def toy_chain(root: Path, name: str, steps: list[tuple[str, dict[str, str], dict[str, str]]],
+              inputs: list, outputs: list) -> None:
+    """Write an ensemble of ``steps``, each (member, input_map, output_map)."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from xmsearch.export.repository import write_config
+
+    cfg = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=64)
+    cfg.input.extend(inputs)
+    cfg.output.extend(outputs)
+    for member, input_map, output_map in steps:
+        step = cfg.ensemble_scheduling.step.add(model_name=member, model_version=-1)
+        step.input_map.update(input_map)
+        step.output_map.update(output_map)
+    write_config(cfg, root / name)
+    (root / name / "1").mkdir(exist_ok=True)
+
+
 class PrivateServer:
     """A tritonserver on free ports serving ``repository``; a context manager that stops it."""
 

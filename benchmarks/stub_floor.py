@@ -46,34 +46,17 @@ def null_repository(root: Path, steps: int = NULL_STEPS) -> list[str]:
     ``root``; returns the names to time, cheapest first."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from xmsearch.export.repository import write_config
-
-    def io(cls, name):
-        return cls(name=name, data_type=mc.TYPE_FP32, dims=[-1])
+    from benchmarks.stack import toy_chain, toy_io, toy_member
 
     members = [f"null_{i}" for i in range(1, steps + 1)]
     for name in members:
-        cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=64)
-        cfg.input.append(io(mc.ModelInput, "X"))
-        cfg.output.append(io(mc.ModelOutput, "Y"))
-        cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
-        cfg.dynamic_batching.SetInParent()
-        write_config(cfg, root / name)
-        (root / name / "1").mkdir(exist_ok=True)
-        (root / name / "1" / "model.py").write_text(NULL_MODEL)
+        toy_member(root, name, NULL_MODEL, [toy_io(mc.ModelInput, "X")], [toy_io(mc.ModelOutput, "Y")])
     chains = []
     for length in sorted({1, steps}):
-        name = f"chain_{length}"
-        cfg = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=64)
-        cfg.input.append(io(mc.ModelInput, "X"))
-        cfg.output.append(io(mc.ModelOutput, "Y"))
-        for i, member in enumerate(members[:length]):
-            step = cfg.ensemble_scheduling.step.add(model_name=member, model_version=-1)
-            step.input_map["X"] = "X" if i == 0 else f"t{i}"
-            step.output_map["Y"] = "Y" if i == length - 1 else f"t{i + 1}"
-        write_config(cfg, root / name)
-        (root / name / "1").mkdir(exist_ok=True)
-        chains.append(name)
+        chain = [(member, {"X": "X" if i == 0 else f"t{i}"}, {"Y": "Y" if i == length - 1 else f"t{i + 1}"})
+                 for i, member in enumerate(members[:length])]
+        toy_chain(root, f"chain_{length}", chain, [toy_io(mc.ModelInput, "X")], [toy_io(mc.ModelOutput, "Y")])
+        chains.append(f"chain_{length}")
     return [members[0], *chains]
 
 
