@@ -222,6 +222,15 @@ def table(variants: list[Variant]) -> str:
     return "\n".join(lines)
 
 
+def report_text(described: str, variants: list[Variant], rounds: int, served: str, n_items: int, t0: float,
+                text_model: str | None = None) -> str:
+    """The closing report of an A/B run (``serving_ab``, ``source_ab``): what each side is, the
+    table, how it was measured and how long it took since ``t0`` (``time.perf_counter``)."""
+    setup = f"{n_items}-item demo catalogue, " + (f"{text_model}, " if text_model else "") + "untrained fusion"
+    return (f"{described}\n\n{table(variants)}\n\nMedian (min-max) over {rounds} rounds, {served} served at once "
+            f"and measured in alternating order; {setup}; {time.perf_counter() - t0:.0f} s.")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -265,10 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     described = "\n".join(f"- `{v.name}`: " + (", ".join(f"{o.member + '.' if o.member else ''}{o.field}={o.value}"
                                                          for o in v.overrides) or "as exported")
                           for v in variants)
-    text = (f"{described}\n\n{table(variants)}\n\nMedian (min-max) over {a.rounds} rounds, variants served at "
-            f"once and measured in alternating order; {cat.n_items}-item demo catalogue, untrained fusion; "
-            f"{time.perf_counter() - t0:.0f} s.")
-    publish(text, a.out, "benchmarks.serving_ab", argv)
+    publish(report_text(described, variants, a.rounds, "variants", cat.n_items, t0), a.out,
+            "benchmarks.serving_ab", argv)
     return 0
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from benchmarks import input_data, perf_sweep, proc_cpu, publish, stack
 from benchmarks.e2e import measure_ingest
-from benchmarks.serving_ab import KINDS, LEVELS, Variant, alternate_rounds, measure_queries, table
+from benchmarks.serving_ab import KINDS, LEVELS, Variant, alternate_rounds, measure_queries, report_text
 from xmsearch import spec
 from xmsearch.errors import ConfigError
 
@@ -152,11 +152,9 @@ def main(argv: list[str] | None = None) -> int:
                   for v, repo in zip(variants, (base_repo, here_repo))}
         alternate_rounds(variants, a.rounds, lambda v: measure(v, served[v.name].url, served[v.name].server.pid,
                                                                inputs, cat.catalog_file, work, settings))
-    text = (f"- `{a.base}`: exported and served by that revision's code\n- `working tree`: this checkout\n\n"
-            f"{table(variants)}\n\nMedian (min-max) over {a.rounds} rounds, both served at once and measured in "
-            f"alternating order; {cat.n_items}-item demo catalogue, {a.text_model}, untrained fusion; "
-            f"{time.perf_counter() - t0:.0f} s.")
-    publish(text, a.out, "benchmarks.source_ab", argv)
+    described = f"- `{a.base}`: exported and served by that revision's code\n- `working tree`: this checkout"
+    publish(report_text(described, variants, a.rounds, "both", cat.n_items, t0, a.text_model), a.out,
+            "benchmarks.source_ab", argv)
     return 0
 
 

@@ -983,6 +983,23 @@ def test_alternate_rounds_swaps_the_order_every_other_round(capsys) -> None:
     assert capsys.readouterr().out.splitlines()[:2] == ["round 0 a: x 1.00", "round 0 b: x 2.00"]
 
 
+def test_ab_report_text_says_what_was_compared_and_how() -> None:
+    import time
+
+    from benchmarks.serving_ab import Variant, report_text
+
+    a, b = Variant("a", []), Variant("b", [])
+    a.figures["x"], b.figures["x"] = [1.0, 3.0], [4.0, 6.0]
+    text = report_text("- `a`: as exported\n- `b`: changed", [a, b], 2, "variants", 600, time.perf_counter())
+    lines = text.splitlines()
+    assert lines[:2] == ["- `a`: as exported", "- `b`: changed"]
+    assert "| x | 2.0 (1.0-3.0) | 5.0 (4.0-6.0) **2.50x** |" in lines
+    assert lines[-1].startswith("Median (min-max) over 2 rounds, variants served at once and measured in "
+                                "alternating order; 600-item demo catalogue, untrained fusion; ")
+    with_model = report_text("", [a, b], 2, "both", 600, time.perf_counter(), "minilm-l6")
+    assert "both served at once" in with_model and "600-item demo catalogue, minilm-l6, untrained fusion; " in with_model
+
+
 def test_serving_ab_member_inputs_are_real_rows(exported_repository: Path, tmp_path: Path) -> None:
     """``serving_ab --member``: the member's perf_analyzer input is rows computed from real
     queries through the exported graphs, as ``make bench`` writes them."""
