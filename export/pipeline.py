@@ -92,11 +92,13 @@ def load_fusion(encoders: Encoders, checkpoint: Path | None, untrained: bool) ->
     if checkpoint is None:
         torch.manual_seed(0)
         # The layout training produces (TrainConfig's), so that plumbing tests serve the
-        # same graphs (and the benchmarks time them): with query_cross, fusion_joint and
+        # same graphs (and the benchmarks time them): its width, the frozen reduction of the
+        # regions (random here, a PCA once trained), with query_cross fusion_joint and
         # fusion_item differ, and fusion_item adds the single-modality embeddings (item_mix).
-        return FusionCheckpoint(AttentionFusion(d.text_dim, d.image_dim, embed_dim=d.embed_dim,
-                                                query_cross=TrainConfig.query_cross,
-                                                item_mix=TrainConfig.item_mix).eval(),
+        cfg = TrainConfig()
+        return FusionCheckpoint(AttentionFusion(d.text_dim, d.image_dim, width=cfg.width, embed_dim=d.embed_dim,
+                                                image_reduce_dim=cfg.image_reduce_dim,
+                                                query_cross=cfg.query_cross, item_mix=cfg.item_mix).eval(),
                                 encoders.text_model, encoders.image_model, trained=False)
     ckpt = FusionCheckpoint.load(checkpoint)
     ckpt.check_encoders(encoders.text_model, d.text_dim, encoders.image_model, d.image_dim, checkpoint)

@@ -509,6 +509,9 @@ def test_export_needs_trained_weights_or_an_explicit_untrained(reference_pipelin
     from xmsearch.train import TrainConfig
 
     assert untrained.fusion.item_mix == TrainConfig.item_mix > 0 and untrained.fusion.query_cross
+    # Its width and frozen region reduction too: the benchmarks time the graphs `make demo` serves.
+    assert (untrained.fusion.width, untrained.fusion.image_reduce_dim) == (TrainConfig.width, TrainConfig.image_reduce_dim)
+    assert not any(p.requires_grad for p in untrained.fusion.image_reduce.parameters())
     # Seeded: two untrained exports give the same function (what the serving tests rely on).
     again = load_fusion(enc, None, untrained=True)
     for (k, a), (_, b) in zip(untrained.fusion.state_dict().items(), again.fusion.state_dict().items()):
