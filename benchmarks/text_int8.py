@@ -105,7 +105,8 @@ def compare(text_model: str, catalog: Path, rounds: int, seconds: float, max_tit
         drift_batch = pre.encode(titles[:16], "passage")
         figures: dict = {"queries": len(queries), "titles": len(titles), "checked": len(checked)}
         for v, sess in sessions.items():  # the export's own measures, without its bounds
-            figures[v] = {"cosine": check_int8_parity(encoder, paths[v], checked, min_cosine=-1.0).min_cosine,
+            figures[v] = {"cosine": check_int8_parity(encoder, paths[v], checked, min_cosine=-1.0,
+                                                      session=sess).min_cosine,
                           "drift": batch_drift(sess, *drift_batch)}
         feeds = {"one query": pre.encode([queries[0]["text"] if queries else titles[0]], "query"),
                  "8 titles": pre.encode(titles[8:16], "passage"),

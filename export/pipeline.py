@@ -187,8 +187,9 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
                 path.rename(fp32_path)
                 quantize.quantize_int8(fp32_path, path)
                 fp32_path.unlink()
-                reports.append(quantize.check_int8_parity(module, path, cases))
-                drift = quantize.check_batch_independence(path, cases)
+                session = onnx_export.onnx_session(path)  # one session for both checks
+                reports.append(quantize.check_int8_parity(module, path, cases, session=session))
+                drift = quantize.check_batch_independence(path, cases, session=session)
                 step(f"  batch independence: a row alone vs in its batch, max |diff| {drift:.2e}")
             result.parity.extend(reports)
             for r in reports:

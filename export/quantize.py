@@ -190,12 +190,14 @@ def rewrite_matmuls_int8(model) -> int:
     return products
 
 
-def check_int8_parity(module, path: Path, cases: list[tuple], min_cosine: float = INT8_MIN_COSINE):
+def check_int8_parity(module, path: Path, cases: list[tuple], min_cosine: float = INT8_MIN_COSINE,
+                      session=None):
     """Compare the int8 graph at ``path`` with the fp32 PyTorch text encoder on ``cases``.
 
     Cosine per real token (padding positions excluded: the fusion masks them out), so the
     figure is what the fusion reads.  Raises ModelError below ``min_cosine``; returns the
-    ParityReport otherwise.
+    ParityReport otherwise.  ``session``: an ONNX Runtime session of ``path`` already open
+    (else one is opened here).
     """
     import numpy as np
     import torch
@@ -203,7 +205,7 @@ def check_int8_parity(module, path: Path, cases: list[tuple], min_cosine: float 
     from xmsearch.export.onnx import ParityReport, onnx_session
     from xmsearch.spec import ATTENTION_MASK, INPUT_IDS, TEXT_ENCODER, TOKEN_STATES
 
-    sess = onnx_session(path)
+    sess = session or onnx_session(path)
     worst_err, worst_cos = 0.0, 1.0
     for ids, mask in cases:
         with torch.no_grad():
@@ -241,15 +243,15 @@ def batch_drift(session, ids, mask, rows: int | None = None) -> float:
 
 
 def check_batch_independence(path: Path, cases: list[tuple], rows: int = 4,
-                             max_drift: float = INT8_MAX_BATCH_DRIFT) -> float:
-    """:func:`batch_drift` of the text encoder graph at ``path`` over the first ``rows`` rows
-    of ``cases[0]``.  A served vector must not depend on what Triton's dynamic batcher put
-    next to it: raises ModelError above ``max_drift``."""
+                             max_drift: float = INT8_MAX_BATCH_DRIFT, session=None) -> float:
+    """:func:`batch_drift` of the text encoder graph at ``path`` (``session``: one already open
+    on it) over the first ``rows`` rows of ``cases[0]``.  A served vector must not depend on
+    what Triton's dynamic batcher put next to it: raises ModelError above ``max_drift``."""
     from xmsearch.export.onnx import onnx_session
     from xmsearch.spec import TEXT_ENCODER
 
     ids, mask = (t.numpy() for t in cases[0])
-    drift = batch_drift(onnx_session(path), ids, mask, rows)
+    drift = batch_drift(session or onnx_session(path), ids, mask, rows)
     if not drift <= max_drift:
         raise ModelError(f"{TEXT_ENCODER} graph {path}: a row's states alone and in a batch of {len(ids)} differ "
                          f"by up to {drift:.3g} (allowed {max_drift:g}): served vectors would depend on their "
