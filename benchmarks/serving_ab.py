@@ -4,8 +4,9 @@ Each variant is a copy of the cached cpu-target repository (``benchmarks.stack``
 member settings overridden; all variants are served at once by private tritonservers and
 measured in alternating order each round, so machine noise hits them alike.  Per round and
 variant: perf_analyzer on ``query_text`` and ``query_image`` at concurrency 1 (p50) and 16
-(infer/s), the client's catalogue ingest (items/s), and then the memory the server and its
-stubs hold (PSS, Linux).  Prints the median of each figure over the rounds and its ratio to
+(infer/s), the client's catalogue ingest (items/s; with the CPU milliseconds per item of the
+server and of its main members, Linux), and then the memory the server and its stubs hold
+(PSS, Linux).  Prints the median of each figure over the rounds and its ratio to
 the first variant.
 
     .venv/bin/python -m benchmarks.serving_ab --variant now: \\
@@ -29,7 +30,8 @@ KEY is ``FIELD`` (every member the field applies to) or ``MEMBER.FIELD``; FIELDs
 * ``run_rows``: ``max_rows_per_run``, larger merged batches run as several runs of at most this
   many rows (0: one run; same members);
 * ``text_precision``: the text encoder graph, ``fp32`` or ``int8`` (``xmsearch export
-  --text-precision``; no MEMBER: the variant starts from a repository exported so).
+  --text-precision``; no MEMBER: the variant starts from a repository exported so);
+* ``fusion_precision``: the four fusion graphs, likewise (``xmsearch export --fusion-precision``).
 """
 
 from __future__ import annotations
@@ -54,11 +56,14 @@ from xmsearch.export.repository import read_repository, write_config
 ORT_FIELDS = {"threads": "intra_op_threads", "spin": "allow_spinning", "spin_stop": "force_spinning_stop",
               "spin_rows": "spin_max_rows", "spin_threads": "spin_intra_op_threads",
               "run_rows": "max_rows_per_run"}
-EXPORT_FIELDS = {"text_precision": ("fp32", "int8")}  # chosen at export, not in a member config
+# Chosen at export, not in a member config.
+EXPORT_FIELDS = {"text_precision": ("fp32", "int8"), "fusion_precision": ("fp32", "int8")}
 FIELDS = ("delay", "preferred", "instances", *ORT_FIELDS, *EXPORT_FIELDS)
 KINDS = ("text", "image")
 LEVELS = (1, 16)
 MEMBERS = (spec.TEXT_ENCODER, spec.IMAGE_ENCODER, spec.FUSION_JOINT)  # baselines.member_input_rows
+# The members whose CPU per ingested item is reported (the server's total is, too).
+INGEST_CPU_MEMBERS = (spec.IMAGE_ENCODER, spec.TEXT_ENCODER, spec.FUSION_ITEM, spec.ITEM_PREPROCESS)
 MEMBER_LEVELS = (16, 64)  # --member: the member's best infer/s over these, as make bench sweeps it
 
 
@@ -172,8 +177,13 @@ def _measure(v: Variant, server: stack.PrivateServer, inputs: dict[str, Path], c
         result = perf_sweep.run_sweep(member, url, data, work / "perf" / v.name, member_settings)
         best[member] = max(r.throughput for r in result.rows)
         v.figures.setdefault(f"{member} best infer/s", []).append(best[member])
-    ingest = measure_ingest(catalog_file, work / f"index-{v.name}", url)
+    ingest = measure_ingest(catalog_file, work / f"index-{v.name}", url, server_pid=server.server.pid)
     v.figures.setdefault("ingest items/s", []).append(ingest.items_per_second)
+    if ingest.cpu_ms:  # where an item's CPU went (/proc; none where it cannot be read)
+        server_ms = sum(ms for label, ms in ingest.cpu_ms.items() if label != "client")
+        v.figures.setdefault("ingest server CPU ms per item", []).append(server_ms)
+        for member in INGEST_CPU_MEMBERS:
+            v.figures.setdefault(f"ingest {member} CPU ms per item", []).append(ingest.cpu_ms.get(member, 0.0))
     for member, rate in best.items():  # issue #6's ingest ratio is against the image encoder's
         v.figures.setdefault(f"ingest / {member} best (x100)", []).append(100 * ingest.items_per_second / rate)
     if megabytes := proc_cpu.tree_pss_mb(server.server.pid):  # 0 where /proc is not readable

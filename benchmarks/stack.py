@@ -74,7 +74,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def repository_key(text_model: str, fusion: Path | None, text_precision: str = "auto") -> dict[str, str]:
+def repository_key(text_model: str, fusion: Path | None, text_precision: str = "auto",
+                   fusion_precision: str = "auto") -> dict[str, str]:
     """What a cached repository must have been exported from to be reused."""
     sources = hashlib.sha256()
     for rel in _EXPORT_SOURCES:
@@ -83,7 +84,8 @@ def repository_key(text_model: str, fusion: Path | None, text_precision: str = "
             sources.update(rel.encode())
             sources.update(path.read_bytes())
     return {"text_model": text_model, "fusion": _sha256(Path(fusion)) if fusion else "untrained",
-            "target": "cpu", "text_precision": text_precision, "sources": sources.hexdigest()[:16]}
+            "target": "cpu", "text_precision": text_precision, "fusion_precision": fusion_precision,
+            "sources": sources.hexdigest()[:16]}
 
 
 @dataclass(frozen=True)
@@ -101,16 +103,18 @@ class Repository:
 
 def exported_repository(text_model: str = spec.DEFAULT_TEXT_MODEL, fusion: Path | None = None,
                         cache_dir: Path = CACHE_DIR, step: Callable[[str], None] = lambda m: None,
-                        text_precision: str = "auto") -> Repository:
-    """A cpu-target repository for ``text_model`` with ``fusion`` weights (None: untrained) and
-    the text encoder in ``text_precision`` (``xmsearch export --text-precision``), cached."""
+                        text_precision: str = "auto", fusion_precision: str = "auto") -> Repository:
+    """A cpu-target repository for ``text_model`` with ``fusion`` weights (None: untrained),
+    the text encoder in ``text_precision`` and the fusion graphs in ``fusion_precision``
+    (``xmsearch export --text-precision / --fusion-precision``), cached."""
     from xmsearch.export.pipeline import export_repository
 
     if fusion is not None and not Path(fusion).is_file():
         raise ConfigError(f"benchmarks: --fusion {fusion} does not exist; pass a checkpoint from "
                           "`xmsearch train` or leave --fusion out to measure with untrained weights")
-    key = repository_key(text_model, fusion, text_precision)
-    suffix = "" if text_precision == "auto" else f"-{text_precision}"
+    key = repository_key(text_model, fusion, text_precision, fusion_precision)
+    suffix = "".join(f"-{what}-{p}" for what, p in (("text", text_precision), ("fusion", fusion_precision))
+                     if p != "auto")
     path = Path(cache_dir) / f"repository-{text_model}{suffix}"
     key_file = path / "bench-key.json"
     meta_file = path / "xmsearch_export.json"
@@ -121,7 +125,8 @@ def exported_repository(text_model: str = spec.DEFAULT_TEXT_MODEL, fusion: Path 
         shutil.rmtree(path)
     step(f"exporting a cpu repository for {text_model} into {path}")
     result = export_repository(path, target="cpu", fusion_checkpoint=fusion, untrained=fusion is None,
-                               text_model=text_model, text_precision=text_precision, step=step)
+                               text_model=text_model, text_precision=text_precision,
+                               fusion_precision=fusion_precision, step=step)
     key_file.write_text(json.dumps(key))
     return Repository(path, text_model, result.trained, result.fingerprint)
 

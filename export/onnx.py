@@ -110,13 +110,16 @@ def onnx_session(path: Path, threads: int = 0, spinning: bool = True, spin_stop:
 
 
 def check_parity(module: torch.nn.Module, spec: ModelSpec, path: Path,
-                 cases: list[tuple[torch.Tensor, ...]], min_cosine: float = 0.9999) -> list[ParityReport]:
+                 cases: list[tuple[torch.Tensor, ...]], min_cosine: float = 0.9999, session=None,
+                 label: str | None = None) -> list[ParityReport]:
     """Run PyTorch and ONNX Runtime on every case; raise ModelError below ``min_cosine``.
 
     Cosine is taken per row over the flattened non-batch dims; rows masked out of a
     sequence (padding) still count, which is stricter than the embedding-level check.
+    ``session``: one already open on ``path``; ``label``: the reports' model name (default
+    the spec's).
     """
-    sess = onnx_session(path)
+    sess = session or onnx_session(path)
     names_in = [t.name for t in spec.inputs]
     worst: dict[str, list[float]] = {t.name: [0.0, 1.0] for t in spec.outputs}
     for case in cases:
@@ -135,7 +138,7 @@ def check_parity(module: torch.nn.Module, spec: ModelSpec, path: Path,
             cos = np.sum(rf * gf, 1) / np.maximum(np.linalg.norm(rf, axis=1) * np.linalg.norm(gf, axis=1), 1e-12)
             worst[t.name][0] = max(worst[t.name][0], err)
             worst[t.name][1] = min(worst[t.name][1], float(cos.min()))
-    reports = [ParityReport(spec.name, n, e, c, len(cases)) for n, (e, c) in worst.items()]
+    reports = [ParityReport(label or spec.name, n, e, c, len(cases)) for n, (e, c) in worst.items()]
     bad = [r for r in reports if not r.min_cosine >= min_cosine]
     if bad:
         raise ModelError("ONNX parity check failed (need cosine >= %g): %s"

@@ -57,6 +57,7 @@ class ExportResult:
     trained: bool = True
     engines: list = field(default_factory=list)
     text_precision: str = "fp32"  # of the served text encoder graph: fp32 or int8
+    fusion_precision: str = "fp32"  # of the four served fusion graphs: fp32 or int8
 
 
 def sample_images(n: int = 4, seed: int = 0) -> list[bytes]:
@@ -128,6 +129,33 @@ def _graphs(enc: Encoders, fusion: AttentionFusion, dims: S.Dims):
                [(states[:n], m[:n], regions[:n]), (short_states, short_mask, regions[:3])])
 
 
+FUSION_MEMBERS = (S.FUSION_TEXT, S.FUSION_IMAGE, S.FUSION_JOINT, S.FUSION_ITEM)
+
+
+def quantize_member(module, spec: S.ModelSpec, path: Path, cases: list[tuple], step):
+    """Replace the fp32 graph at ``path`` by its int8 version (``xmsearch.export.quantize``)
+    and check it: against PyTorch at the member's int8 bound, and row by row alone vs
+    batched.  Returns the int8 graph's ParityReports."""
+    step(f"quantizing {spec.name} to int8 (weights per output channel, activations per token)")
+    fp32_path = path.with_name("model.fp32.onnx")
+    path.rename(fp32_path)
+    quantize.quantize_int8(fp32_path, path)
+    fp32_path.unlink()
+    session = onnx_export.onnx_session(path)  # one session for both checks
+    if spec.name == S.TEXT_ENCODER:
+        reports = [quantize.check_int8_parity(module, path, cases, session=session)]
+        drift = quantize.check_batch_independence(path, cases, session=session)
+    else:
+        try:
+            reports = onnx_export.check_parity(module, spec, path, cases, quantize.FUSION_INT8_MIN_COSINE,
+                                               session=session, label=f"{spec.name} (int8)")
+        except ModelError as e:
+            raise ModelError(f"int8 {spec.name}: {e}; export with --fusion-precision fp32") from e
+        drift = quantize.check_rows_independent(session, spec, cases[0])
+    step(f"  batch independence: a row alone vs in its batch, max |diff| {drift:.2e}")
+    return reports
+
+
 def fingerprint_of(folder: Path, members: list[str]) -> str:
     """SHA-256 over every weight/tokenizer/preprocessing file the vectors depend on."""
     h = hashlib.sha256()
@@ -144,19 +172,24 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
                       image_model: str = DEFAULT_IMAGE_MODEL, image_checkpoint: Path | None = None,
                       settings: TargetSettings | None = None, precision: str = "fp16",
                       min_cosine: float = 0.9999, text_precision: str = "auto",
+                      fusion_precision: str = "auto",
                       step: Callable[[str], None] = lambda msg: None) -> ExportResult:
     """Export the models and write a complete, checked model repository into ``out``.
 
     ``text_precision``: the served text encoder graph, "fp32", "int8" (dynamic ONNX Runtime
     quantization with one activation scale per token, CPU only: ``xmsearch.export.quantize``)
     or "auto" (int8 where the text encoder runs on ONNX Runtime's CPU provider, fp32 on a GPU).
-    Every graph is first checked in fp32 against PyTorch at ``min_cosine``; an int8 text
-    encoder is then checked again, and for rows that come out the same alone or batched.
+    ``fusion_precision``: the same choice for the four fusion graphs (int8 on the same
+    per-token scheme; their attention products between activations stay fp32).
+    Every graph is first checked in fp32 against PyTorch at ``min_cosine``; an int8 graph
+    is then checked again at its own bound, and for rows that come out the same alone or
+    batched.
     """
     if target not in TARGETS:
         raise ModelError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
     settings = settings or TargetSettings(target)
-    text_precision = quantize.resolve_text_precision(text_precision, settings.on_gpu)
+    text_precision = quantize.resolve_precision(text_precision, settings.on_gpu, what="text")
+    fusion_precision = quantize.resolve_precision(fusion_precision, settings.on_gpu, what="fusion")
     if target == "tensorrt":
         from xmsearch.export import tensorrt as trt_export
 
@@ -174,23 +207,18 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
     specs = S.member_specs(dims)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result = ExportResult(out, target, "", trained=ckpt.trained, text_precision=text_precision)
+    result = ExportResult(out, target, "", trained=ckpt.trained, text_precision=text_precision,
+                          fusion_precision=fusion_precision)
+    int8_members = ({S.TEXT_ENCODER} if text_precision == "int8" else set()) | (
+        set(FUSION_MEMBERS) if fusion_precision == "int8" else set())
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         stage = Path(tmp)
         for member, module, example, cases in _graphs(enc, ckpt.fusion, dims):
             step(f"exporting {member} to ONNX (opset {onnx_export.OPSET})")
             path = onnx_export.export_onnx(module, specs[member], example, stage / member / "1" / "model.onnx")
             reports = onnx_export.check_parity(module, specs[member], path, cases, min_cosine)
-            if member == S.TEXT_ENCODER and text_precision == "int8":
-                step(f"quantizing {member} to int8 (weights per output channel, activations per token)")
-                fp32_path = path.with_name("model.fp32.onnx")
-                path.rename(fp32_path)
-                quantize.quantize_int8(fp32_path, path)
-                fp32_path.unlink()
-                session = onnx_export.onnx_session(path)  # one session for both checks
-                reports.append(quantize.check_int8_parity(module, path, cases, session=session))
-                drift = quantize.check_batch_independence(path, cases, session=session)
-                step(f"  batch independence: a row alone vs in its batch, max |diff| {drift:.2e}")
+            if member in int8_members:
+                reports += quantize_member(module, specs[member], path, cases, step)
             result.parity.extend(reports)
             for r in reports:
                 step(f"  parity {r}")
@@ -217,7 +245,7 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
                 (folder / "1").mkdir(parents=True, exist_ok=True)  # Triton wants a version folder
         (stage / "xmsearch_export.json").write_text(json.dumps({
             "target": target, "fingerprint": result.fingerprint, "text_model": text_model,
-            "text_precision": text_precision,
+            "text_precision": text_precision, "fusion_precision": fusion_precision,
             "image_model": image_model, "trained": ckpt.trained, "fusion_meta": ckpt.meta,
             "dims": dims.__dict__, "parity": [r.__dict__ for r in result.parity]}, indent=2))
         _install(stage, out, list(configs))

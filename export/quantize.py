@@ -1,8 +1,10 @@
-"""Dynamic int8 quantization of the text encoder graph for CPU serving, one scale per token.
+"""Dynamic int8 quantization of the text encoder and fusion graphs for CPU serving, one
+scale per token.
 
 The text encoder is the largest CPU cost of an item after the photo (about as much as
-the image encoder per title for the 12-layer e5) and the whole cost of a text query.
-:func:`quantize_int8` rewrites every ``MatMul`` with a constant weight so the product runs
+the image encoder per title for the 12-layer e5) and the whole cost of a text query; the
+fusion module's item graph is the next (its cross-attention over 49 regions and the title's
+tokens, about 13% of an ingested item's CPU).  :func:`quantize_int8` rewrites every ``MatMul`` with a constant weight so the product runs
 on the CPU's int8 dot-product units (VNNI / AMX) with no calibration set:
 
 * the weight is stored as int8 with one scale per output channel (symmetric, [-127, 127]);
@@ -36,7 +38,7 @@ from pathlib import Path
 
 from xmsearch.errors import ModelError
 
-TEXT_PRECISIONS = ("auto", "fp32", "int8")
+PRECISIONS = ("auto", "fp32", "int8")
 
 # Lowest cosine of one real token's state, int8 graph vs PyTorch fp32 (padding positions
 # excluded).  Measured over 512 demo titles: MiniLM-L6 0.988, multilingual-e5-small-q4 0.993
@@ -49,6 +51,12 @@ INT8_MIN_COSINE = 0.93
 # in a batch with other rows (check_batch_independence).  Measured 0 for the per-token graph;
 # the per-run activation scale of onnxruntime's quantize_dynamic gave 0.26 (e5) and 0.53 (MiniLM-L6).
 INT8_MAX_BATCH_DRIFT = 1e-3
+
+# Lowest cosine of a fused embedding, int8 fusion graph vs the PyTorch module in fp32, on the
+# export's parity cases (token states and regions from the real encoders).  Measured on the
+# demo checkpoint: 0.99984-0.99995 over the four graphs (benchmarks/results/fusion_int8.md).
+# Kept loose, like the text encoder's bound.
+FUSION_INT8_MIN_COSINE = 0.995
 
 
 def cpu_has_int8_dot_product() -> bool:
@@ -70,17 +78,18 @@ def cpu_has_int8_dot_product() -> bool:
     return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
-def resolve_text_precision(requested: str, on_gpu: bool, int8_cpu: bool | None = None) -> str:
-    """``auto`` -> int8 where the text encoder runs on ONNX Runtime's CPU provider of a CPU
-    with int8 dot products (:func:`cpu_has_int8_dot_product`, or ``int8_cpu``), else fp32."""
-    if requested not in TEXT_PRECISIONS:
-        raise ModelError(f"text precision {requested!r}: choose one of {', '.join(TEXT_PRECISIONS)}")
+def resolve_precision(requested: str, on_gpu: bool, int8_cpu: bool | None = None, what: str = "text") -> str:
+    """``auto`` -> int8 where the ``what`` graphs (text or fusion) run on ONNX Runtime's CPU
+    provider of a CPU with int8 dot products (:func:`cpu_has_int8_dot_product`, or
+    ``int8_cpu``), else fp32."""
+    if requested not in PRECISIONS:
+        raise ModelError(f"{what} precision {requested!r}: choose one of {', '.join(PRECISIONS)}")
     if requested == "auto":
         if on_gpu:
             return "fp32"
         return "int8" if (cpu_has_int8_dot_product() if int8_cpu is None else int8_cpu) else "fp32"
     if requested == "int8" and on_gpu:
-        raise ModelError("text precision int8 is dynamic ONNX Runtime quantization, which runs on the CPU "
+        raise ModelError(f"{what} precision int8 is dynamic ONNX Runtime quantization, which runs on the CPU "
                          "provider only: use it with --target cpu (or onnxruntime --device cpu); on a GPU "
                          "use --target tensorrt --precision fp16|int8")
     return requested
@@ -256,4 +265,27 @@ def check_batch_independence(path: Path, cases: list[tuple], rows: int = 4,
         raise ModelError(f"{TEXT_ENCODER} graph {path}: a row's states alone and in a batch of {len(ids)} differ "
                          f"by up to {drift:.3g} (allowed {max_drift:g}): served vectors would depend on their "
                          "batch-mates; export with --text-precision fp32")
+    return drift
+
+
+def check_rows_independent(session, spec, case: tuple, rows: int = 4,
+                           max_drift: float = INT8_MAX_BATCH_DRIFT) -> float:
+    """Largest |difference| of any output between the first ``rows`` rows of ``case`` run as
+    one batch through ``session`` (a graph of member ``spec``) and each row run alone (at
+    the batch's sequence length: padding is masked inside the graph).  Raises ModelError
+    above ``max_drift``: a served vector must not depend on its batch-mates."""
+    import numpy as np
+
+    names_in = [t.name for t in spec.inputs]
+    names_out = [t.name for t in spec.outputs]
+    feeds = {n: x.numpy() for n, x in zip(names_in, case)}
+    batched = session.run(names_out, feeds)
+    drift = 0.0
+    for r in range(min(rows, len(case[0]))):
+        alone = session.run(names_out, {n: x[r:r + 1] for n, x in feeds.items()})
+        drift = max(drift, *(float(np.max(np.abs(a[0] - b[r]))) for a, b in zip(alone, batched)))
+    if not drift <= max_drift:
+        raise ModelError(f"{spec.name}: a row's outputs alone and in a batch of {len(case[0])} differ by up to "
+                         f"{drift:.3g} (allowed {max_drift:g}): served vectors would depend on their "
+                         "batch-mates")
     return drift

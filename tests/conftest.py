@@ -104,14 +104,14 @@ def exported_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     The fusion weights are the seeded untrained ones: plumbing, parity and error tests only
     need a fixed function; retrieval quality is tested on a trained checkpoint elsewhere.
-    The text encoder stays fp32 (the cpu target's default is int8) so that the served
-    vectors can be held to the PyTorch reference exactly; ``tests/test_export.py`` serves
+    The text encoder and the fusion graphs stay fp32 (the cpu target's default is int8) so
+    that the served vectors can be held to the PyTorch reference exactly; ``tests/test_export.py`` serves
     an int8 export against the same reference.
     """
     from xmsearch.export.pipeline import export_repository
 
     out = tmp_path_factory.mktemp("model_repository")
-    export_repository(out, "cpu", untrained=True, text_precision="fp32")
+    export_repository(out, "cpu", untrained=True, text_precision="fp32", fusion_precision="fp32")
     return out
 
 

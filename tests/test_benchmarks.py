@@ -736,6 +736,8 @@ def test_repository_key_follows_the_weights(tmp_path: Path) -> None:
     assert stack.repository_key("minilm-l6", a) == stack.repository_key("minilm-l6", a)
     assert stack.repository_key("minilm-l6", None) != stack.repository_key("multilingual-e5-small-q4", None)
     assert stack.repository_key("minilm-l6", None, "fp32") != stack.repository_key("minilm-l6", None, "int8")
+    assert stack.repository_key("minilm-l6", None, fusion_precision="fp32") != stack.repository_key(
+        "minilm-l6", None, fusion_precision="int8")
     with pytest.raises(ConfigError, match="does not exist"):
         stack.exported_repository("minilm-l6", tmp_path / "missing.pt", cache_dir=tmp_path)
 
@@ -805,12 +807,12 @@ def test_serving_ab_variants_override_member_configs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="applies to none"):
         serving_ab.make_variant(repo, tmp_path / "tok", serving_ab.parse_variant("t:tokenizer_query.threads=1").overrides)
     # The text encoder's precision is chosen at export: it picks the variant's repository.
-    fp32 = serving_ab.parse_variant("fp32:text_precision=fp32,delay=0")
-    assert serving_ab.export_choices(fp32) == {"text_precision": "fp32"}
+    fp32 = serving_ab.parse_variant("fp32:text_precision=fp32,fusion_precision=fp32,delay=0")
+    assert serving_ab.export_choices(fp32) == {"text_precision": "fp32", "fusion_precision": "fp32"}
     assert serving_ab.export_choices(v) == {}
     serving_ab.make_variant(repo, tmp_path / "fp32", fp32.overrides)  # the config fields still apply
     assert read_repository(tmp_path / "fp32")[spec.TEXT_ENCODER].dynamic_batching.max_queue_delay_microseconds == 0
-    for bad in ("x:text_precision=int4", "x:text_encoder.text_precision=fp32"):
+    for bad in ("x:text_precision=int4", "x:text_encoder.text_precision=fp32", "x:fusion_precision=fp16"):
         with pytest.raises(ConfigError, match="takes no MEMBER and one of fp32, int8"):
             serving_ab.parse_variant(bad)
 

@@ -1,9 +1,10 @@
-"""The int8 text encoder of the cpu target (``xmsearch export --text-precision``).
+"""The int8 text encoder and fusion graphs of the cpu target (``xmsearch export
+--text-precision / --fusion-precision``).
 
-The session's shared repository (``exported_repository``) keeps an fp32 text encoder so the
-served vectors can be held to PyTorch exactly; here the default export (int8 on the cpu
-target) is built once, its graph and record are checked, and a real tritonserver serves it
-against the same PyTorch reference with the looser bound int8 earns.
+The session's shared repository (``exported_repository``) keeps them in fp32 so the served
+vectors can be held to PyTorch exactly; here the default export (int8 on the cpu target) is
+built once, its graphs and record are checked, and a real tritonserver serves it against
+the same PyTorch reference with the looser bound int8 earns.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from tests.test_serving import CHINESE, ENGLISH, embed
 from xmsearch import spec as S
 from xmsearch.errors import ModelError
 from xmsearch.export import quantize
-from xmsearch.export.pipeline import ExportResult, export_repository, sample_images
+from xmsearch.export.pipeline import (FUSION_MEMBERS, ExportResult, export_repository, quantize_member,
+                                      sample_images)
 from xmsearch.export.repository import read_config
 
 # Fused-embedding cosine, int8-served vs the fp32 PyTorch reference.  The export's per-token
@@ -45,49 +47,58 @@ def _ops(path: Path) -> set[str]:
 
 
 def test_auto_is_int8_on_a_cpu_with_int8_dot_products_and_fp32_elsewhere() -> None:
-    assert quantize.resolve_text_precision("auto", on_gpu=False, int8_cpu=True) == "int8"
-    assert quantize.resolve_text_precision("auto", on_gpu=False, int8_cpu=False) == "fp32"
-    assert quantize.resolve_text_precision("auto", on_gpu=True, int8_cpu=True) == "fp32"
-    assert quantize.resolve_text_precision("auto", on_gpu=False) == (
+    assert quantize.resolve_precision("auto", on_gpu=False, int8_cpu=True) == "int8"
+    assert quantize.resolve_precision("auto", on_gpu=False, int8_cpu=False) == "fp32"
+    assert quantize.resolve_precision("auto", on_gpu=True, int8_cpu=True) == "fp32"
+    assert quantize.resolve_precision("auto", on_gpu=False) == (
         "int8" if quantize.cpu_has_int8_dot_product() else "fp32")
-    assert quantize.resolve_text_precision("fp32", on_gpu=False) == "fp32"
-    with pytest.raises(ModelError, match="CPU provider only.*--target tensorrt"):
-        quantize.resolve_text_precision("int8", on_gpu=True)
-    with pytest.raises(ModelError, match="'int4'.*auto, fp32, int8"):
-        quantize.resolve_text_precision("int4", on_gpu=False)
+    assert quantize.resolve_precision("fp32", on_gpu=False) == "fp32"
+    with pytest.raises(ModelError, match="^text precision int8 .*CPU provider only.*--target tensorrt"):
+        quantize.resolve_precision("int8", on_gpu=True)
+    with pytest.raises(ModelError, match="^fusion precision 'int4'.*auto, fp32, int8"):
+        quantize.resolve_precision("int4", on_gpu=False, what="fusion")
 
 
 def test_int8_on_a_gpu_target_is_refused_before_any_export(tmp_path: Path) -> None:
     for target in ("tensorrt", "onnxruntime"):  # onnxruntime defaults to GPU instances
-        with pytest.raises(ModelError, match="int8 is dynamic ONNX Runtime quantization"):
-            export_repository(tmp_path / target, target, untrained=True, text_precision="int8")
-        assert not (tmp_path / target).exists()
+        for what in ("text", "fusion"):
+            with pytest.raises(ModelError, match=f"^{what} precision int8 is dynamic ONNX Runtime quantization"):
+                export_repository(tmp_path / target, target, untrained=True, **{f"{what}_precision": "int8"})
+            assert not (tmp_path / target).exists()
 
 
-def test_default_cpu_export_serves_an_int8_text_encoder(int8_export: ExportResult,
-                                                        exported_repository: Path) -> None:
+def test_default_cpu_export_serves_int8_text_encoder_and_fusion(int8_export: ExportResult,
+                                                                exported_repository: Path) -> None:
     out = int8_export.out
-    assert int8_export.text_precision == "int8"
+    assert (int8_export.text_precision, int8_export.fusion_precision) == ("int8", "int8")
     record = json.loads((out / "xmsearch_export.json").read_text())
-    assert record["text_precision"] == "int8"
-    int8_ops = _ops(out / S.TEXT_ENCODER / "1" / "model.onnx")
-    assert {"MatMulIntegerToFloat", "QuantizeLinear"} <= int8_ops and "DynamicQuantizeLinear" not in int8_ops
-    assert "MatMulIntegerToFloat" not in _ops(exported_repository / S.TEXT_ENCODER / "1" / "model.onnx")
-    assert not list((out / S.TEXT_ENCODER / "1").glob("*.fp32.onnx"))  # the fp32 step is not shipped
-    for member in (S.IMAGE_ENCODER, S.FUSION_TEXT):  # nothing else is quantized
-        assert "MatMulIntegerToFloat" not in _ops(out / member / "1" / "model.onnx")
+    assert (record["text_precision"], record["fusion_precision"]) == ("int8", "int8")
+    int8_members = (S.TEXT_ENCODER, *FUSION_MEMBERS)
+    for member in int8_members:
+        int8_ops = _ops(out / member / "1" / "model.onnx")
+        assert {"MatMulIntegerToFloat", "QuantizeLinear"} <= int8_ops and "DynamicQuantizeLinear" not in int8_ops
+        assert "MatMulIntegerToFloat" not in _ops(exported_repository / member / "1" / "model.onnx")
+        assert not list((out / member / "1").glob("*.fp32.onnx"))  # the fp32 step is not shipped
+    assert "MatMulIntegerToFloat" not in _ops(out / S.IMAGE_ENCODER / "1" / "model.onnx")  # nothing else
     # The fp32 graph was checked at the usual bound before quantization, the int8 one after.
-    reports = {r.model: r for r in int8_export.parity}
-    assert reports[S.TEXT_ENCODER].min_cosine >= 0.9999
-    int8 = reports[f"{S.TEXT_ENCODER} (int8)"]
+    reports: dict[str, list] = {}
+    for r in int8_export.parity:
+        reports.setdefault(r.model, []).append(r)
+    for member in int8_members:
+        assert min(r.min_cosine for r in reports[member]) >= 0.9999
+    int8 = reports[f"{S.TEXT_ENCODER} (int8)"][0]
     assert quantize.INT8_MIN_COSINE <= int8.min_cosine < 0.9999
+    for member in FUSION_MEMBERS:  # every output of the fusion graphs (fusion_item has two)
+        fused = reports[f"{member} (int8)"]
+        assert len(fused) == len(read_config(out / member / "config.pbtxt").output)
+        assert all(quantize.FUSION_INT8_MIN_COSINE <= r.min_cosine < 0.9999999 for r in fused), fused
     # Served like the fp32 graph, one instance of two threads (no layout of its own by default).
     for repo in (out, exported_repository):
         cfg = read_config(repo / S.TEXT_ENCODER / "config.pbtxt")
         assert (cfg.instance_group[0].count, cfg.parameters["intra_op_threads"].string_value) == (1, "2")
     # Other vectors, so another fingerprint: an index built on the fp32 server is refused.
     fp32_record = json.loads((exported_repository / "xmsearch_export.json").read_text())
-    assert fp32_record["text_precision"] == "fp32"
+    assert (fp32_record["text_precision"], fp32_record["fusion_precision"]) == ("fp32", "fp32")
     assert record["fingerprint"] != fp32_record["fingerprint"]
 
 
@@ -180,6 +191,53 @@ def test_batch_independence_check_catches_one_activation_scale_per_run(
         quantize.check_batch_independence(per_run, cases)
 
 
+def test_row_independence_check_of_any_graph(tmp_path: Path) -> None:
+    """The fusion graphs' check (``check_rows_independent``) passes a per-token int8 graph and
+    refuses one whose activation scale is taken over the whole run."""
+    from types import SimpleNamespace
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from xmsearch.export.onnx import onnx_session
+
+    block = _Block().eval()
+    x = torch.randn(6, 5, 32) * torch.linspace(0.01, 30.0, 6)[:, None, None]
+    fp32 = _export(block, x[:2], tmp_path / "block.onnx")
+    spec = SimpleNamespace(name="block", inputs=[SimpleNamespace(name="x")], outputs=[SimpleNamespace(name="y")])
+    per_token = quantize.quantize_int8(fp32, tmp_path / "block.int8.onnx")
+    assert quantize.check_rows_independent(onnx_session(per_token), spec, (x,), rows=6) == 0.0
+    per_run = tmp_path / "block.per_run.onnx"
+    quantize_dynamic(str(fp32), str(per_run), op_types_to_quantize=["MatMul"], per_channel=True,
+                     weight_type=QuantType.QInt8)
+    with pytest.raises(ModelError, match=r"^block: a row's outputs alone and in a batch of 6 differ.*batch-mates"):
+        quantize.check_rows_independent(onnx_session(per_run), spec, (x,), rows=6)
+
+
+def test_int8_fusion_graph_below_its_bound_is_refused_naming_the_way_out(
+        exported_repository: Path, reference_pipeline, tmp_path: Path, monkeypatch) -> None:
+    from xmsearch.models.fusion import FusionEntry
+
+    fp32 = exported_repository / S.FUSION_TEXT / "1" / "model.onnx"
+    spec = S.member_specs(reference_pipeline.encoders.dims)[S.FUSION_TEXT]
+    module = FusionEntry(reference_pipeline.fusion, "text").eval()
+    cases = [reference_pipeline.encoders.text_states(ENGLISH + CHINESE, "query")]
+    steps: list[str] = []
+    path = tmp_path / "ok" / "model.onnx"
+    path.parent.mkdir()
+    path.write_bytes(fp32.read_bytes())
+    (report,) = quantize_member(module, spec, path, cases, steps.append)
+    assert report.model == f"{S.FUSION_TEXT} (int8)" and report.min_cosine >= quantize.FUSION_INT8_MIN_COSINE
+    assert "MatMulIntegerToFloat" in _ops(path) and not list(path.parent.glob("*.fp32.onnx"))
+    assert any("batch independence" in m for m in steps)
+    monkeypatch.setattr(quantize, "FUSION_INT8_MIN_COSINE", 1.0)  # no int8 graph reaches cosine 1
+    path = tmp_path / "strict" / "model.onnx"
+    path.parent.mkdir()
+    path.write_bytes(fp32.read_bytes())
+    with pytest.raises(ModelError, match=r"^int8 fusion_text: ONNX parity check failed \(need cosine >= 1\).*"
+                                         r"--fusion-precision fp32$"):
+        quantize_member(module, spec, path, cases, steps.append)
+
+
 def test_quantizing_a_graph_without_matmul_is_an_error(tmp_path: Path) -> None:
     class Scale(torch.nn.Module):
         def forward(self, x):
@@ -219,7 +277,7 @@ def test_int8_repository_served_stays_close_to_the_fp32_reference(
         want = reference[name]
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-4, err_msg=name)
         cos = np.sum(got * want, axis=1) / np.linalg.norm(want, axis=1)
-        if name == "query_image":  # no text on this path: exactly the fp32 vectors
-            assert cos.min() >= 0.999, f"{name}: {np.round(cos, 5)}"
+        if name == "query_image":  # no text on this path, only the fusion graph in int8
+            assert 0.999 <= cos.min() and cos.min() < 0.9999999, f"{name}: {np.round(cos, 5)}"
         else:  # close, and not the fp32 vectors: the int8 graph is the one being served
             assert SERVED_MIN_COSINE <= cos.min() and cos.min() < 0.9999, f"{name}: {np.round(cos, 5)}"

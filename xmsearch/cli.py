@@ -116,9 +116,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     t0 = time.time()
     res = export_repository(a.out, a.target, a.fusion, a.untrained, a.text_model, a.image_model,
                             a.image_checkpoint, settings, a.precision, text_precision=a.text_precision,
-                            step=lambda m: print(m, flush=True))
+                            fusion_precision=a.fusion_precision, step=lambda m: print(m, flush=True))
     print(f"wrote {a.target} repository {res.out} (fingerprint {res.fingerprint}, text encoder "
-          f"{res.text_precision}"
+          f"{res.text_precision}, fusion {res.fusion_precision}"
           f"{', UNTRAINED fusion' if not res.trained else ''}) in {time.time() - t0:.1f}s")
     return 0
 
@@ -233,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "retrieval figures unchanged (benchmarks/results/text_int8.md); auto = int8 "
                         "where the text encoder runs on ONNX Runtime's CPU provider of a CPU with int8 "
                         "dot products (VNNI / AMX / ARM64), else fp32 (default: auto)")
+    e.add_argument("--fusion-precision", choices=("auto", "fp32", "int8"), default="auto",
+                   help="served fusion graphs, the same choice: int8 runs their weight products on int8 "
+                        "(fusion_item about 0.6x the time per item), fused vectors at cosine >= 0.99 "
+                        "to fp32 (benchmarks/results/fusion_int8.md); auto = int8 on the same CPUs "
+                        "(default: auto)")
     e.add_argument("--text-encoder-layout", type=instances_by_threads, metavar="NxT",
                    help="cpu target: serve the text encoder as N instances of T ONNX Runtime threads "
                         "(default: one instance of --ort-threads). 2x1 helped an int8 encoder on an "

@@ -111,7 +111,7 @@ def run(a: argparse.Namespace) -> None:
     with stage("3. export repository (cpu target)"):
         res = export_repository(repository, "cpu", ckpt, text_model=a.text_model,
                                 step=lambda m: print(m, flush=True))
-        print(f"fingerprint {res.fingerprint}, text encoder {res.text_precision}")
+        print(f"fingerprint {res.fingerprint}, text encoder {res.text_precision}, fusion {res.fusion_precision}")
 
     with stage("4. start tritonserver"):
         server = srv.TritonServer(repository, grpc_port=a.grpc_port, http_port=a.http_port,
