@@ -149,9 +149,9 @@ def quantize_member(module, spec: S.ModelSpec, path: Path, cases: list[tuple], s
         try:
             reports = onnx_export.check_parity(module, spec, path, cases, quantize.FUSION_INT8_MIN_COSINE,
                                                session=session, label=f"{spec.name} (int8)")
+            drift = quantize.check_rows_independent(session, spec, cases[0])
         except ModelError as e:
             raise ModelError(f"int8 {spec.name}: {e}; export with --fusion-precision fp32") from e
-        drift = quantize.check_rows_independent(session, spec, cases[0])
     step(f"  batch independence: a row alone vs in its batch, max |diff| {drift:.2e}")
     return reports
 

@@ -4,8 +4,9 @@ scale per token.
 The text encoder is the largest CPU cost of an item after the photo (about as much as
 the image encoder per title for the 12-layer e5) and the whole cost of a text query; the
 fusion module's item graph is the next (its cross-attention over 49 regions and the title's
-tokens, about 13% of an ingested item's CPU).  :func:`quantize_int8` rewrites every ``MatMul`` with a constant weight so the product runs
-on the CPU's int8 dot-product units (VNNI / AMX) with no calibration set:
+tokens, about 13% of an ingested item's CPU in fp32).  :func:`quantize_int8` rewrites every
+``MatMul`` with a constant weight so the product runs on the CPU's int8 dot-product units
+(VNNI / AMX) with no calibration set:
 
 * the weight is stored as int8 with one scale per output channel (symmetric, [-127, 127]);
 * the activation is quantized when the graph runs, with **one scale per token** (its
@@ -23,10 +24,11 @@ scales are separate graph nodes, not fused into the product): measured side by s
 ``benchmarks/results/text_int8.md``.
 
 Embedding tables, layer norms, softmax and the attention products between activations
-stay fp32, and the quantized graph is checked against the PyTorch encoder like every fp32
-graph, with its own lower bound (:data:`INT8_MIN_COSINE`), and for batch independence
+stay fp32, and the quantized graph is checked against the PyTorch module like every fp32
+graph, with its own lower bound (:data:`INT8_MIN_COSINE` per token state of the text
+encoder, :data:`FUSION_INT8_MIN_COSINE` per fused embedding), and for batch independence
 (:data:`INT8_MAX_BATCH_DRIFT`).  What int8 costs in retrieval quality is measured end to
-end on a catalogue (``xmsearch eval``; README, "Text encoder precision").
+end on a catalogue (``xmsearch eval``; README, "Text encoder precision", "Fusion precision").
 
 ``MatMulIntegerToFloat`` is an ONNX Runtime operator (``com.microsoft``), and these graphs
 run on its CPU provider only; GPU targets use TensorRT's own FP16 / INT8 instead.
