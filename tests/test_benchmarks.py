@@ -929,6 +929,30 @@ def test_text_int8_compares_the_three_graphs_on_a_catalogue(tmp_path: Path) -> N
     assert [r[0] for r in rows] == list(states) and all(0 <= float(x) <= 1 for r in rows for x in r[1:])
 
 
+def test_fusion_int8_compares_the_four_graphs_on_a_catalogue(tmp_path: Path) -> None:
+    from benchmarks import fusion_int8
+    from xmsearch.demo import generate_demo_catalog
+
+    generate_demo_catalog(tmp_path / "cat", n=40, seed=3, n_queries=4)
+    out = tmp_path / "fusion_int8.md"
+    assert fusion_int8.main(["--catalog", str(tmp_path / "cat"), "--text-model", "minilm-l6", "--items", "24",
+                             "--rounds", "2", "--seconds", "0.02", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("$ python -m benchmarks.fusion_int8 --catalog") and "untrained (seeded)" in text
+    timed = re.findall(r"^\| (fusion_\w+) \| (\d+) \| ([\d.]+) .* \| ([\d.]+) .* \| ([\d.]+)x \|$", text, re.M)
+    assert [(m, int(b)) for m, b, *_ in timed] == [(m, b) for m in ("fusion_text", "fusion_image", "fusion_joint",
+                                                                  "fusion_item") for b in (1, 16, 32)]
+    assert all(float(f) > 0 and float(q) > 0 for *_, f, q, _ in timed)
+    vectors = re.findall(r"^\| (fusion_\w+) \| (\w+) \| ([\d.]+) \| ([\d.]+) \|$", text, re.M)
+    assert [(m, o) for m, o, *_ in vectors] == [("fusion_text", "EMBEDDING"), ("fusion_image", "EMBEDDING"),
+                                                 ("fusion_joint", "EMBEDDING"), ("fusion_item", "EMBEDDING"),
+                                                 ("fusion_item", "PHOTO_EMBEDDING")]
+    # int8 moved the vectors, a little: near fp32, not equal to it.
+    assert all(0.99 < float(c) < 0.9999999 and 0 <= float(a) <= 1 for *_, c, a in vectors)
+    with pytest.raises(SystemExit):
+        fusion_int8.main(["--catalog", str(tmp_path / "cat"), "--fusion", str(tmp_path / "none.pt")])
+
+
 def test_ingest_stream_parses_shapes_and_loads_an_earlier_ingest(tmp_path: Path) -> None:
     import argparse
 
