@@ -235,9 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "dot products (VNNI / AMX / ARM64), else fp32 (default: auto)")
     e.add_argument("--fusion-precision", choices=("auto", "fp32", "int8"), default="auto",
                    help="served fusion graphs, the same choice: int8 runs their weight products on int8 "
-                        "(fusion_item about 0.6x the time per item), fused vectors at cosine >= 0.99 "
-                        "to fp32 (benchmarks/results/fusion_int8.md); auto = int8 on the same CPUs "
-                        "(default: auto)")
+                        "(fusion_item about 0.6x the time per item; fused vectors at cosine >= 0.9997 "
+                        "to fp32 on the demo, the export refuses below 0.995: "
+                        "benchmarks/results/fusion_int8.md); auto = int8 on the same CPUs (default: auto)")
     e.add_argument("--text-encoder-layout", type=instances_by_threads, metavar="NxT",
                    help="cpu target: serve the text encoder as N instances of T ONNX Runtime threads "
                         "(default: one instance of --ort-threads). 2x1 helped an int8 encoder on an "
