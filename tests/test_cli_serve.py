@@ -310,3 +310,15 @@ def test_subcommand_help_mentions_its_options(command: str, capsys) -> None:
         for option in ("--repository", "--grpc-port", "--http-port", "--metrics-port",
                        "--pid-file", "--log-file"):
             assert option in out
+
+
+def test_export_fusion_precision_is_checked_before_anything_is_written(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--untrained", "--fusion-precision", "fp16", "--out", str(tmp_path / "repo")])
+    assert info.value.code == 2
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+    code = main(["export", "--untrained", "--target", "tensorrt", "--fusion-precision", "int8",
+                 "--out", str(tmp_path / "repo")])
+    assert code != 0
+    assert "fusion precision int8 is dynamic ONNX Runtime quantization" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
