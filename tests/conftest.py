@@ -105,8 +105,8 @@ def exported_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     The fusion weights are the seeded untrained ones: plumbing, parity and error tests only
     need a fixed function; retrieval quality is tested on a trained checkpoint elsewhere.
     The text encoder and the fusion graphs stay fp32 (the cpu target's default is int8) so
-    that the served vectors can be held to the PyTorch reference exactly; ``tests/test_export.py`` serves
-    an int8 export against the same reference.
+    that the served vectors can be held to the PyTorch reference exactly;
+    ``tests/test_quantize.py`` serves an int8 export against the same reference.
     """
     from xmsearch.export.pipeline import export_repository
 
