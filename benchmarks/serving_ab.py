@@ -62,8 +62,8 @@ FIELDS = ("delay", "preferred", "instances", *ORT_FIELDS, *EXPORT_FIELDS)
 KINDS = ("text", "image")
 LEVELS = (1, 16)
 MEMBERS = (spec.TEXT_ENCODER, spec.IMAGE_ENCODER, spec.FUSION_JOINT)  # baselines.member_input_rows
-# The members whose CPU per ingested item is reported (the server's total is, too).
-INGEST_CPU_MEMBERS = (spec.IMAGE_ENCODER, spec.TEXT_ENCODER, spec.FUSION_ITEM, spec.ITEM_PREPROCESS)
+# CPU ms per ingested item reported by serving_ab and source_ab: the server's total and its main members.
+INGEST_CPU_ROWS = ("total", spec.IMAGE_ENCODER, spec.TEXT_ENCODER, spec.FUSION_ITEM, spec.ITEM_PREPROCESS)
 MEMBER_LEVELS = (16, 64)  # --member: the member's best infer/s over these, as make bench sweeps it
 
 
@@ -178,16 +178,21 @@ def _measure(v: Variant, server: stack.PrivateServer, inputs: dict[str, Path], c
         best[member] = max(r.throughput for r in result.rows)
         v.figures.setdefault(f"{member} best infer/s", []).append(best[member])
     ingest = measure_ingest(catalog_file, work / f"index-{v.name}", url, server_pid=server.server.pid)
-    v.figures.setdefault("ingest items/s", []).append(ingest.items_per_second)
-    if ingest.cpu_ms:  # where an item's CPU went (/proc; none where it cannot be read)
-        server_ms = sum(ms for label, ms in ingest.cpu_ms.items() if label != "client")
-        v.figures.setdefault("ingest server CPU ms per item", []).append(server_ms)
-        for member in INGEST_CPU_MEMBERS:
-            v.figures.setdefault(f"ingest {member} CPU ms per item", []).append(ingest.cpu_ms.get(member, 0.0))
+    record_ingest(v, ingest)
     for member, rate in best.items():  # issue #6's ingest ratio is against the image encoder's
         v.figures.setdefault(f"ingest / {member} best (x100)", []).append(100 * ingest.items_per_second / rate)
     if megabytes := proc_cpu.tree_pss_mb(server.server.pid):  # 0 where /proc is not readable
         v.figures.setdefault("server memory MB (PSS)", []).append(megabytes)
+
+
+def record_ingest(v: Variant, ingest) -> None:
+    """An ingest's items/s and CPU ms per item (``INGEST_CPU_ROWS``: the server's total, without
+    the client, and its main members; from ``/proc``) into ``v``'s figures."""
+    v.figures.setdefault("ingest items/s", []).append(ingest.items_per_second)
+    cpu = dict(ingest.cpu_ms, total=sum(ms for k, ms in ingest.cpu_ms.items() if k != "client"))
+    for row in INGEST_CPU_ROWS:
+        if row in cpu:
+            v.figures.setdefault(f"ingest CPU ms/item: {row}", []).append(cpu[row])
 
 
 def member_inputs(repository: Path, queries_file: Path, names: list[str], work: Path) -> dict[str, Path]:

@@ -9,7 +9,8 @@ links the package into each member's folder, where the python-backend stubs impo
 the installed one; the other side is the working tree, exported as ``make bench`` does.  Both servers run at once and are
 measured in alternating order, as in ``serving_ab``: ``query_text`` / ``query_image`` p50 at
 concurrency 1 and infer/s at 16 (perf_analyzer), the catalogue ingest's items/s and CPU
-milliseconds per item (server tree, image-encoder and preprocessing stubs), server memory.
+milliseconds per item (server tree and main members' stubs, ``serving_ab.INGEST_CPU_ROWS``),
+server memory.
 The requests (texts, encoded photos) are the same bytes on both sides.
 
     .venv/bin/python -m benchmarks.source_ab --base ca2b95c --rounds 5 --items 900 \\
@@ -30,15 +31,13 @@ from pathlib import Path
 
 from benchmarks import input_data, perf_sweep, proc_cpu, publish, stack
 from benchmarks.e2e import measure_ingest
-from benchmarks.serving_ab import KINDS, LEVELS, Variant, alternate_rounds, measure_queries, report_text
-from xmsearch import spec
+from benchmarks.serving_ab import (KINDS, LEVELS, Variant, alternate_rounds, measure_queries, record_ingest,
+                                   report_text)
 from xmsearch.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 # Where the editable install puts the subpackages that live outside xmsearch/ (pyproject.toml).
 SUBPACKAGES = {"export": "export", "client": "client"}
-# CPU per ingested item: the server tree's total and these members' stubs (proc_cpu labels).
-CPU_ROWS = ("total", spec.IMAGE_ENCODER, spec.TEXT_ENCODER, spec.ITEM_PREPROCESS)
 
 
 def assemble_package(tree: Path, out: Path) -> Path:
@@ -108,12 +107,7 @@ def measure(v: Variant, url: str, pid: int, inputs: dict[str, Path], catalog_fil
             work: Path, settings: perf_sweep.SweepSettings) -> None:
     """One round of ``v``'s figures from the server at ``url`` whose process is ``pid``."""
     measure_queries(v, url, inputs, work, settings)
-    ingest = measure_ingest(catalog_file, work / f"index-{v.name}", url, server_pid=pid)
-    v.figures.setdefault("ingest items/s", []).append(ingest.items_per_second)
-    cpu = dict(ingest.cpu_ms, total=sum(ms for k, ms in ingest.cpu_ms.items() if k != "client"))
-    for row in CPU_ROWS:
-        if row in cpu:
-            v.figures.setdefault(f"ingest CPU ms/item: {row}", []).append(cpu[row])
+    record_ingest(v, measure_ingest(catalog_file, work / f"index-{v.name}", url, server_pid=pid))
     if megabytes := proc_cpu.tree_pss_mb(pid):
         v.figures.setdefault("server memory MB (PSS)", []).append(megabytes)
 

@@ -1173,6 +1173,7 @@ def test_source_ab_measures_a_served_repository(xm_server, served_demo_index, tm
     source_ab.measure(v, xm_server.url, xm_server.pid, inputs, demo / "catalog.jsonl", tmp_path, settings)
     assert v.figures["ingest items/s"][0] > 0
     assert v.figures["ingest CPU ms/item: total"][0] >= v.figures["ingest CPU ms/item: image_encoder"][0] > 0
+    assert 0 < v.figures["ingest CPU ms/item: fusion_item"][0] < v.figures["ingest CPU ms/item: total"][0]
     assert "server memory MB (PSS)" in v.figures
     queries = {"query_text p50 ms c=1", "query_text infer/s c=16", "query_image p50 ms c=1",
                "query_image infer/s c=16"}

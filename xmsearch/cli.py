@@ -204,6 +204,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from xmsearch import server
+    from xmsearch.export.quantize import PRECISIONS
 
     p = argparse.ArgumentParser(
         prog="xmsearch",
@@ -227,13 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, default=DEFAULT_REPOSITORY, help="repository folder (default: model_repository)")
     e.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16",
                    help="tensorrt target precision (default: fp16)")
-    e.add_argument("--text-precision", choices=("auto", "fp32", "int8"), default="auto",
+    e.add_argument("--text-precision", choices=PRECISIONS, default="auto",
                    help="served text encoder graph: int8 = dynamic ONNX Runtime quantization of its "
                         "MatMul weights, CPU only, about 2x faster per title with the demo's "
                         "retrieval figures unchanged (benchmarks/results/text_int8.md); auto = int8 "
                         "where the text encoder runs on ONNX Runtime's CPU provider of a CPU with int8 "
                         "dot products (VNNI / AMX / ARM64), else fp32 (default: auto)")
-    e.add_argument("--fusion-precision", choices=("auto", "fp32", "int8"), default="auto",
+    e.add_argument("--fusion-precision", choices=PRECISIONS, default="auto",
                    help="served fusion graphs, the same choice: int8 runs their weight products on int8 "
                         "(fusion_item about 0.6x the time per item; fused vectors at cosine >= 0.9997 "
                         "to fp32 on the demo, the export refuses below 0.995: "
