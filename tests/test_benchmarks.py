@@ -953,6 +953,29 @@ def test_fusion_int8_compares_the_four_graphs_on_a_catalogue(tmp_path: Path) -> 
         fusion_int8.main(["--catalog", str(tmp_path / "cat"), "--fusion", str(tmp_path / "none.pt")])
 
 
+def test_pool_fold_times_both_pooling_forms_and_finds_them_equal(tmp_path: Path) -> None:
+    from benchmarks import pool_fold
+    from xmsearch.demo import generate_demo_catalog
+
+    generate_demo_catalog(tmp_path / "cat", n=40, seed=3, n_queries=4)
+    out = tmp_path / "pool_fold.md"
+    assert pool_fold.main(["--catalog", str(tmp_path / "cat"), "--text-model", "minilm-l6",
+                           "--rounds", "2", "--seconds", "0.02", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("$ python -m benchmarks.pool_fold --catalog") and "untrained (seeded)" in text
+    timed = re.findall(r"^\| (fusion_\w+) \| (fp32|int8) \| (\d+) \| ([\d.]+) .* \| ([\d.]+) .* \| ([\d.]+)x \|$",
+                       text, re.M)
+    assert [(m, p, int(b)) for m, p, b, *_ in timed] == [
+        (m, p, b) for m in ("fusion_text", "fusion_image", "fusion_joint", "fusion_item") for b in (1, 16, 32)
+        for p in ("fp32", "int8")]
+    assert all(float(a) > 0 and float(b) > 0 for *_, a, b, _ in timed)
+    assert re.search(r"One training step's forward and backward passes, 40 items \((bf16|fp32)\): "
+                     r"per-token [\d.]+ ms .*folded [\d.]+ ms", text)
+    diffs = re.findall(r"(fusion_\w+) ([\d.]+e[-+]\d+)", text.split("Largest")[1])
+    assert [m for m, _ in diffs] == ["fusion_text", "fusion_image", "fusion_joint", "fusion_item"]
+    assert all(float(d) < 1e-4 for _, d in diffs)  # the two forms compute the same vectors
+
+
 def test_ingest_stream_parses_shapes_and_loads_an_earlier_ingest(tmp_path: Path) -> None:
     import argparse
 

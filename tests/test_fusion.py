@@ -128,3 +128,30 @@ def test_item_mix_adds_the_single_modality_embeddings_to_the_stored_item_vector(
         assert torch.equal(mixed.encode_text(states, mask), plain.encode_text(states, mask))
     with pytest.raises(ValueError, match="item_mix"):
         AttentionFusion(text_dim=32, image_dim=48, item_mix=-1.0)
+
+
+def test_pooling_folds_the_key_and_value_projections_into_its_query():
+    """PoolAttention.pooled computes what Attention.forward does for one shared query,
+    masked tokens, dropout included (the same random draws), with the same weights."""
+    from xmsearch.models.fusion import PoolAttention
+
+    torch.manual_seed(0)
+    pool = PoolAttention(width=64, heads=4, dropout=0.2)
+    with torch.no_grad():
+        for p in pool.parameters():
+            p.normal_(0.0, 0.2)  # biases too: the fold carries the key and value biases
+    query = torch.randn(64)
+    tokens = torch.randn(5, 7, 64)
+    valid = torch.rand(5, 7) > 0.4
+    valid[:, 0] = True
+    for mode in ("eval", "train"):
+        getattr(pool, mode)()
+        torch.manual_seed(1)
+        full = pool(query.expand(5, 1, 64), tokens, valid)[:, 0]
+        torch.manual_seed(1)
+        folded = pool.pooled(query, tokens, valid)
+        assert torch.allclose(full, folded, atol=1e-5), mode
+    # Masked tokens do not count, whatever they hold.
+    pool.eval()
+    noisy = tokens.masked_fill(~valid[..., None], 1e3)
+    assert torch.allclose(pool.pooled(query, tokens, valid), pool.pooled(query, noisy, valid), atol=1e-5)

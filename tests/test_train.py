@@ -243,6 +243,44 @@ def test_baselines_from_the_training_features_match_fresh_encoding(trained, smal
         ev.run_baselines(small_catalog, queries, "minilm-l6", "efficientnet-lite0", features=other_ids)
 
 
+@pytest.mark.slow
+def test_text_features_keep_the_catalogue_order(trained, small_catalog):
+    """Training encodes texts in batches of similar length; the cached states must still be
+    each title's own, in catalogue order."""
+    from xmsearch.pipeline import Encoders
+
+    result, _ = trained
+    rows, _ = read_catalog(small_catalog)
+    enc = Encoders.load("minilm-l6")
+    lengths = result.features.item_mask.sum(1)
+    picks = [int(lengths.argmin()), int(lengths.argmax()), 0, len(rows) - 1]
+    for i in picks:
+        states, mask = enc.text_states([rows[i].title], "passage")
+        n = int(mask.sum())
+        assert int(lengths[i]) == n, rows[i].title
+        assert torch.allclose(result.features.item_states[i, :n].float(), states[0, :n], atol=2e-2), rows[i].title
+
+
+def test_trim_padding_drops_the_columns_no_row_uses():
+    from xmsearch.models.fusion import AttentionFusion
+    from xmsearch.train import trim_padding
+
+    torch.manual_seed(0)
+    fusion = AttentionFusion(text_dim=32, image_dim=48, width=64, heads=4, embed_dim=16).eval()
+    states = torch.randn(3, 10, 32)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    mask[0, :4], mask[1, :6], mask[2, :2] = True, True, True
+    s, m = trim_padding(states, mask)
+    assert s.shape == (3, 6, 32) and m.shape == (3, 6) and torch.equal(m, mask[:, :6])
+    regions = torch.randn(3, 5, 48)
+    with torch.no_grad():
+        assert torch.allclose(fusion.encode_text(states, mask), fusion.encode_text(s, m), atol=1e-6)
+        assert torch.allclose(fusion.encode_joint(states, mask, regions), fusion.encode_joint(s, m, regions),
+                              atol=1e-6)
+    empty = trim_padding(states, torch.zeros(3, 10, dtype=torch.bool))
+    assert empty[0].shape == (3, 1, 32)
+
+
 def test_title_words_learn_chinese_words_from_the_catalogue():
     from xmsearch.train import TitleWords
 

@@ -18,7 +18,7 @@ import torch
 from xmsearch.models.fusion import AttentionFusion
 from xmsearch.models.image import DEFAULT_IMAGE_MODEL, ImageEncoder
 from xmsearch.models.text import DEFAULT_TEXT_MODEL, TextEncoder, resolve_text_model
-from xmsearch.preprocess import ImagePreprocessor, TextPreprocessor, decode_text
+from xmsearch.preprocess import SEQUENCE_BUCKET, ImagePreprocessor, TextPreprocessor, decode_text
 from xmsearch.spec import Dims
 
 logger = logging.getLogger(__name__)
@@ -53,9 +53,12 @@ class Encoders:
                     image_size=size, max_length=self.text_pre.config.max_length)
 
     @torch.no_grad()
-    def text_states(self, texts: list[str], role: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_states(self, texts: list[str], role: str, bucket: int = SEQUENCE_BUCKET
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L, text_dim] token states and their [B, L] mask, L the longest text rounded
+        up to ``bucket`` (as the served tokenizer pads)."""
         texts = [decode_text(t, what=f"text[{i}]") for i, t in enumerate(texts)]
-        ids, mask = self.text_pre.encode(texts, role)
+        ids, mask = self.text_pre.encode(texts, role, bucket)
         ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
         return self.text(ids_t, mask_t), mask_t
 

@@ -357,15 +357,17 @@ def augment_photo(data: bytes, rng: random.Random) -> bytes:
         # out pixels close to any of 16 colours sampled around the border.
         ring = np.concatenate([arr[0], arr[:, -1], arr[-1, ::-1], arr[::-1, 0]])
         keys = np.rint([np.median(seg, 0) for seg in np.array_split(ring, 16)]).astype(np.int16)
-        small = arr[::2, ::2]  # the mask at half resolution: 4x cheaper, edges are blurred later anyway
-        mask = np.zeros(small.shape[:2], bool)
-        for key in keys:
-            mask |= np.abs(small - key).sum(-1, dtype=np.int16) < 50
+        # The mask at half resolution (4x cheaper, edges are blurred later anyway), one
+        # contiguous plane per channel: sums over a 3-wide last axis are slow in numpy.
+        r, g, b = np.ascontiguousarray(arr[::2, ::2].transpose(2, 0, 1))
+        mask = np.zeros(r.shape, bool)
+        for kr, kg, kb in keys:
+            mask |= np.abs(r - kr) + np.abs(g - kg) + np.abs(b - kb) < 50
         backdrop = mask.repeat(2, 0).repeat(2, 1)[:h, :w]
         top = np.array([rng.randint(90, 255) for _ in range(3)], np.float32)
         bottom = np.clip(top + rng.uniform(-50, 50), 0, 255)
-        grad = np.linspace(top, bottom, h, dtype=np.float32)[:, None, :].repeat(w, 1)
-        arr[backdrop] = grad[backdrop].astype(np.int16)
+        grad = np.linspace(top, bottom, h, dtype=np.float32)  # [h, 3]: one colour per row
+        arr[backdrop] = grad[np.nonzero(backdrop)[0]].astype(np.int16)
         img = Image.fromarray(arr.astype(np.uint8))
     fill = tuple(int(v) for v in np.asarray(img)[0, 0])
     s = rng.uniform(0.82, 1.12)  # < 1 zooms in (crop), > 1 zooms out (pad with the backdrop)
@@ -382,7 +384,7 @@ def augment_photo(data: bytes, rng: random.Random) -> bytes:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     arr = np.asarray(img).astype(np.float32)
     theta, amp = rng.uniform(0, 2 * math.pi), rng.uniform(0.0, 0.15)
-    gy, gx = np.mgrid[-0.5:0.5:h * 1j, -0.5:0.5:w * 1j].astype(np.float32)
+    gy, gx = (g.astype(np.float32) for g in np.ogrid[-0.5:0.5:h * 1j, -0.5:0.5:w * 1j])  # [h, 1], [1, w]
     light = rng.uniform(0.85, 1.15) * (1.0 + amp * (gx * math.cos(theta) + gy * math.sin(theta)))
     cast = np.array([rng.uniform(0.95, 1.05) for _ in range(3)], np.float32)
     arr = arr * light[..., None] * cast
@@ -412,12 +414,18 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
     flat_views = [v for vs in views for v in vs]
 
     def run_text(texts: list[str], role: str, label: str):
+        # Batches of texts of similar length: a batch runs at its longest text's width, and
+        # in catalogue order most batches would hold one long title; sorted, most run at half.
+        _, lengths = enc.text_pre.encode(texts, role, bucket=1)
+        order = np.argsort(lengths.sum(1), kind="stable")
         out = []
         for i in range(0, len(texts), batch):
-            out.append(enc.text_states(texts[i:i + batch], role))
+            out.append(enc.text_states([texts[j] for j in order[i:i + batch]], role, bucket=8))
             if progress:
                 progress(label, min(i + batch, len(texts)), len(texts))
-        return _pad_states(out)
+        states, mask = _pad_states(out)
+        back = torch.from_numpy(np.argsort(order))
+        return states[back], mask[back]
 
     item_states, item_mask = run_text([r.title for r in rows], "passage", "titles")
     vs, vm = run_text(flat_views, "query", "text views")
@@ -521,9 +529,21 @@ def shared_word_positives(view_words: list[frozenset], item_words: list[frozense
     return pos
 
 
+def trim_padding(states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's text states without the padding columns none of its rows uses.
+
+    Features are padded to the catalogue's longest text (``_pad_states``); a batch of 128
+    mostly needs fewer, and every padded token costs a projection and attention rows that
+    the masks then discard.  Padding is on the right (the tokenizers pad after the text).
+    """
+    used = mask.any(0).nonzero()
+    width = int(used.max()) + 1 if len(used) else 1
+    return states[:, :width], mask[:, :width]
+
+
 def _embed_items(fusion: AttentionFusion, f: Features, reduced: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return fusion.joint(fusion.text_tokens(f.item_states[idx].float()), f.item_mask[idx],
-                        fusion.reduced_image_tokens(reduced[idx, 0]))
+    states, mask = trim_padding(f.item_states[idx], f.item_mask[idx])
+    return fusion.joint(fusion.text_tokens(states.float()), mask, fusion.reduced_image_tokens(reduced[idx, 0]))
 
 
 @torch.no_grad()
@@ -552,7 +572,8 @@ def evaluate_views(fusion: AttentionFusion, f: Features, reduced: torch.Tensor, 
     fusion.eval()
     qi = fusion.image_only(fusion.reduced_image_tokens(reduced[eval_idx, ViewSampler.HELD_PHOTO]))
     t = ViewSampler.HELD_TEXT
-    qt = fusion.encode_text(f.view_states[eval_idx, t].float(), f.view_mask[eval_idx, t])
+    qs, qm = trim_padding(f.view_states[eval_idx, t], f.view_mask[eval_idx, t])
+    qt = fusion.encode_text(qs.float(), qm)
     r1 = (qi @ z.T).argmax(1).eq(eval_idx).float().mean().item()
     top10 = (qt @ z.T).topk(10, dim=1).indices
     r10 = top10.eq(eval_idx[:, None]).any(1).float().mean().item()
@@ -682,26 +703,28 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
             v = views.text(idx)
             e = torch.randint(0, f.edit_other.shape[1], (k,), generator=gen)
             j = f.edit_other[idx, e]
+            title_s, title_m = trim_padding(f.item_states[idx], f.item_mask[idx])
+            view_s, vm = trim_padding(f.view_states[idx, v], f.view_mask[idx, v])
+            edit_s, edit_m = trim_padding(f.edit_states[idx, e], f.edit_mask[idx, e])
             with autocast:
                 # Project every feature tensor once; the views below reuse the tokens.
-                title_t = fusion.text_tokens(f.item_states[idx].float())
-                view_t = fusion.text_tokens(f.view_states[idx, v].float())
-                edit_t = fusion.text_tokens(f.edit_states[idx, e].float())
+                title_t = fusion.text_tokens(title_s.float())
+                view_t = fusion.text_tokens(view_s.float())
+                edit_t = fusion.text_tokens(edit_s.float())
                 photo_v = fusion.reduced_image_tokens(reduced[idx, 0])
                 aug_v = fusion.reduced_image_tokens(reduced[idx, views.photo(idx)])
                 # Edit view: the words of i that j lacks over a photo of j.
                 other_v = fusion.reduced_image_tokens(reduced[j, views.photo(j, low=0)])
-                vm = f.view_mask[idx, v]
                 positives = shared_word_positives([view_words[a][b] for a, b in zip(idx.tolist(), v.tolist())],
                                                   [item_words[a] for a in idx.tolist()])
-                z = fusion.joint(title_t, f.item_mask[idx], photo_v)
+                z = fusion.joint(title_t, title_m, photo_v)
                 scale = log_scale.exp().clamp(max=100)
                 zq = z.detach() if cfg.query_detach else z
                 loss = (info_nce(fusion.text_only(view_t, vm), z, scale, positives)
                         + info_nce(fusion.image_only(aug_v), z, scale)
                         + info_nce(fusion.image_only(photo_v), z, scale)
                         + info_nce(fusion.joint(view_t, vm, aug_v, query=True), zq, scale)
-                        + info_nce(fusion.joint(edit_t, f.edit_mask[idx, e], other_v, query=True), zq, scale))
+                        + info_nce(fusion.joint(edit_t, edit_m, other_v, query=True), zq, scale))
                 if hard is not None and len(hard[b:b + cfg.batch_size]) > 1:
                     # Photo -> item again, on a batch of look-alike groups: only the photo path
                     # has to tell them apart (text and edit queries name no detail that could).
