@@ -22,3 +22,35 @@ def publish(text: str, path, module: str, argv) -> None:
     if path:
         args = list(argv) if argv is not None else sys.argv[1:]
         Path(path).write_text(f"$ python -m {module} {' '.join(args)}\n\n{text}\n")
+
+
+def catalogue_parser(doc: str, *, fusion: str | None = None):
+    """The options of the small benchmarks that time calls on a catalogue's items:
+    ``--catalog`` (default ``demo``), ``--rounds``, ``--seconds``, ``--out``, and with
+    ``fusion`` (its help text) an optional ``--fusion`` checkpoint.  The module's docstring
+    (``doc``) gives the description and the epilog.  :func:`parse_catalogue_args` parses and
+    checks them."""
+    import argparse
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+    p.add_argument("--catalog", type=Path, default=Path("demo"),
+                   help="catalogue folder with catalog.jsonl (default: demo)")
+    if fusion:
+        p.add_argument("--fusion", type=Path, help=fusion)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per variant and round")
+    p.add_argument("--out", type=Path, help="also write the result here, under the command")
+    return p
+
+
+def parse_catalogue_args(p, argv):
+    """``p.parse_args(argv)``, refusing a catalogue folder without catalog.jsonl and a
+    ``--fusion`` checkpoint that does not exist."""
+    a = p.parse_args(argv)
+    if not (a.catalog / "catalog.jsonl").is_file():
+        p.error(f"--catalog {a.catalog}: no catalog.jsonl there (make one with `xmsearch demo-catalog`)")
+    if getattr(a, "fusion", None) is not None and not a.fusion.is_file():
+        p.error(f"--fusion {a.fusion} does not exist (train one with `xmsearch train`, or run `make demo`)")
+    return a

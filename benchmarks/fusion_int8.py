@@ -22,12 +22,11 @@ to retrieval through the server comes from ``xmsearch eval`` on both exports.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks import publish
+from benchmarks import catalogue_parser, parse_catalogue_args, publish
 from benchmarks.loadgen import alternated_ms_per_call
 
 VARIANTS = ("fp32", "int8")
@@ -44,23 +43,20 @@ def _inputs(member: str, states, mask, regions, rows: slice) -> tuple:
     return states[rows], mask[rows], regions[rows]
 
 
-def compare(catalog: Path, fusion: Path | None, text_model: str, items: int, rounds: int, seconds: float) -> dict:
-    """{member: {"ms": {(variant, batch): [ms per round]}, "cosine": {output: min}, "agree": {output: share}}}."""
-    import numpy as np
+def fusion_inputs(catalog: Path, fusion: Path | None, text_model: str, n: int):
+    """``(checkpoint, token states, mask, regions, member specs, entry kinds)`` for the first
+    ``n`` items of ``catalog``: the fusion members' real inputs, from the frozen encoders."""
     import torch
 
     from xmsearch import spec as S
     from xmsearch.catalog import read_catalog
-    from xmsearch.export.onnx import export_onnx, onnx_session
-    from xmsearch.export.pipeline import FUSION_MEMBERS, load_fusion
-    from xmsearch.export.quantize import quantize_int8
-    from xmsearch.models.fusion import FusionEntry
+    from xmsearch.export.pipeline import load_fusion
     from xmsearch.pipeline import Encoders
 
     enc = Encoders.load(text_model)
     ckpt = load_fusion(enc, fusion, untrained=fusion is None)
     rows, _ = read_catalog(catalog / "catalog.jsonl")
-    rows = rows[:max(items, max(BATCHES))]
+    rows = rows[:n]
     with torch.no_grad():
         states, mask = enc.text_states([r.title for r in rows], "passage")
         regions = enc.image_regions([Path(r.image).read_bytes() for r in rows])
@@ -68,6 +64,19 @@ def compare(catalog: Path, fusion: Path | None, text_model: str, items: int, rou
     specs = S.member_specs(S.Dims(d.text_dim, d.image_dim, d.regions, d.image_size, ckpt.fusion.embed_dim,
                                   d.max_length))
     kinds = {S.FUSION_TEXT: "text", S.FUSION_IMAGE: "image", S.FUSION_JOINT: "joint", S.FUSION_ITEM: "item"}
+    return ckpt, states, mask, regions, specs, kinds
+
+
+def compare(catalog: Path, fusion: Path | None, text_model: str, items: int, rounds: int, seconds: float) -> dict:
+    """{member: {"ms": {(variant, batch): [ms per round]}, "cosine": {output: min}, "agree": {output: share}}}."""
+    import numpy as np
+
+    from xmsearch.export.onnx import export_onnx, onnx_session
+    from xmsearch.export.pipeline import FUSION_MEMBERS
+    from xmsearch.export.quantize import quantize_int8
+    from xmsearch.models.fusion import FusionEntry
+
+    ckpt, states, mask, regions, specs, kinds = fusion_inputs(catalog, fusion, text_model, max(items, max(BATCHES)))
     out: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for member in FUSION_MEMBERS:
@@ -123,22 +132,11 @@ def report(results: dict, items: int, rounds: int, seconds: float, catalog: Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--catalog", type=Path, default=Path("demo"),
-                   help="catalogue folder with catalog.jsonl (default: demo)")
-    p.add_argument("--fusion", type=Path, help="trained fusion checkpoint (xmsearch train); without it, "
-                   "seeded weights at the trained layout: timings hold, the vector figures mean little")
+    p = catalogue_parser(__doc__, fusion="trained fusion checkpoint (xmsearch train); without it, seeded weights "
+                         "at the trained layout: timings hold, the vector figures mean little")
     p.add_argument("--text-model", default="multilingual-e5-small-q4", help="the checkpoint's text model")
     p.add_argument("--items", type=int, default=256, help="catalogue items whose vectors are compared")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per variant and round")
-    p.add_argument("--out", type=Path, help="also write the result here, under the command")
-    a = p.parse_args(argv)
-    if not (a.catalog / "catalog.jsonl").is_file():
-        p.error(f"--catalog {a.catalog}: no catalog.jsonl there (make one with `xmsearch demo-catalog`)")
-    if a.fusion is not None and not a.fusion.is_file():
-        p.error(f"--fusion {a.fusion} does not exist (train one with `xmsearch train`, or run `make demo`)")
+    a = parse_catalogue_args(p, argv)
     if a.items < 2:
         p.error("--items must be 2 or more")
     results = compare(a.catalog, a.fusion, a.text_model, a.items, a.rounds, a.seconds)

@@ -18,13 +18,12 @@ two forms' outputs is printed beside.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from pathlib import Path
 
-from benchmarks import publish
-from benchmarks.fusion_int8 import _inputs
+from benchmarks import catalogue_parser, parse_catalogue_args, publish
+from benchmarks.fusion_int8 import _inputs, fusion_inputs
 from benchmarks.loadgen import alternated_ms_per_call
 
 BATCHES = (1, 16, 32)
@@ -67,27 +66,14 @@ def compare(catalog: Path, fusion: Path | None, text_model: str, rounds: int, se
     import numpy as np
     import torch
 
-    from xmsearch import spec as S
-    from xmsearch.catalog import read_catalog
     from xmsearch.export.onnx import export_onnx, onnx_session
-    from xmsearch.export.pipeline import FUSION_MEMBERS, load_fusion
+    from xmsearch.export.pipeline import FUSION_MEMBERS
     from xmsearch.export.quantize import quantize_int8
     from xmsearch.models.fusion import FusionEntry
-    from xmsearch.pipeline import Encoders
     from xmsearch.train import bf16_supported, trim_padding
 
-    enc = Encoders.load(text_model)
-    ckpt = load_fusion(enc, fusion, untrained=fusion is None)
+    ckpt, states, mask, regions, specs, kinds = fusion_inputs(catalog, fusion, text_model, 128)
     modules = {"per-token": unfolded(ckpt.fusion), "folded": ckpt.fusion.eval()}
-    rows, _ = read_catalog(catalog / "catalog.jsonl")
-    rows = rows[:128]
-    with torch.no_grad():
-        states, mask = enc.text_states([r.title for r in rows], "passage")
-        regions = enc.image_regions([Path(r.image).read_bytes() for r in rows])
-    d = enc.dims
-    specs = S.member_specs(S.Dims(d.text_dim, d.image_dim, d.regions, d.image_size, ckpt.fusion.embed_dim,
-                                  d.max_length))
-    kinds = {S.FUSION_TEXT: "text", S.FUSION_IMAGE: "image", S.FUSION_JOINT: "joint", S.FUSION_ITEM: "item"}
     out: dict = {"graphs": {}, "diff": {}, "train": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for member in FUSION_MEMBERS:
@@ -114,7 +100,7 @@ def compare(catalog: Path, fusion: Path | None, text_model: str, rounds: int, se
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_supported())
     steps = {form: (lambda f=modules[form]: _train_step(f, s.float(), m, reduced, autocast)) for form in FORMS}
     out["train"] = alternated_ms_per_call(steps, rounds, seconds)
-    out["autocast"], out["items"] = ("bf16" if bf16_supported() else "fp32"), len(rows)
+    out["autocast"], out["items"] = ("bf16" if bf16_supported() else "fp32"), len(states)
     return out
 
 
@@ -140,21 +126,10 @@ def report(results: dict, rounds: int, seconds: float, catalog: Path, fusion: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--catalog", type=Path, default=Path("demo"),
-                   help="catalogue folder with catalog.jsonl (default: demo)")
-    p.add_argument("--fusion", type=Path, help="trained fusion checkpoint (xmsearch train); without it, "
-                   "seeded weights at the trained layout")
+    p = catalogue_parser(__doc__, fusion="trained fusion checkpoint (xmsearch train); without it, seeded "
+                         "weights at the trained layout")
     p.add_argument("--text-model", default="multilingual-e5-small-q4", help="the checkpoint's text model")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per variant and round")
-    p.add_argument("--out", type=Path, help="also write the result here, under the command")
-    a = p.parse_args(argv)
-    if not (a.catalog / "catalog.jsonl").is_file():
-        p.error(f"--catalog {a.catalog}: no catalog.jsonl there (make one with `xmsearch demo-catalog`)")
-    if a.fusion is not None and not a.fusion.is_file():
-        p.error(f"--fusion {a.fusion} does not exist (train one with `xmsearch train`, or run `make demo`)")
+    a = parse_catalogue_args(p, argv)
     results = compare(a.catalog, a.fusion, a.text_model, a.rounds, a.seconds)
     publish(report(results, a.rounds, a.seconds, a.catalog, a.fusion), a.out, "benchmarks.pool_fold", argv)
     return 0

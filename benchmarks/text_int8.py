@@ -28,12 +28,11 @@ precision").
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks import publish
+from benchmarks import catalogue_parser, parse_catalogue_args, publish
 from benchmarks.loadgen import alternated_ms_per_call
 
 MODELS = ("minilm-l6", "multilingual-e5-small-q4")
@@ -169,18 +168,10 @@ def run(models: Sequence[str], catalog: Path, rounds: int, seconds: float, max_t
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--catalog", type=Path, default=Path("demo"),
-                   help="catalogue folder with catalog.jsonl and queries.jsonl (default: demo)")
+    p = catalogue_parser(__doc__)
     p.add_argument("--text-model", action="append", dest="models", metavar="NAME",
                    help=f"text model (repeat; default: {', '.join(MODELS)})")
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per variant and round")
-    p.add_argument("--out", type=Path, help="also write the result here, under the command")
-    a = p.parse_args(argv)
-    if not (a.catalog / "catalog.jsonl").is_file():
-        p.error(f"--catalog {a.catalog}: no catalog.jsonl there (make one with `xmsearch demo-catalog`)")
+    a = parse_catalogue_args(p, argv)
     publish(run(a.models or MODELS, a.catalog, a.rounds, a.seconds), a.out, "benchmarks.text_int8", argv)
     return 0
 
