@@ -255,15 +255,21 @@ def test_export_text_encoder_layout_is_checked_before_anything_is_written(tmp_pa
     assert not (tmp_path / "repo").exists()
 
 
-def test_export_ort_spinning_is_checked_before_anything_is_written(tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("option,unknown,valid,target,refusal", [
+    ("--ort-spinning", "sometimes", "run", "onnxruntime", "--ort-spinning is for the cpu target, not onnxruntime"),
+    ("--fusion-precision", "fp16", "int8", "tensorrt",
+     "fusion precision int8 is dynamic ONNX Runtime quantization"),
+])
+def test_export_option_is_checked_before_anything_is_written(option: str, unknown: str, valid: str, target: str,
+                                                            refusal: str, tmp_path: Path, capsys) -> None:
+    """An unknown value, then a known one the target cannot serve: both refused, nothing written."""
     with pytest.raises(SystemExit) as info:
-        main(["export", "--untrained", "--ort-spinning", "sometimes", "--out", str(tmp_path / "repo")])
+        main(["export", "--untrained", option, unknown, "--out", str(tmp_path / "repo")])
     assert info.value.code == 2
-    assert "invalid choice: 'sometimes'" in capsys.readouterr().err
-    code = main(["export", "--untrained", "--target", "onnxruntime", "--ort-spinning", "run",
-                 "--out", str(tmp_path / "repo")])
+    assert f"invalid choice: '{unknown}'" in capsys.readouterr().err
+    code = main(["export", "--untrained", "--target", target, option, valid, "--out", str(tmp_path / "repo")])
     assert code == 2
-    assert "--ort-spinning is for the cpu target, not onnxruntime" in capsys.readouterr().err
+    assert refusal in capsys.readouterr().err
     assert not (tmp_path / "repo").exists()
 
 
@@ -310,15 +316,3 @@ def test_subcommand_help_mentions_its_options(command: str, capsys) -> None:
         for option in ("--repository", "--grpc-port", "--http-port", "--metrics-port",
                        "--pid-file", "--log-file"):
             assert option in out
-
-
-def test_export_fusion_precision_is_checked_before_anything_is_written(tmp_path: Path, capsys) -> None:
-    with pytest.raises(SystemExit) as info:
-        main(["export", "--untrained", "--fusion-precision", "fp16", "--out", str(tmp_path / "repo")])
-    assert info.value.code == 2
-    assert "invalid choice: 'fp16'" in capsys.readouterr().err
-    code = main(["export", "--untrained", "--target", "tensorrt", "--fusion-precision", "int8",
-                 "--out", str(tmp_path / "repo")])
-    assert code != 0
-    assert "fusion precision int8 is dynamic ONNX Runtime quantization" in capsys.readouterr().err
-    assert not (tmp_path / "repo").exists()
