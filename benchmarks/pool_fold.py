@@ -31,21 +31,18 @@ FORMS = ("per-token", "folded")
 
 
 def unfolded(fusion):
-    """A copy of ``fusion`` that pools as the module first did: the learned query attends
-    over keys and values projected from every token."""
+    """A copy of ``fusion`` whose pooling projects every token to a key and a value, as the
+    module first did (``Attention.forward`` with the learned query broadcast over the batch)."""
     import torch
 
-    from xmsearch.models.fusion import AttentionFusion
+    from xmsearch.models.fusion import AttentionFusion, PoolAttention
 
-    class PerTokenPool(AttentionFusion):
-        def _pool_and_project(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-            q = self.pool_query + torch.zeros_like(tokens[:, :1])
-            pooled = self.pool(q, tokens, valid)[:, 0]
-            w = valid.unsqueeze(-1).to(tokens.dtype)
-            mean = (tokens * w).sum(1) / w.sum(1).clamp(min=1.0)
-            return torch.nn.functional.normalize(self.head(pooled + mean), dim=-1)
+    class PerTokenPool(PoolAttention):
+        def pooled(self, query, tokens, valid=None):
+            return self(query + torch.zeros_like(tokens[:, :1]), tokens, valid)[:, 0]
 
-    copy = PerTokenPool(**fusion.config())
+    copy = AttentionFusion(**fusion.config())
+    copy.pool = PerTokenPool(copy.width, copy.heads, fusion.pool.dropout.p)
     copy.load_state_dict(fusion.state_dict())
     return copy.eval()
 
