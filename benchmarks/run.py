@@ -67,6 +67,10 @@ class Plan:
     # Items of the ingest's own generated catalogue (None: the query catalogue's): enough that
     # start-up and the last requests' drain weigh little against the steady rate.
     ingest_items: int | None = None
+    # Served text queries and the ONNX Runtime baseline again, in alternated rounds with the
+    # server up (benchmarks.text_ratio): the sequential figures above sit minutes apart.
+    ratio_rounds: int = 4
+    ratio_seconds: float = 4.0
 
 
 # 1.5 s windows and a 30 % band: a shared 2-core machine rarely gives 3 windows within
@@ -82,7 +86,8 @@ QUICK = Plan(catalogue_items=100, catalogue_queries=30,
                                                      stability_percentage=50.0, max_trials=5),
              member_concurrency=(16,), ensembles=(spec.QUERY_TEXT, spec.QUERY_IMAGE),
              members=(spec.IMAGE_ENCODER,), search_duration_s=1.5, search_warmup_s=0.5,
-             baseline_duration_s=1.5, baseline_batches=(16,), e5_concurrency=(), faiss_sizes=(20_000,))
+             baseline_duration_s=1.5, baseline_batches=(16,), e5_concurrency=(), faiss_sizes=(20_000,),
+             ratio_rounds=1, ratio_seconds=1.0)
 
 
 def _rel(path: Path) -> str:
@@ -220,7 +225,7 @@ def _queries(catalog_dir: Path) -> tuple[list[str], list[bytes]]:
 
 def run_stack(args: argparse.Namespace, plan: Plan, out: Path, command: str) -> tuple[dict[str, str], list[str]]:
     """Everything that needs a server: sweeps, client e2e, baselines, ratios, text-model comparison."""
-    from benchmarks import baselines, compare, e2e, stack
+    from benchmarks import baselines, compare, e2e, stack, text_ratio
     from benchmarks.loadgen import LoadResult
 
     timings: dict[str, float] = {}
@@ -266,6 +271,7 @@ def run_stack(args: argparse.Namespace, plan: Plan, out: Path, command: str) -> 
     served: list[LoadResult] = []
     ingest = None
     ingests: list = []
+    alternated: dict[str, list[float]] = {}
     index_dir = stack.CACHE_DIR / "bench-index"
     server = None if args.url else stack.PrivateServer(repository.path, log_file=stack.CACHE_DIR / "tritonserver.log")
     try:
@@ -292,6 +298,11 @@ def run_stack(args: argparse.Namespace, plan: Plan, out: Path, command: str) -> 
                                                        warmup_s=plan.search_warmup_s),
                                         on_result=lambda r: _say(_load_line("client", r)))
             timings["client end to end"] = time.perf_counter() - t
+            if repo_path is not None and plan.ratio_rounds:
+                t = time.perf_counter()
+                alternated = text_ratio.run(index_dir, url, repo_path, texts, plan.ratio_rounds, plan.ratio_seconds,
+                                            16, plan.baseline_batches, log=_say)
+                timings["text ratio, alternated"] = time.perf_counter() - t
     finally:
         if server is not None:
             server.__exit__(None, None, None)
@@ -331,9 +342,10 @@ def run_stack(args: argparse.Namespace, plan: Plan, out: Path, command: str) -> 
         "ingest": ingest.__dict__ if ingest else None, "ingest_rounds": [i.__dict__ for i in ingests],
         "served": [r.to_dict() for r in served],
         "pytorch": [r.to_dict() for r in torch_rows], "onnxruntime": [r.to_dict() for r in onnx_rows],
+        "text_ratio_alternated": alternated,
         "text_models": e5_rows, "timings_s": {k: round(v, 1) for k, v in timings.items()}}, indent=2))
     if run_e2e:
-        _write_sections(out, command, plan, served, torch_rows, onnx_rows, ingests, repository, args)
+        _write_sections(out, command, plan, served, torch_rows, onnx_rows, ingests, repository, args, alternated)
     if e5_rows:
         notes = (f"perf_analyzer on `query_text`, same settings as the sweeps above, each model served alone by "
                  f"a private tritonserver (cpu target, {'trained' if args.fusion else 'untrained'} fusion). "
@@ -379,8 +391,8 @@ def _load_line(who: str, r) -> str:
 
 
 def _write_sections(out: Path, command: str, plan: Plan, served, torch_rows, onnx_rows, ingests, repository,
-                    args: argparse.Namespace) -> None:
-    from benchmarks import compare, e2e
+                    args: argparse.Namespace, alternated: dict[str, list[float]] | None = None) -> None:
+    from benchmarks import compare, e2e, text_ratio
 
     ingest = e2e.median_ingest(ingests)
     sweeps = report.load_sweeps(out)
@@ -395,10 +407,19 @@ def _write_sections(out: Path, command: str, plan: Plan, served, torch_rows, onn
               f"vectors, `CatalogIndex.search_photo`, served and in process alike). Threads share one client (one gRPC channel), as a web front end "
               f"would. {plan.search_duration_s:g} s measured per point after {plan.search_warmup_s:g} s of warm-up; "
               f"load average (1/5/15 min) at the end of the run: {_load()}.")
-    items = compare.ratios(served, torch_rows, onnx_rows, sweeps, ingest.items_per_second if ingest else None)
+    rounds = len(alternated[text_ratio.TOGETHER]) if alternated else 0
+    items = compare.ratios(served, torch_rows, onnx_rows, sweeps, ingest.items_per_second if ingest else None,
+                           text_alternated=(*text_ratio.medians(alternated, plan.baseline_batches), rounds)
+                           if rounds else None)
     notes = ("Served = Triton through the xmsearch client (or perf_analyzer where marked); baselines run in this "
              "process on the same queries, after the server was stopped. *met* / *NOT met* is a plain comparison "
              "of the measured ratio with the issue's bound; nothing was tuned to pass.")
+    if rounds:
+        notes += ("\n\nThe row marked *alternated* measures the same two things again while the server is up, in "
+                  f"{rounds} round{'s' if rounds != 1 else ''} that alternate them ({plan.ratio_seconds:g} s per row and round, every other "
+                  "round in reverse order; `benchmarks.text_ratio`), so that a change of the machine's load between "
+                  "the two measurements above does not land in the ratio; its figures are medians over the rounds:"
+                  "\n\n" + text_ratio.summarise(alternated, plan.baseline_batches))
     report.write_section_file(out, "targets", compare.ratio_section(items, notes, [command]))
     report.write_section_file(out, "e2e", compare.e2e_section(
         served, ingest.items if ingest else None, ingest.seconds if ingest else None, common, [command],
