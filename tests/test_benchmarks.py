@@ -605,6 +605,13 @@ def test_ratios_compute_values_and_verdicts(tmp_path: Path) -> None:
     assert p50_image.value == pytest.approx(2.0) and p50_image.met is False
     ingest = find("ingest items/s")
     assert ingest.baseline == pytest.approx(30.0) and ingest.value == pytest.approx(0.9) and ingest.met
+    assert not any("alternated" in r.name for r in measured)
+    # The alternated text comparison follows the sequential one, with its own figures.
+    again = compare.ratios(served, torch, onnx, sweeps, ingest_items_per_s=27.0, text_alternated=(130.0, 150.0, 4))
+    names = [r.name for r in again]
+    alt = again[names.index("text queries, client c=16 vs ONNX Runtime best batch") + 1]
+    assert alt.name.endswith("alternated (4 rounds)") and alt.value == pytest.approx(130 / 150) and alt.met
+    assert [r.name for r in again if r is not alt] == [r.name for r in measured]
 
 
 def test_unmeasured_comparisons_are_never_met() -> None:
@@ -879,6 +886,35 @@ def test_search_combine_measures_both_searchers(xm_server, served_demo_index) ->
         _assert_both_measured(rows[metric])
 
 
+@pytest.mark.triton
+@pytest.mark.slow
+def test_text_ratio_alternates_served_and_in_process_rows(xm_server, served_demo_index, exported_repository,
+                                                          capsys) -> None:
+    from benchmarks import text_ratio
+    from xmsearch.catalog import read_catalog
+
+    demo, index_dir = served_demo_index
+    catalogue, _ = read_catalog(demo / "catalog.jsonl")
+    lines: list[str] = []
+    qps = text_ratio.run(index_dir, xm_server.url, exported_repository, [r.title for r in catalogue[:8]],
+                         rounds=2, seconds=0.5, concurrency=4, batches=(4, 8), log=lines.append)
+    names = [text_ratio.TOGETHER, text_ratio.ONE_BY_ONE, text_ratio.baseline_label(4), text_ratio.baseline_label(8)]
+    assert list(qps) == names and all(len(v) == 2 and min(v) > 0 for v in qps.values())
+    # The second round runs the rows in reverse order; the log line lists them in table order.
+    assert len(lines) == 2 and lines[1].startswith("round 2/2: " + names[0])
+    table = text_ratio.summarise(qps, (4, 8))
+    best = [max(qps[names[2]][r], qps[names[3]][r]) for r in range(2)]
+    ratios = sorted(x / b for x, b in zip(qps[names[0]], best))
+    assert f"{(ratios[0] + ratios[1]) / 2:.2f}x ({ratios[0]:.2f}-{ratios[1]:.2f})" in table
+    assert table.count(" - |") == 2  # the baseline rows carry no ratio
+    served, base = text_ratio.medians(qps, (4, 8))
+    assert (served, base) == (sum(qps[names[0]]) / 2, sum(best) / 2)
+    assert ("**met**" if served / base >= text_ratio.TARGET else "**NOT met**") in text_ratio.verdict(qps, (4, 8))
+    with pytest.raises(SystemExit):
+        text_ratio.main(["--rounds", "0"])
+    assert "--rounds, --concurrency and every --batch must be >= 1" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_item_mix_cost_times_both_graphs(tmp_path) -> None:
     from benchmarks import item_mix_cost
@@ -974,6 +1010,26 @@ def test_pool_fold_times_both_pooling_forms_and_finds_them_equal(tmp_path: Path)
     diffs = re.findall(r"(fusion_\w+) ([\d.]+e[-+]\d+)", text.split("Largest")[1])
     assert [m for m, _ in diffs] == ["fusion_text", "fusion_image", "fusion_joint", "fusion_item"]
     assert all(float(d) < 1e-4 for _, d in diffs)  # the two forms compute the same vectors
+
+
+@pytest.mark.slow
+def test_reshoot_overlap_times_both_loops_and_finds_the_same_regions(tmp_path: Path) -> None:
+    from benchmarks import reshoot_overlap
+    from xmsearch.demo import generate_demo_catalog
+
+    generate_demo_catalog(tmp_path / "cat", n=40, seed=3, n_queries=4)
+    out = tmp_path / "reshoot.md"
+    # 20 photos = two chunks of 16 and 4: the worker has a chunk ready while the first encodes.
+    assert reshoot_overlap.main(["--catalog", str(tmp_path / "cat"), "--items", "20", "--rounds", "2",
+                                 "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("$ python -m benchmarks.reshoot_overlap --catalog")
+    rows = re.findall(r"^\| (plain loop \(before\)|re-shots on a worker thread) \| ([\d.]+) \(", text, re.M)
+    assert [r for r, _ in rows] == [reshoot_overlap.PLAIN, reshoot_overlap.OVERLAPPED]
+    assert all(float(ms) > 0 for _, ms in rows)
+    assert "identical in every round" in text
+    with pytest.raises(SystemExit):
+        reshoot_overlap.main(["--catalog", str(tmp_path / "nowhere")])
 
 
 def test_ingest_stream_parses_shapes_and_loads_an_earlier_ingest(tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -405,6 +406,34 @@ def _pad_states(chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
     return states.half(), mask.bool()
 
 
+def photo_features(enc: Encoders, rows: list[CatalogRow], rng: random.Random, batch: int = 64,
+                   progress: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
+    """[N, 1 + AUG_VIEWS, R, Hi] fp16: each catalogue photo's regions, then its re-shots'.
+
+    The next chunk's re-shots are drawn on one worker thread while the encoder runs on this
+    one (ONNX Runtime and most of PIL and numpy release the GIL); one worker, fed in order,
+    draws from ``rng`` in the order a plain loop would, so the features are the same."""
+    n, step = len(rows), max(1, batch // (1 + AUG_VIEWS))
+
+    def shots_of(chunk: list[CatalogRow]) -> list[bytes]:
+        photos = [r.image.read_bytes() for r in chunk]
+        return photos + [augment_photo(p, rng) for _ in range(AUG_VIEWS) for p in photos]
+
+    chunks = [rows[i:i + step] for i in range(0, n, step)]
+    regions = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reshoot") as pool:
+        pending = pool.submit(shots_of, chunks[0]) if chunks else None
+        for k, chunk in enumerate(chunks):
+            shots = pending.result()
+            if k + 1 < len(chunks):
+                pending = pool.submit(shots_of, chunks[k + 1])
+            r = enc.image_regions(shots)
+            regions.append(r.view(1 + AUG_VIEWS, len(chunk), *r.shape[1:]).transpose(0, 1).half())
+            if progress:
+                progress("photos", min((k + 1) * step, n), n)
+    return torch.cat(regions)
+
+
 def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch: int = 64,
                      progress: Callable[[str, int, int], None] | None = None) -> Features:
     """Run the frozen encoders over every item once (the expensive part of training)."""
@@ -436,21 +465,13 @@ def compute_features(enc: Encoders, rows: list[CatalogRow], seed: int = 0, batch
         others.append([cand[best[e % len(best)]] for e in range(EDIT_VIEWS)])
     es, em = run_text([edit_view(r, rows[j], rng, words) for r, js in zip(rows, others) for j in js],
                       "query", "edit views")
-    n, step = len(rows), max(1, batch // (1 + AUG_VIEWS))
-    regions = []
-    for i in range(0, n, step):
-        chunk = rows[i:i + step]
-        photos = [r.image.read_bytes() for r in chunk]
-        shots = photos + [augment_photo(p, rng) for _ in range(AUG_VIEWS) for p in photos]
-        r = enc.image_regions(shots)
-        regions.append(r.view(1 + AUG_VIEWS, len(chunk), *r.shape[1:]).transpose(0, 1).half())
-        if progress:
-            progress("photos", min(i + step, n), n)
+    n = len(rows)
+    regions = photo_features(enc, rows, rng, batch, progress)
     return Features(
         ids=[r.id for r in rows], item_states=item_states, item_mask=item_mask,
         view_states=vs.view(n, TEXT_VIEWS, *vs.shape[1:]), view_mask=vm.view(n, TEXT_VIEWS, -1),
         edit_states=es.view(n, EDIT_VIEWS, *es.shape[1:]), edit_mask=em.view(n, EDIT_VIEWS, -1),
-        edit_other=torch.tensor(others), regions=torch.cat(regions),
+        edit_other=torch.tensor(others), regions=regions,
         view_words=[[sorted({w.lower() for w in words(strip_filler(v))}) for v in vs_] for vs_ in views],
         item_words=[sorted(_word_set(r, words)) for r in rows])
 
