@@ -12,7 +12,8 @@ ports, and measures
    image_encoder and fusion_joint;
 2. the xmsearch client end to end: ``ingest_catalog`` items/s, ``Searcher.search``
    latency and queries/s at 1, 4, 16 threads (text and image), and text queries at 16
-   threads sent one request per query;
+   threads sent one request per query; then, the server still up, the text queries at 16
+   threads and the ONNX Runtime batched baseline in alternated rounds (``text_ratio``);
 3. the in-process baselines on the same queries: PyTorch ReferencePipeline and ONNX
    Runtime on the exported graphs, one query at a time and batched, and the issue's
    served/baseline ratios with a verdict per target;
