@@ -417,8 +417,9 @@ def _write_sections(out: Path, command: str, plan: Plan, served, torch_rows, onn
              "of the measured ratio with the issue's bound; nothing was tuned to pass.")
     if rounds:
         notes += ("\n\nThe row marked *alternated* measures the same two things again while the server is up, in "
-                  f"{rounds} round{'s' if rounds != 1 else ''} that alternate them ({plan.ratio_seconds:g} s per row and round, every other "
-                  "round in reverse order; `benchmarks.text_ratio`), so that a change of the machine's load between "
+                  f"{rounds} round{'s' if rounds != 1 else ''} that alternate them ({plan.ratio_seconds:g} s per row "
+                  "and round, every other round in reverse order; `benchmarks.text_ratio`), so that a change of the "
+                  "machine's load between "
                   "the two measurements above does not land in the ratio; its figures are medians over the rounds:"
                   "\n\n" + text_ratio.summarise(alternated, plan.baseline_batches))
     report.write_section_file(out, "targets", compare.ratio_section(items, notes, [command]))
