@@ -53,15 +53,20 @@ def measure_rounds(calls: dict[str, Callable[[], float]], rounds: int, log=print
     return out
 
 
+def best_baseline(qps: dict[str, list[float]], batches: Sequence[int]) -> list[float]:
+    """Per round, the highest baseline queries/s over the batch sizes."""
+    return [max(qps[baseline_label(b)][r] for b in batches) for r in range(len(qps[TOGETHER]))]
+
+
 def summarise(qps: dict[str, list[float]], batches: Sequence[int]) -> str:
     """Markdown: per row the median (min-max) queries/s, and for the served rows the
     median (min-max) over rounds of that round's served / best-baseline ratio."""
-    base = [max(qps[baseline_label(b)][r] for b in batches) for r in range(len(next(iter(qps.values()))))]
+    base = best_baseline(qps, batches)
     lines = ["| measure | queries/s, median (min-max) | served / best baseline of the round, median (min-max) |",
              "|---|---:|---:|"]
     for name, xs in qps.items():
         cell = "-"
-        if not name.startswith("ONNX"):
+        if name in (TOGETHER, ONE_BY_ONE):
             ratios = [x / b for x, b in zip(xs, base)]
             cell = f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
         lines.append(f"| {name} | {statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f}) | {cell} |")
@@ -70,8 +75,7 @@ def summarise(qps: dict[str, list[float]], batches: Sequence[int]) -> str:
 
 def medians(qps: dict[str, list[float]], batches: Sequence[int]) -> tuple[float, float]:
     """(median queries/s answered together, median over rounds of the round's best baseline)."""
-    base = [max(qps[baseline_label(b)][r] for b in batches) for r in range(len(qps[TOGETHER]))]
-    return statistics.median(qps[TOGETHER]), statistics.median(base)
+    return statistics.median(qps[TOGETHER]), statistics.median(best_baseline(qps, batches))
 
 
 def verdict(qps: dict[str, list[float]], batches: Sequence[int]) -> str:
