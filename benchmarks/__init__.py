@@ -24,9 +24,10 @@ def publish(text: str, path, module: str, argv) -> None:
         Path(path).write_text(f"$ python -m {module} {' '.join(args)}\n\n{text}\n")
 
 
-def catalogue_parser(doc: str, *, fusion: str | None = None):
+def catalogue_parser(doc: str, *, fusion: str | None = None, seconds: bool = True, rounds: int = 6):
     """The options of the small benchmarks that time calls on a catalogue's items:
-    ``--catalog`` (default ``demo``), ``--rounds``, ``--seconds``, ``--out``, and with
+    ``--catalog`` (default ``demo``), ``--rounds`` (default ``rounds``), ``--seconds`` (unless
+    ``seconds`` is false: a benchmark whose rounds are a fixed amount of work), ``--out``, and with
     ``fusion`` (its help text) an optional ``--fusion`` checkpoint.  The module's docstring
     (``doc``) gives the description and the epilog.  :func:`parse_catalogue_args` parses and
     checks them."""
@@ -39,8 +40,9 @@ def catalogue_parser(doc: str, *, fusion: str | None = None):
                    help="catalogue folder with catalog.jsonl (default: demo)")
     if fusion:
         p.add_argument("--fusion", type=Path, help=fusion)
-    p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per variant and round")
+    p.add_argument("--rounds", type=int, default=rounds)
+    if seconds:
+        p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per variant and round")
     p.add_argument("--out", type=Path, help="also write the result here, under the command")
     return p
 

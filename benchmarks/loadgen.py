@@ -134,21 +134,36 @@ def timed_batches(fn: Callable[[Any], object], batches: Sequence[Any], duration_
     return summarise(label, latencies, time.perf_counter() - begin, concurrency=1, batch=batch)
 
 
-def alternated_ms_per_call(calls: dict[str, Callable[[], object]], rounds: int, seconds: float) -> dict[str, list[float]]:
-    """Milliseconds per call of each function, one figure per round: each is warmed with one
-    call, then called for ``seconds``; every other round runs them in reverse order, so that
-    a machine that slows down or speeds up during the run shifts them alike."""
-    out: dict[str, list[float]] = {name: [] for name in calls}
+def alternated_figures(measures: dict[str, Callable[[], float]], rounds: int,
+                       on_round: Callable[[int, dict[str, list[float]]], None] | None = None
+                       ) -> dict[str, list[float]]:
+    """The figure each measure returns, one per round; every other round runs them in reverse
+    order, so that a machine that slows down or speeds up during the run shifts them alike.
+    ``on_round(rnd, figures so far)`` is called after each round."""
+    out: dict[str, list[float]] = {name: [] for name in measures}
     for rnd in range(rounds):
-        for name in (list(calls) if rnd % 2 == 0 else list(calls)[::-1]):
-            fn, n = calls[name], 0
+        for name in (list(measures) if rnd % 2 == 0 else list(measures)[::-1]):
+            out[name].append(measures[name]())
+        if on_round:
+            on_round(rnd, out)
+    return out
+
+
+def alternated_ms_per_call(calls: dict[str, Callable[[], object]], rounds: int, seconds: float) -> dict[str, list[float]]:
+    """Milliseconds per call of each function, one figure per round (:func:`alternated_figures`):
+    each is warmed with one call, then called for ``seconds``."""
+    def ms_per_call(fn: Callable[[], object]) -> Callable[[], float]:
+        def measure() -> float:
+            n = 0
             fn()
             t0 = time.perf_counter()
             while time.perf_counter() - t0 < seconds:
                 fn()
                 n += 1
-            out[name].append((time.perf_counter() - t0) / n * 1e3)
-    return out
+            return (time.perf_counter() - t0) / n * 1e3
+        return measure
+
+    return alternated_figures({name: ms_per_call(fn) for name, fn in calls.items()}, rounds)
 
 
 def alternated_median_ms(calls: dict[str, Callable[[], object]], rounds: int, per_round: int, gap_ms: float,

@@ -12,35 +12,27 @@ catalogue, and checks that both give the same regions.
 
 from __future__ import annotations
 
-import argparse
 import random
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from benchmarks import publish
-from benchmarks.loadgen import ratio_table
+from benchmarks import catalogue_parser, parse_catalogue_args, publish
+from benchmarks.loadgen import alternated_figures, ratio_table
 from xmsearch.catalog import read_catalog
 from xmsearch.models.image import DEFAULT_IMAGE_MODEL
 from xmsearch.pipeline import Encoders
-from xmsearch.train import AUG_VIEWS, augment_photo, photo_features
+from xmsearch.train import AUG_VIEWS, chunk_regions, photo_chunks, photo_features, reshoots
 
 PLAIN, OVERLAPPED = "plain loop (before)", "re-shots on a worker thread"
 
 
 def plain_loop(enc: Encoders, rows, rng: random.Random, batch: int = 64) -> torch.Tensor:
     """The loop ``photo_features`` replaced: each chunk's re-shots, then its encoding."""
-    n, step = len(rows), max(1, batch // (1 + AUG_VIEWS))
-    regions = []
-    for i in range(0, n, step):
-        chunk = rows[i:i + step]
-        photos = [r.image.read_bytes() for r in chunk]
-        shots = photos + [augment_photo(p, rng) for _ in range(AUG_VIEWS) for p in photos]
-        r = enc.image_regions(shots)
-        regions.append(r.view(1 + AUG_VIEWS, len(chunk), *r.shape[1:]).transpose(0, 1).half())
-    return torch.cat(regions)
+    return torch.cat([chunk_regions(enc, reshoots(chunk, rng), len(chunk)) for chunk in photo_chunks(rows, batch)])
 
 
 def run(catalog: Path, items: int, rounds: int, log=print) -> tuple[dict[str, list[float]], bool]:
@@ -49,34 +41,33 @@ def run(catalog: Path, items: int, rounds: int, log=print) -> tuple[dict[str, li
     rows, _ = read_catalog(catalog / "catalog.jsonl")
     rows = rows[:items]
     enc = Encoders.load(image_model=DEFAULT_IMAGE_MODEL)
+    regions: dict[str, torch.Tensor] = {}
+    same = []
+
+    def timed(name: str, variant) -> Callable[[], float]:
+        def measure() -> float:
+            # Each round draws its re-shots from its own seed, the same for both variants.
+            t = time.perf_counter()
+            regions[name] = variant(enc, rows, random.Random(len(same)))
+            return (time.perf_counter() - t) / len(rows) * 1e3
+        return measure
+
+    def compared(rnd: int, ms: dict[str, list[float]]) -> None:
+        same.append(torch.equal(regions[PLAIN], regions[OVERLAPPED]))
+        log(f"round {rnd + 1}/{rounds}: " + ", ".join(f"{n} {ms[n][-1]:.1f} ms/item" for n in ms))
+
     with tempfile.TemporaryDirectory() as tmp:
         enc.use_onnx_images(Path(tmp))
-        variants = {PLAIN: plain_loop, OVERLAPPED: photo_features}
-        ms: dict[str, list[float]] = {name: [] for name in variants}
-        same = True
         plain_loop(enc, rows[:8], random.Random(0))  # warm-up: the first ONNX Runtime runs are slow
-        for rnd in range(rounds):
-            out = {}
-            for name in (list(variants) if rnd % 2 == 0 else list(variants)[::-1]):
-                t = time.perf_counter()
-                out[name] = variants[name](enc, rows, random.Random(rnd))
-                ms[name].append((time.perf_counter() - t) / len(rows) * 1e3)
-            same = same and torch.equal(out[PLAIN], out[OVERLAPPED])
-            log(f"round {rnd + 1}/{rounds}: " + ", ".join(f"{n} {ms[n][-1]:.1f} ms/item" for n in variants))
-    return ms, same
+        ms = alternated_figures({PLAIN: timed(PLAIN, plain_loop), OVERLAPPED: timed(OVERLAPPED, photo_features)},
+                                rounds, on_round=compared)
+    return ms, all(same)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--catalog", type=Path, default=Path("demo"),
-                   help="catalogue folder with catalog.jsonl (default: demo)")
+    p = catalogue_parser(__doc__, seconds=False, rounds=4)
     p.add_argument("--items", type=int, default=256, help="catalogue photos per round (default: 256)")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--out", type=Path, help="also write the result here, under the command")
-    a = p.parse_args(argv)
-    if not (a.catalog / "catalog.jsonl").is_file():
-        p.error(f"--catalog {a.catalog}: no catalog.jsonl there (make one with `xmsearch demo-catalog`)")
+    a = parse_catalogue_args(p, argv)
     if a.items < 1 or a.rounds < 1:
         p.error("--items and --rounds must be >= 1")
     ms, same = run(a.catalog, a.items, a.rounds)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from benchmarks import publish
-from benchmarks.loadgen import closed_loop, timed_batches
+from benchmarks.loadgen import alternated_figures, closed_loop, timed_batches
 
 TARGET = 0.8  # issue #6: served text queries at c=16 >= 0.8x ONNX Runtime batched
 TOGETHER, ONE_BY_ONE = "served, answered together", "served, one request per query"
@@ -40,17 +40,6 @@ TOGETHER, ONE_BY_ONE = "served, answered together", "served, one request per que
 
 def baseline_label(batch: int) -> str:
     return f"ONNX Runtime in process, batch {batch}"
-
-
-def measure_rounds(calls: dict[str, Callable[[], float]], rounds: int, log=print) -> dict[str, list[float]]:
-    """Queries/s of each call, one figure per round; odd rounds run them in reverse order."""
-    out: dict[str, list[float]] = {name: [] for name in calls}
-    for rnd in range(rounds):
-        order = list(calls) if rnd % 2 == 0 else list(calls)[::-1]
-        for name in order:
-            out[name].append(calls[name]())
-        log(f"round {rnd + 1}/{rounds}: " + ", ".join(f"{n} {out[n][-1]:.0f}/s" for n in calls))
-    return out
 
 
 def best_baseline(qps: dict[str, list[float]], batches: Sequence[int]) -> list[float]:
@@ -111,8 +100,11 @@ def run(index_dir: Path, url: str, repository: Path, texts: Sequence[str], round
 
     calls = {TOGETHER: served(together), ONE_BY_ONE: served(one_by_one)}
     calls.update({baseline_label(b): in_process(b) for b in batches})
+    def said(rnd: int, qps: dict[str, list[float]]) -> None:
+        log(f"round {rnd + 1}/{rounds}: " + ", ".join(f"{n} {qps[n][-1]:.0f}/s" for n in qps))
+
     try:
-        return measure_rounds(calls, rounds, log)
+        return alternated_figures(calls, rounds, on_round=said)
     finally:
         index.close()
         together.close()

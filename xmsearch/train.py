@@ -406,6 +406,25 @@ def _pad_states(chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.
     return states.half(), mask.bool()
 
 
+def photo_chunks(rows: list[CatalogRow], batch: int = 64) -> list[list[CatalogRow]]:
+    """The items whose photos and re-shots go through the image encoder together: a
+    catalogue photo and its ``AUG_VIEWS`` re-shots per item, about ``batch`` images."""
+    step = max(1, batch // (1 + AUG_VIEWS))
+    return [rows[i:i + step] for i in range(0, len(rows), step)]
+
+
+def reshoots(chunk: list[CatalogRow], rng: random.Random) -> list[bytes]:
+    """The chunk's catalogue photos, then ``AUG_VIEWS`` rounds of re-shots of them."""
+    photos = [r.image.read_bytes() for r in chunk]
+    return photos + [augment_photo(p, rng) for _ in range(AUG_VIEWS) for p in photos]
+
+
+def chunk_regions(enc: Encoders, shots: list[bytes], items: int) -> torch.Tensor:
+    """[items, 1 + AUG_VIEWS, R, Hi] fp16 from :func:`reshoots`' images of ``items`` items."""
+    r = enc.image_regions(shots)
+    return r.view(1 + AUG_VIEWS, items, *r.shape[1:]).transpose(0, 1).half()
+
+
 def photo_features(enc: Encoders, rows: list[CatalogRow], rng: random.Random, batch: int = 64,
                    progress: Callable[[str, int, int], None] | None = None) -> torch.Tensor:
     """[N, 1 + AUG_VIEWS, R, Hi] fp16: each catalogue photo's regions, then its re-shots'.
@@ -413,24 +432,17 @@ def photo_features(enc: Encoders, rows: list[CatalogRow], rng: random.Random, ba
     The next chunk's re-shots are drawn on one worker thread while the encoder runs on this
     one (ONNX Runtime and most of PIL and numpy release the GIL); one worker, fed in order,
     draws from ``rng`` in the order a plain loop would, so the features are the same."""
-    n, step = len(rows), max(1, batch // (1 + AUG_VIEWS))
-
-    def shots_of(chunk: list[CatalogRow]) -> list[bytes]:
-        photos = [r.image.read_bytes() for r in chunk]
-        return photos + [augment_photo(p, rng) for _ in range(AUG_VIEWS) for p in photos]
-
-    chunks = [rows[i:i + step] for i in range(0, n, step)]
-    regions = []
+    chunks, done, regions = photo_chunks(rows, batch), 0, []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reshoot") as pool:
-        pending = pool.submit(shots_of, chunks[0]) if chunks else None
+        pending = pool.submit(reshoots, chunks[0], rng) if chunks else None
         for k, chunk in enumerate(chunks):
             shots = pending.result()
             if k + 1 < len(chunks):
-                pending = pool.submit(shots_of, chunks[k + 1])
-            r = enc.image_regions(shots)
-            regions.append(r.view(1 + AUG_VIEWS, len(chunk), *r.shape[1:]).transpose(0, 1).half())
+                pending = pool.submit(reshoots, chunks[k + 1], rng)
+            regions.append(chunk_regions(enc, shots, len(chunk)))
+            done += len(chunk)
             if progress:
-                progress("photos", min((k + 1) * step, n), n)
+                progress("photos", done, len(rows))
     return torch.cat(regions)
 
 
