@@ -2,16 +2,18 @@
 
 On the cpu target every member is a python-backend model (the bundled tritonserver has no
 ONNX Runtime backend), so a ``query_text`` request pays one gRPC round trip, the ensemble
-scheduler and three stub round trips (tokenizer, text encoder, fusion) on top of the work
-itself.  This serves a repository of do-nothing python models (identity on a 16-float row,
-``dynamic_batching`` as the real members have it) and times, one request at a time with an
-idle pause before each as a client at concurrency 1 would: the bare member, an ensemble of
-one such step and an ensemble of three.  With ``--repository`` it also serves an exported
-cpu repository and times its ``query_text`` ensemble and the three members it chains
-(called directly), plus the same tokenize-encode-fuse path in process with ONNX Runtime as
-the members run it (two threads that sleep when idle) and with ONNX Runtime's defaults
-(spinning threads: baseline (c) of ``benchmarks.run``).  Rounds alternate; each figure is the
-median of a round, the table the median (min-max) over rounds.
+scheduler and a stub round trip per step on top of the work itself: three steps (tokenizer,
+text encoder, fusion) until the text encoder member learnt to tokenize and run the fusion
+head itself, one since (``xmsearch.spec.ensemble_specs``). This serves a repository of
+do-nothing python models (identity on a 16-float row, ``dynamic_batching`` as the real members
+have it) and times, one request at a time with an idle pause before each as a client at
+concurrency 1 would: the bare member, an ensemble of one such step and an ensemble of three.
+With ``--repository`` it also serves an exported cpu repository and times its ``query_text``
+ensemble and the three members of the three-step path (called directly), plus the same
+tokenize-encode-fuse path in process with ONNX Runtime as the members run it (two threads
+that sleep when idle) and with ONNX Runtime's defaults (spinning threads: baseline (c) of
+``benchmarks.run``). Rounds alternate; each figure is the median of a round, the table the
+median (min-max) over rounds.
 
     .venv/bin/python -m benchmarks.stub_floor --repository benchmarks/.cache/repository-minilm-l6 \\
         --out benchmarks/results/stub_floor.md
@@ -72,10 +74,13 @@ def _caller(url: str, model: str, inputs: dict) -> Callable[[], object]:
 
 
 def served_text_calls(url: str, repository: Path) -> dict[str, Callable[[], object]]:
-    """``query_text`` and its three members, each called with real inputs of one query."""
+    """``query_text`` and the three members of the three-step path, each called with real
+    inputs of one query; where the text encoder reads TEXT itself (the cpu target's one-step
+    ``query_text``), also that call."""
     import numpy as np
 
     from xmsearch import spec as S
+    from xmsearch.export.repository import read_config
     from xmsearch.preprocess import TextPreprocessor
 
     pre = TextPreprocessor.from_dir(repository / S.TOKENIZER_QUERY / "1")
@@ -83,10 +88,14 @@ def served_text_calls(url: str, repository: Path) -> dict[str, Callable[[], obje
     text = np.array([[QUERY.encode()]], dtype=object)
     encode = _caller(url, S.TEXT_ENCODER, {S.INPUT_IDS: ids, S.ATTENTION_MASK: mask})
     states = encode().as_numpy(S.TOKEN_STATES)
-    return {f"{S.TOKENIZER_QUERY} (member)": _caller(url, S.TOKENIZER_QUERY, {S.TEXT: text}),
-            f"{S.TEXT_ENCODER} (member)": encode,
-            f"{S.FUSION_TEXT} (member)": _caller(url, S.FUSION_TEXT, {S.TOKEN_STATES: states, S.ATTENTION_MASK: mask}),
-            f"{S.QUERY_TEXT} (ensemble of the three)": _caller(url, S.QUERY_TEXT, {S.TEXT: text})}
+    calls = {f"{S.TOKENIZER_QUERY} (member)": _caller(url, S.TOKENIZER_QUERY, {S.TEXT: text}),
+             f"{S.TEXT_ENCODER} (member, ids in)": encode,
+             f"{S.FUSION_TEXT} (member)": _caller(url, S.FUSION_TEXT, {S.TOKEN_STATES: states, S.ATTENTION_MASK: mask})}
+    if S.TEXT in {i.name for i in read_config(repository / S.TEXT_ENCODER / "config.pbtxt").input}:
+        calls[f"{S.TEXT_ENCODER} (member, text in)"] = _caller(url, S.TEXT_ENCODER, {S.TEXT: text})
+    steps = [s.model_name for s in read_config(repository / S.QUERY_TEXT / "config.pbtxt").ensemble_scheduling.step]
+    calls[f"{S.QUERY_TEXT} (ensemble: {' -> '.join(steps)})"] = _caller(url, S.QUERY_TEXT, {S.TEXT: text})
+    return calls
 
 
 def in_process_text_calls(repository: Path) -> dict[str, Callable[[], object]]:

@@ -230,6 +230,8 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
                 (d / "text_preprocess.json").write_text(enc.text_pre.config.to_json())
             if member in S.IMAGE_READERS:
                 (d / "image_preprocess.json").write_text(enc.image.preprocess.to_json())
+        if settings.text_queries:
+            _add_query_head(stage, enc)
         result.fingerprint = fingerprint_of(stage, list(specs))
         step(f"model fingerprint {result.fingerprint}")
         if target == "tensorrt":
@@ -250,6 +252,16 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
             "dims": dims.__dict__, "parity": [r.__dict__ for r in result.parity]}, indent=2))
         _install(stage, out, list(configs))
     return result
+
+
+def _add_query_head(stage: Path, enc: Encoders) -> None:
+    """What the cpu target's text encoder member needs to answer query text itself
+    (``xmsearch.triton_models.TextEncoderModel``): the tokenizer and its settings, and the
+    ``fusion_text`` graph as ``query_head.onnx``, already checked (and quantized) above."""
+    d = stage / S.TEXT_ENCODER / "1"
+    shutil.copyfile(enc.text.tokenizer_json(), d / "tokenizer.json")
+    (d / "text_preprocess.json").write_text(enc.text_pre.config.to_json())
+    shutil.copyfile(stage / S.FUSION_TEXT / "1" / "model.onnx", d / S.QUERY_HEAD_FILE)
 
 
 def _build_engines(stage: Path, specs: dict[str, S.ModelSpec], precision: str, step) -> list:

@@ -9,7 +9,7 @@ same dtype and dims).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -61,10 +61,14 @@ class TargetSettings:
     # the spec's batch-forming delay on GPU.
     queue_delay_us: int | None = None
     # (instances, intra-op threads) of the cpu target's text encoder (`xmsearch export
-    # --text-encoder-layout`); None: one instance with ``ort_threads``.  Two single-threaded
-    # instances of the int8 graph depend on the CPU: side by side, query_text p50 0.84x and
-    # infer/s at concurrency 16 1.26x on an Intel Xeon, 1.18x and 0.96x on an AMD EPYC, ingest
-    # 0.93x on both (benchmarks/results/serving_ab_text_layout*.md); so not the default.
+    # --text-encoder-layout`); None: two instances of half ``ort_threads`` each (2x1 on 2 cores).
+    # The text encoder also answers ``query_text`` in one step there (S.ensemble_specs), so
+    # the clients' next queries reach it the moment it answers; with one instance, tritonserver
+    # 2.51's dynamic batcher then often misses its wake-up and leaves them queued for its
+    # 500 ms idle wait (benchmarks/results/query_text_one_step.md).  A second instance is
+    # idle when they arrive, which wakes it.  Three steps with 2x1 against 1x2 on an AMD EPYC:
+    # query_text p50 1.18x, infer/s at concurrency 16 0.96x, ingest 0.93x
+    # (benchmarks/results/serving_ab_text_layout_amd.md).
     text_encoder_layout: tuple[int, int] | None = None
     # The same for the image encoder (`xmsearch export --image-encoder-layout`).  Two
     # single-threaded instances, side by side on an AMD EPYC with the defaults below: ingest
@@ -89,6 +93,12 @@ class TargetSettings:
             raise ConfigError(f"image_encoder_run_rows must be a row count (0 or more), got {self.image_encoder_run_rows!r}")
 
     @property
+    def text_queries(self) -> bool:
+        """Whether the text encoder member answers query text itself (``S.served_member_specs``):
+        on the cpu target, where it is a python-backend model that can tokenize."""
+        return self.target == "cpu"
+
+    @property
     def on_gpu(self) -> bool:
         return self.target == "tensorrt" or (self.target == "onnxruntime" and self.device != "cpu")
 
@@ -101,6 +111,8 @@ class TargetSettings:
         """(instances, ONNX Runtime threads) chosen for an encoder on the cpu target, else None."""
         if self.target != "cpu":
             return None
+        if model == S.TEXT_ENCODER and self.text_encoder_layout is None:
+            return 2, max(1, self.ort_threads // 2)
         return {S.TEXT_ENCODER: self.text_encoder_layout, S.IMAGE_ENCODER: self.image_encoder_layout}.get(model)
 
     def instances(self, model: str) -> tuple[int, int]:
@@ -181,9 +193,11 @@ def ensemble_config(ens: S.EnsembleSpec, members: dict[str, S.ModelSpec],
     for name in ens.inputs:
         producer = next(members[s.model] for s in ens.steps if name in s.input_map.values())
         t = next(t for t in producer.inputs if t.name == name)
-        cfg.input.append(_io(t, mc.ModelInput))
-    final = members[ens.steps[-1].model]
-    cfg.output.extend(_io(t, mc.ModelOutput) for t in final.outputs)
+        cfg.input.append(_io(replace(t, optional=False), mc.ModelInput))  # the ensemble needs it
+    # The last step's outputs that it hands on under their own name (a member may have more).
+    last = ens.steps[-1]
+    cfg.output.extend(_io(t, mc.ModelOutput) for t in members[last.model].outputs
+                      if last.output_map.get(t.name) == t.name)
     for step in ens.steps:
         st = cfg.ensemble_scheduling.step.add(model_name=step.model, model_version=-1)
         for k, v in step.input_map.items():
@@ -200,11 +214,13 @@ def repository_configs(dims: S.Dims, settings: TargetSettings, fingerprint: str
     """Every config of a repository: the eight members and the four ensembles."""
     if settings.target not in TARGETS:
         raise ConfigError(f"unknown target {settings.target!r}: choose one of {', '.join(TARGETS)}")
-    members = S.member_specs(dims)
+    members = S.served_member_specs(dims, settings.text_queries)
     roles = {name: {"role": role} for name, role in S.TEXT_ROLES.items()}
+    if settings.text_queries:
+        roles[S.TEXT_ENCODER] = {"role": "query"}  # of the TEXT it reads
     configs = {name: member_config(sp, settings, roles.get(name)) for name, sp in members.items()}
     params = {S.FINGERPRINT_PARAMETER: fingerprint, S.EMBED_DIM_PARAMETER: str(dims.embed_dim)}
-    for name, ens in S.ensemble_specs().items():
+    for name, ens in S.ensemble_specs(settings.text_queries).items():
         configs[name] = ensemble_config(ens, members, params)
     check_configs(configs)
     return configs

@@ -1183,7 +1183,8 @@ def test_stub_floor_times_the_floor_and_the_served_text_path(exported_repository
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| call")]
     names = [r.split(" | ")[0].lstrip("| ") for r in rows]
     assert names[:3] == ["null member (gRPC + one python stub)", "ensemble of 1 null step", "ensemble of 3 null steps"]
-    assert "query_text (ensemble of the three)" in names and "in process, ONNX Runtime defaults (baseline (c))" in names
+    assert "query_text (ensemble: text_encoder)" in names and "text_encoder (member, text in)" in names
+    assert "in process, ONNX Runtime defaults (baseline (c))" in names
     assert all(float(r.split(" | ")[1].split()[0]) > 0 for r in rows), rows
     assert rows[0].endswith("| 1.00x |")
 

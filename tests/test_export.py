@@ -111,7 +111,10 @@ def test_cpu_onnx_runtime_members_settings() -> None:
     cpu = configs_for("cpu")
     for name in NEURAL:
         params = cpu[name].parameters
-        assert params["intra_op_threads"].string_value == "2", name
+        # The text encoder: two instances of one thread (its query_text is one step: see
+        # TargetSettings.text_encoder_layout); the others one instance of the target's two.
+        layout = (2, "1") if name == S.TEXT_ENCODER else (1, "2")
+        assert (cpu[name].instance_group[0].count, params["intra_op_threads"].string_value) == layout, name
         assert params["allow_spinning"].string_value == "0", name
         assert params["force_spinning_stop"].string_value == "0", name
         # "single": an encoder's lone rows spin in a second session; the small fusion graphs have none
@@ -134,9 +137,14 @@ def test_cpu_onnx_runtime_members_settings() -> None:
     assert whole[S.IMAGE_ENCODER].parameters["max_rows_per_run"].string_value == "0"
     with pytest.raises(ConfigError, match="image_encoder_run_rows must be a row count"):
         TargetSettings("cpu", image_encoder_run_rows=-8)
-    # The text encoder's own layout (xmsearch export --text-encoder-layout): the cpu target only.
-    laid_out = repository_configs(DIMS, TargetSettings("cpu", text_encoder_layout=(2, 1)), "fp")
-    assert laid_out[S.TEXT_ENCODER].instance_group[0].count == 2
+    # The text encoder's own layout (xmsearch export --text-encoder-layout): the cpu target only;
+    # by default two instances of half the target's threads.
+    eight = repository_configs(DIMS, TargetSettings("cpu", ort_threads=8), "fp")[S.TEXT_ENCODER]
+    assert (eight.instance_group[0].count, eight.parameters["intra_op_threads"].string_value) == (2, "4")
+    one = repository_configs(DIMS, TargetSettings("cpu", text_encoder_layout=(1, 2)), "fp")[S.TEXT_ENCODER]
+    assert (one.instance_group[0].count, one.parameters["intra_op_threads"].string_value) == (1, "2")
+    laid_out = repository_configs(DIMS, TargetSettings("cpu", text_encoder_layout=(3, 1)), "fp")
+    assert laid_out[S.TEXT_ENCODER].instance_group[0].count == 3
     assert laid_out[S.TEXT_ENCODER].parameters["intra_op_threads"].string_value == "1"
     for name in set(NEURAL) - {S.TEXT_ENCODER}:
         assert laid_out[name].instance_group[0].count == 1, name
@@ -189,12 +197,41 @@ def test_ensembles_expose_the_public_contract() -> None:
     assert configs[S.JOINT_PREPROCESS].parameters["role"].string_value == "query"
 
 
+@pytest.mark.parametrize("target", TARGETS)
+def test_query_text_is_one_step_where_the_text_encoder_can_tokenize(target: str) -> None:
+    """cpu: the python-backend text encoder reads query TEXT itself (TextEncoderModel); GPU
+    targets' text encoder is a graph, so tokenizer -> text encoder -> fusion_text."""
+    configs = configs_for(target)
+    steps = [s.model_name for s in configs[S.QUERY_TEXT].ensemble_scheduling.step]
+    encoder = configs[S.TEXT_ENCODER]
+    inputs = {i.name: i.optional for i in encoder.input}
+    outputs = [o.name for o in encoder.output]
+    if target == "cpu":
+        assert steps == [S.TEXT_ENCODER]
+        step = configs[S.QUERY_TEXT].ensemble_scheduling.step[0]
+        assert (dict(step.input_map), dict(step.output_map)) == ({"TEXT": "TEXT"}, {"EMBEDDING": "EMBEDDING"})
+        # Every input optional: item / query_text_image send ids and mask, query_text TEXT.
+        assert inputs == {S.INPUT_IDS: True, S.ATTENTION_MASK: True, S.TEXT: True}
+        assert outputs == [S.TOKEN_STATES, S.EMBEDDING]
+        assert encoder.parameters["role"].string_value == "query"
+        # The ensemble still requires its one input, and answers only the embedding.
+        assert [(i.name, i.optional) for i in configs[S.QUERY_TEXT].input] == [("TEXT", False)]
+        assert [o.name for o in configs[S.QUERY_TEXT].output] == ["EMBEDDING"]
+    else:
+        assert steps == [S.TOKENIZER_QUERY, S.TEXT_ENCODER, S.FUSION_TEXT]
+        assert inputs == {S.INPUT_IDS: False, S.ATTENTION_MASK: False}
+        assert outputs == [S.TOKEN_STATES]
+    # The other text paths feed it ids and mask on every target.
+    for name in (S.ITEM, S.QUERY_TEXT_IMAGE):
+        assert set(step_of(configs[name], S.TEXT_ENCODER).input_map) == {S.INPUT_IDS, S.ATTENTION_MASK}
+
+
 def _unknown_model(c: dict[str, mc.ModelConfig]) -> None:
-    step_of(c[S.QUERY_TEXT], S.FUSION_TEXT).model_name = "fusion_nowhere"
+    step_of(c[S.QUERY_IMAGE], S.FUSION_IMAGE).model_name = "fusion_nowhere"
 
 
 def _never_produced(c: dict[str, mc.ModelConfig]) -> None:
-    step_of(c[S.QUERY_TEXT], S.FUSION_TEXT).input_map[S.TOKEN_STATES] = "ghost_states"
+    step_of(c[S.QUERY_IMAGE], S.FUSION_IMAGE).input_map[S.IMAGE_REGIONS] = "ghost_regions"
 
 
 def _dtype_mismatch(c: dict[str, mc.ModelConfig]) -> None:
@@ -211,8 +248,8 @@ def _output_not_produced(c: dict[str, mc.ModelConfig]) -> None:
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("breakage, message", [
-    (_unknown_model, r"ensemble 'query_text': step model 'fusion_nowhere' is not in the repository"),
-    (_never_produced, r"ensemble 'query_text': tensor 'ghost_states' feeding fusion_text\.TOKEN_STATES "
+    (_unknown_model, r"ensemble 'query_image': step model 'fusion_nowhere' is not in the repository"),
+    (_never_produced, r"ensemble 'query_image': tensor 'ghost_regions' feeding fusion_image\.IMAGE_REGIONS "
                       r"is produced by no earlier step"),
     (_dtype_mismatch, r"'input_ids' is .*text_encoder\.INPUT_IDS wants"),
     (_batch_above_member, r"ensemble 'query_image': max_batch_size 64 exceeds image_encoder's 32"),
@@ -310,9 +347,20 @@ def test_exported_graphs_match_their_configs(exported_repository: Path, member: 
     graph = onnx.load(str(exported_repository / member / "1" / "model.onnx"),
                       load_external_data=False).graph
     inits = {i.name for i in graph.initializer}
-    for side, graph_values, cfg_values in (("input", graph.input, cfg.input),
-                                           ("output", graph.output, cfg.output)):
-        got = _graph_tensors(graph_values, inits)
+    graph_inputs, graph_outputs = _graph_tensors(graph.input, inits), _graph_tensors(graph.output, inits)
+    head = exported_repository / member / "1" / S.QUERY_HEAD_FILE
+    if member == S.TEXT_ENCODER and cfg.backend == "python":
+        # The cpu target's member also reads TEXT (tokenized in its stub) and answers the
+        # fusion_text graph's EMBEDDING, run on its states: that copy of fusion_text is beside it.
+        head_graph = onnx.load(str(head), load_external_data=False).graph
+        head_inputs = _graph_tensors(head_graph.input, {i.name for i in head_graph.initializer})
+        assert [t[0] for t in head_inputs] == [S.TOKEN_STATES, S.ATTENTION_MASK]
+        graph_outputs += _graph_tensors(head_graph.output, set())
+        assert cfg.input[-1].name == S.TEXT and cfg.input[-1].data_type == mc.TYPE_STRING
+        del cfg.input[-1]
+    else:
+        assert not head.exists()
+    for side, got, cfg_values in (("input", graph_inputs, cfg.input), ("output", graph_outputs, cfg.output)):
         want = _config_tensors(cfg_values)
         assert [g[0] for g in got] == [w[0] for w in want], f"{member} {side} names"
         for (name, elem, gdims), (_, dtype, cdims) in zip(got, want):

@@ -92,10 +92,13 @@ def test_default_cpu_export_serves_int8_text_encoder_and_fusion(int8_export: Exp
         fused = reports[f"{member} (int8)"]
         assert len(fused) == len(read_config(out / member / "config.pbtxt").output)
         assert all(quantize.FUSION_INT8_MIN_COSINE <= r.min_cosine < 0.9999999 for r in fused), fused
-    # Served like the fp32 graph, one instance of two threads (no layout of its own by default).
+    # Served like the fp32 graph: the cpu target's text encoder layout, two instances of one
+    # thread, whatever the precision; its query head is the int8 fusion_text graph.
     for repo in (out, exported_repository):
         cfg = read_config(repo / S.TEXT_ENCODER / "config.pbtxt")
-        assert (cfg.instance_group[0].count, cfg.parameters["intra_op_threads"].string_value) == (1, "2")
+        assert (cfg.instance_group[0].count, cfg.parameters["intra_op_threads"].string_value) == (2, "1")
+        head = repo / S.TEXT_ENCODER / "1" / S.QUERY_HEAD_FILE
+        assert head.read_bytes() == (repo / S.FUSION_TEXT / "1" / "model.onnx").read_bytes()
     # Other vectors, so another fingerprint: an index built on the fp32 server is refused.
     fp32_record = json.loads((exported_repository / "xmsearch_export.json").read_text())
     assert (fp32_record["text_precision"], fp32_record["fusion_precision"]) == ("fp32", "fp32")

@@ -208,13 +208,30 @@ def _concurrently(url: str, model: str, rows: list[list[grpcclient.InferInput]])
     return answers
 
 
+def test_text_encoder_member_reads_text_or_ids(client, reference_pipeline) -> None:
+    """cpu target: the text encoder member answers query TEXT with its embedding (all of
+    query_text), and ids with mask (the other ensembles' path) with token states only."""
+    texts = ["navy down jacket", "红色连衣裙"]
+    query_text = embed(client, S.QUERY_TEXT, texts=texts)
+    member = client.infer(S.TEXT_ENCODER, [bytes_tensor(S.TEXT, [t.encode() for t in texts])], client_timeout=60)
+    np.testing.assert_array_equal(member.as_numpy(S.EMBEDDING), query_text)
+    ids, mask = reference_pipeline.encoders.text_pre.encode(texts, "query")
+    tensors = []
+    for name, arr in ((S.INPUT_IDS, ids), (S.ATTENTION_MASK, mask)):
+        tensors.append(grpcclient.InferInput(name, list(arr.shape), "INT64"))
+        tensors[-1].set_data_from_numpy(arr)
+    from_ids = client.infer(S.TEXT_ENCODER, tensors, client_timeout=60)  # no outputs named: all asked
+    assert from_ids.as_numpy(S.EMBEDDING) is None
+    np.testing.assert_allclose(from_ids.as_numpy(S.TOKEN_STATES), member.as_numpy(S.TOKEN_STATES), atol=1e-5)
+
+
 def test_concurrent_requests_are_batched_and_answer_like_sequential(client, xm_server) -> None:
     texts = [f"{colour} {kind}" for colour in ("red", "navy", "white", "black")
              for kind in ("dress", "jacket", "boots", "scarf", "bag", "shirt", "hat", "coat")]
     assert len(texts) == 32
     sequential = np.concatenate([embed(client, S.QUERY_TEXT, texts=[t]) for t in texts])
 
-    watched = (S.TEXT_ENCODER, S.FUSION_TEXT)
+    watched = (S.TEXT_ENCODER,)  # on the cpu target query_text is this one step
     before = {m: model_stats(client, m) for m in watched}
     answers = _concurrently(xm_server.url, S.QUERY_TEXT,
                             [[bytes_tensor(S.TEXT, [t.encode()])] for t in texts])
@@ -251,6 +268,16 @@ def _wide_text() -> list[grpcclient.InferInput]:
     return [t]
 
 
+def _ids(*names: str) -> list[grpcclient.InferInput]:
+    """Token ids (and other tensors of the same shape) as the item ensemble hands them on."""
+    out = []
+    for name in names:
+        t = grpcclient.InferInput(name, [1, 4], "INT64")
+        t.set_data_from_numpy(np.ones((1, 4), np.int64))
+        out.append(t)
+    return out
+
+
 def _truncated_jpeg() -> bytes:
     data = sample_images(1)[0]
     return data[: len(data) // 2]
@@ -279,13 +306,13 @@ def _good_image() -> bytes:
 # refused the request and the reason.
 BAD_REQUESTS = {
     "empty-text": (S.QUERY_TEXT, lambda: [bytes_tensor(S.TEXT, [b""])],
-                   r"tokenizer_query: TEXT\[0\] is empty"),
+                   r"text_encoder: TEXT\[0\] is empty"),
     "whitespace-text": (S.QUERY_TEXT, lambda: [bytes_tensor(S.TEXT, [b" \t\n "])],
-                        r"tokenizer_query: TEXT\[0\] is empty"),
+                        r"text_encoder: TEXT\[0\] is empty"),
     "over-long-text": (S.QUERY_TEXT, lambda: [bytes_tensor(S.TEXT, [b"x" * 5000])],
-                       r"tokenizer_query: TEXT\[0\] is 5000 bytes, over the limit"),
+                       r"text_encoder: TEXT\[0\] is 5000 bytes, over the limit"),
     "invalid-utf8": (S.QUERY_TEXT, lambda: [bytes_tensor(S.TEXT, [b"caf\xe9 \xff"])],
-                     r"tokenizer_query: TEXT\[0\] is not valid UTF-8"),
+                     r"text_encoder: TEXT\[0\] is not valid UTF-8"),
     "item-empty-title": (S.ITEM, lambda: [bytes_tensor(S.TEXT, [b""]),
                                           bytes_tensor(S.IMAGE, [_good_image()])],
                          r"item_preprocess: TEXT\[0\] is empty"),
@@ -303,7 +330,13 @@ BAD_REQUESTS = {
                                                          bytes_tensor(S.IMAGE, [b"\x89PNG\r\n\x1a\n"])],
                             r"joint_preprocess: IMAGE\[0\] is (a corrupt|not a decodable)"),
     "bad-row-in-batch": (S.QUERY_TEXT, lambda: [bytes_tensor(S.TEXT, [b"red dress", b"", b"boots"])],
-                         r"tokenizer_query: TEXT\[1\] is empty"),
+                         r"text_encoder: TEXT\[1\] is empty"),
+    # The text encoder member reads either query TEXT or token ids with their mask.
+    "encoder-ids-without-mask": (S.TEXT_ENCODER, lambda: _ids(S.INPUT_IDS),
+                                 r"text_encoder: send TEXT, or INPUT_IDS with ATTENTION_MASK"),
+    "encoder-text-and-ids": (S.TEXT_ENCODER, lambda: [bytes_tensor(S.TEXT, [b"red dress"]),
+                                                      *_ids(S.INPUT_IDS, S.ATTENTION_MASK)],
+                             r"text_encoder: send TEXT or INPUT_IDS, not both"),
     # Triton's own validation, before any step runs.
     "wrong-dtype": (S.QUERY_TEXT, _fp32_text, r"input 'TEXT' data-type is 'FP32', but model "
                                               r"'query_text' expects 'BYTES'"),

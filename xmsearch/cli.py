@@ -241,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "benchmarks/results/fusion_int8.md); auto = int8 on the same CPUs (default: auto)")
     e.add_argument("--text-encoder-layout", type=instances_by_threads, metavar="NxT",
                    help="cpu target: serve the text encoder as N instances of T ONNX Runtime threads "
-                        "(default: one instance of --ort-threads). 2x1 helped an int8 encoder on an "
-                        "Intel Xeon and hurt it on an AMD EPYC: measure with benchmarks.serving_ab")
+                        "(default: 2 instances of half --ort-threads). It answers query_text in one "
+                        "step there; with one instance, clients' next queries often wait out "
+                        "tritonserver's 500 ms batcher idle wait (benchmarks/results/query_text_one_step.md)")
     e.add_argument("--image-encoder-layout", type=instances_by_threads, metavar="NxT",
                    help="cpu target: serve the image encoder as N instances of T ONNX Runtime threads "
                         "(default: one instance of --ort-threads). 2x1 indexed 1.21x the items/s on 2 "

@@ -8,7 +8,7 @@ convention); ``-1`` marks a dynamic axis.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Model names users pass on the command line (kept here, not in xmsearch.models, so that
 # building the CLI parser does not import torch).
@@ -51,6 +51,9 @@ EMBEDDING = "EMBEDDING"  # FP32 [embed_dim], L2-normalised
 # FP32 [embed_dim], L2-normalised: a catalogue item's photo-side vector (the item ensemble's
 # second output), by which the index ranks the candidates of a photo query again.
 PHOTO_EMBEDDING = "PHOTO_EMBEDDING"
+
+# In the cpu target's text encoder folder: the fusion_text graph, which answers query_text there.
+QUERY_HEAD_FILE = "query_head.onnx"
 
 # Model-config parameter carrying the fingerprint of the weights behind an ensemble.
 FINGERPRINT_PARAMETER = "xmsearch_fingerprint"
@@ -157,8 +160,33 @@ class EnsembleSpec:
     max_batch_size: int = 32
 
 
-def ensemble_specs() -> dict[str, EnsembleSpec]:
+def served_member_specs(d: Dims, text_queries: bool = False) -> dict[str, ModelSpec]:
+    """``member_specs`` as the repository serves them.  With ``text_queries`` (the cpu target)
+    the text encoder member also reads query text and answers its embedding
+    (``xmsearch.triton_models.TextEncoderModel``): a ``TEXT`` input next to ids and mask, all
+    three optional (a request sends one kind), and ``EMBEDDING`` after ``TOKEN_STATES``.  The
+    ONNX graph keeps ``member_specs``' interface."""
+    specs = member_specs(d)
+    if text_queries:
+        enc = specs[TEXT_ENCODER]
+        inputs = tuple(replace(t, optional=True) for t in enc.inputs)
+        specs[TEXT_ENCODER] = replace(
+            enc, inputs=inputs + (TensorSpec(TEXT, "object", (1,), optional=True),),
+            outputs=enc.outputs + (TensorSpec(EMBEDDING, "float32", (d.embed_dim,)),))
+    return specs
+
+
+def ensemble_specs(text_queries: bool = False) -> dict[str, EnsembleSpec]:
     """Each ensemble runs only the branches its query kind needs.
+
+    With ``text_queries`` (the cpu target, see ``served_member_specs``) ``query_text`` is one
+    step, the text encoder member reading the text itself, instead of tokenizer -> text
+    encoder -> fusion_text: on python-backend members each step is a stub round trip.  Side by
+    side (benchmarks/results/query_text_one_step.md) text queries/s at concurrency 16 1.52x
+    with MiniLM-L6 and 1.91x with e5, p50 at concurrency 1 0.82x and 0.97x, for 1.15x / 1.42x
+    the server memory (the text encoder's two instances: ``TargetSettings.text_encoder_layout``).
+    GPU targets keep three steps: their text encoder is an ONNX Runtime or TensorRT model that
+    cannot tokenize.
 
     The two-input ensembles read TEXT and IMAGE in one first step (``joint_preprocess`` /
     ``item_preprocess``) instead of a tokenizer and an image step side by side.  With two
@@ -188,8 +216,10 @@ def ensemble_specs() -> dict[str, EnsembleSpec]:
     f_text = EnsembleStep(FUSION_TEXT, {TOKEN_STATES: "token_states", ATTENTION_MASK: "attention_mask"},
                           {EMBEDDING: EMBEDDING})
     f_image = EnsembleStep(FUSION_IMAGE, {IMAGE_REGIONS: "image_regions"}, {EMBEDDING: EMBEDDING})
+    text_query = ((EnsembleStep(TEXT_ENCODER, {TEXT: TEXT}, {EMBEDDING: EMBEDDING}),) if text_queries
+                  else (tok, text_enc, f_text))
     ens = [
-        EnsembleSpec(QUERY_TEXT, (TEXT,), (tok, text_enc, f_text)),
+        EnsembleSpec(QUERY_TEXT, (TEXT,), text_query),
         EnsembleSpec(QUERY_IMAGE, (IMAGE,), (img_pre, img_enc, f_image)),
         EnsembleSpec(QUERY_TEXT_IMAGE, (TEXT, IMAGE), (both(JOINT_PREPROCESS), text_enc, img_enc,
                                                           fusion_of(FUSION_JOINT))),

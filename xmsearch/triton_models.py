@@ -255,7 +255,104 @@ class OnnxModel(_Base):
         return results
 
 
+class TextEncoderModel(OnnxModel):
+    """``text_encoder`` on the cpu target: ``OnnxModel`` over the encoder graph that also
+    answers query text end to end, so that ``query_text`` is one step instead of three stub
+    round trips (``xmsearch.spec.ensemble_specs``).
+
+    A request carries either ``INPUT_IDS`` and ``ATTENTION_MASK`` (the ``item`` and
+    ``query_text_image`` ensembles, tokenized by their first step) or ``TEXT``
+    (``query_text``), tokenized here in the config's ``role``; the dynamic batcher only
+    groups requests with the same inputs present.  A request gets the outputs it asks for
+    among ``TOKEN_STATES`` and, for text, ``EMBEDDING`` from ``query_head.onnx`` (the
+    ``fusion_text`` graph) run on the same batch's states and mask; ids and mask get their
+    states only (a client that names no outputs asks for all of them, and the head is not part
+    of that path).
+    """
+
+    def initialize(self, args: dict) -> None:
+        super().initialize(args)
+        import onnxruntime as ort
+
+        self.role = self.params.get("role", "query")
+        self.text_pre = TextPreprocessor.from_dir(self.folder)
+        self.head = ort.InferenceSession(str(self.folder / S.QUERY_HEAD_FILE),
+                                         session_options(self.name, self.params),
+                                         providers=["CPUExecutionProvider"])
+        # The encoder graph's own interface (the config adds TEXT and EMBEDDING).
+        self.inputs = [(S.INPUT_IDS, "TYPE_INT64"), (S.ATTENTION_MASK, "TYPE_INT64")]
+        self.outputs = [S.TOKEN_STATES]
+
+    def _given_tokens(self, request) -> tuple[np.ndarray, np.ndarray]:
+        get = self.pb.get_input_tensor_by_name
+        ids, mask = get(request, S.INPUT_IDS), get(request, S.ATTENTION_MASK)
+        if ids is None or mask is None:
+            raise InputError(f"send {S.TEXT}, or {S.INPUT_IDS} with {S.ATTENTION_MASK}")
+        ids, mask = ids.as_numpy(), mask.as_numpy()
+        if ids.shape != mask.shape:
+            raise InputError(f"{S.INPUT_IDS} {list(ids.shape)} and {S.ATTENTION_MASK} "
+                             f"{list(mask.shape)} must have the same shape")
+        return ids, mask
+
+    def _texts(self, request) -> list[str]:
+        if self.pb.get_input_tensor_by_name(request, S.INPUT_IDS) is not None:
+            raise InputError(f"send {S.TEXT} or {S.INPUT_IDS}, not both")
+        rows = self._bytes_rows(request, S.TEXT)
+        return [decode_text(r, what=f"{S.TEXT}[{i}]") for i, r in enumerate(rows)]
+
+    def _tokens(self, requests, results: list) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], set[int]]:
+        """(ids, mask) of each request that passed its checks, and which of them came as text;
+        a refusal goes to ``results``.  The texts of all text requests are tokenized together:
+        one padded width, one run."""
+        tokens, texts = {}, {}
+        for i, request in enumerate(requests):
+            try:
+                if self.pb.get_input_tensor_by_name(request, S.TEXT) is None:
+                    tokens[i] = self._given_tokens(request)
+                else:
+                    texts[i] = self._texts(request)
+            except InputError as e:
+                results[i] = self._error(str(e))
+        if texts:
+            ids, mask = self.text_pre.encode([t for rows in texts.values() for t in rows], self.role)
+            start = 0
+            for i, rows in texts.items():
+                tokens[i] = ids[start:start + len(rows)], mask[start:start + len(rows)]
+                start += len(rows)
+        return tokens, set(texts)
+
+    def execute(self, requests):
+        pb = self.pb
+        results: list = [None] * len(requests)
+        tokens, from_text = self._tokens(requests, results)
+        groups: dict[tuple, list[int]] = {}
+        for i in sorted(tokens):
+            groups.setdefault(tokens[i][0].shape[1:], []).append(i)
+        for idx in groups.values():
+            ids = np.concatenate([tokens[i][0] for i in idx])
+            mask = np.concatenate([tokens[i][1] for i in idx])
+            wanted = {i: [n for n in requests[i].requested_output_names() or [S.TOKEN_STATES, S.EMBEDDING]
+                          if n == S.TOKEN_STATES or i in from_text] for i in idx}
+            try:
+                out = {S.TOKEN_STATES: self.run({S.INPUT_IDS: ids, S.ATTENTION_MASK: mask})[0]}
+                if any(S.EMBEDDING in names for names in wanted.values()):
+                    out[S.EMBEDDING] = self.head.run([S.EMBEDDING], {S.TOKEN_STATES: out[S.TOKEN_STATES],
+                                                                     S.ATTENTION_MASK: mask})[0]
+            except Exception as e:  # ORT raises its own exception types; answer, do not crash
+                for i in idx:
+                    results[i] = self._error(f"inference failed: {e}")
+                continue
+            start = 0
+            for i in idx:
+                n = len(tokens[i][0])
+                results[i] = pb.InferenceResponse(output_tensors=[
+                    pb.Tensor(name, np.ascontiguousarray(out[name][start:start + n]))
+                    for name in wanted[i] if name in out])
+                start += n
+        return results
+
 SHIMS = {
+    S.TEXT_ENCODER: "TextEncoderModel",  # python-backend on the cpu target only
     S.TOKENIZER_QUERY: "TokenizerModel",
     S.IMAGE_PREPROCESS: "ImagePreprocessModel",
     S.JOINT_PREPROCESS: "JointPreprocessModel",
