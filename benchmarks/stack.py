@@ -30,7 +30,7 @@ CACHE_DIR = BENCH_DIR / ".cache"
 
 # Files whose content decides what an export writes: any change invalidates cached repositories.
 _EXPORT_SOURCES = ("export/pipeline.py", "export/onnx.py", "export/quantize.py", "export/repository.py",
-                   "xmsearch/spec.py",
+                   "xmsearch/spec.py", "xmsearch/onnxrt.py",
                    "xmsearch/triton_models.py", "xmsearch/preprocess.py", "xmsearch/models/text.py",
                    "xmsearch/models/image.py", "xmsearch/models/fusion.py")
 

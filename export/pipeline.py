@@ -33,6 +33,7 @@ from xmsearch.export.repository import NEURAL, TARGETS, TargetSettings, reposito
 from xmsearch.models.fusion import AttentionFusion, FusionEntry
 from xmsearch.models.image import DEFAULT_IMAGE_MODEL
 from xmsearch.models.text import DEFAULT_TEXT_MODEL
+from xmsearch.onnxrt import EXTERNAL_DATA_SUFFIX, store_large_initializers_outside
 from xmsearch.pipeline import Encoders
 from xmsearch.train import TrainConfig
 from xmsearch.triton_models import shim_source
@@ -161,7 +162,7 @@ def fingerprint_of(folder: Path, members: list[str]) -> str:
     h = hashlib.sha256()
     for member in sorted(members):
         for f in sorted((folder / member / "1").glob("*")):
-            if f.suffix in (".onnx", ".json") and f.is_file():
+            if f.suffix in (".onnx", ".json", EXTERNAL_DATA_SUFFIX) and f.is_file():
                 h.update(f"{member}/{f.name}".encode())
                 h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()[:16]
@@ -232,6 +233,12 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
                 (d / "image_preprocess.json").write_text(enc.image.preprocess.to_json())
         if settings.text_queries:
             _add_query_head(stage, enc)
+        if target == "cpu":
+            # Large weights (the text encoder's word embeddings) in a raw file beside the graph:
+            # the member's instances map it instead of each holding a copy (shared_initializers).
+            for member in NEURAL:
+                if store_large_initializers_outside(stage / member / "1" / "model.onnx"):
+                    step(f"  {member}: large initializers stored beside the graph, to be memory-mapped")
         result.fingerprint = fingerprint_of(stage, list(specs))
         step(f"model fingerprint {result.fingerprint}")
         if target == "tensorrt":

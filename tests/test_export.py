@@ -400,7 +400,8 @@ def test_fingerprint_is_on_every_ensemble_and_tracks_the_weights(
     shutil.copytree(exported_repository, copy)
     assert fingerprint_of(copy, list(MEMBERS)) == fp  # depends on content, not location
     for changed in (copy / S.FUSION_JOINT / "1" / "model.onnx",
-                    copy / S.TOKENIZER_QUERY / "1" / "tokenizer.json"):
+                    copy / S.TOKENIZER_QUERY / "1" / "tokenizer.json",
+                    copy / S.TEXT_ENCODER / "1" / "model.onnx.data"):  # weights beside the graph
         before = fingerprint_of(copy, list(MEMBERS))
         data = bytearray(changed.read_bytes())
         data[len(data) // 2] ^= 0x01
@@ -621,6 +622,51 @@ def test_shared_initializers_feed_several_sessions_the_same_weights(tmp_path: Pa
         answers.append(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0])
     for got in answers:
         np.testing.assert_allclose(got, x @ weight, rtol=1e-4, atol=1e-3)
+
+
+def test_large_initializers_stored_beside_the_graph_are_mapped_not_copied(tmp_path: Path) -> None:
+    """The cpu target keeps weights of at least SHARE_MIN_BYTES in ``model.onnx.data``;
+    ``shared_initializers`` maps that file read-only (every instance of a member shares the
+    pages) and the sessions fed from it answer as the graph with the weights inside."""
+    import onnxruntime as ort
+
+    from xmsearch.onnxrt import (SHARE_MIN_BYTES, cpu_session_options, external_data_file, shared_initializers,
+                                 store_large_initializers_outside)
+
+    small = tmp_path / "small.onnx"
+    _matmul_model(small, 64, 64)
+    assert not store_large_initializers_outside(small) and not external_data_file(small).exists()
+    path = tmp_path / "mm.onnx"
+    weight = _matmul_model(path, 1024, SHARE_MIN_BYTES // 4 // 1024)
+    x = np.random.default_rng(1).standard_normal((3, 1024)).astype(np.float32)
+    inside = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert store_large_initializers_outside(path)
+    data = external_data_file(path)
+    assert data.stat().st_size == weight.nbytes and path.stat().st_size < 4096
+    assert data.stat().st_mode & 0o777 == path.stat().st_mode & 0o777  # readable as the graph is
+    assert store_large_initializers_outside(path)  # again: rewritten, not appended to
+    assert data.stat().st_size == weight.nbytes
+    shared = shared_initializers(path, min_bytes=1 << 40)  # mapped whatever the size bound
+    assert list(shared) == ["W"]
+    opts = cpu_session_options(1)
+    opts.add_initializer("W", shared["W"])
+    np.testing.assert_array_equal(
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0], inside)
+    # ONNX Runtime alone (the in-process baselines, the export checks) finds the file too.
+    np.testing.assert_array_equal(
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0], inside)
+
+
+def test_cpu_repository_maps_the_text_encoders_embeddings(exported_repository: Path) -> None:
+    from xmsearch.onnxrt import external_data_file, shared_initializers
+
+    graph = exported_repository / S.TEXT_ENCODER / "1" / "model.onnx"
+    assert external_data_file(graph).stat().st_size > graph.stat().st_size  # the word embeddings
+    external = [i.name for i in onnx.load(str(graph), load_external_data=False).graph.initializer
+                if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and set(external) <= set(shared_initializers(graph))
+    for member in set(NEURAL) - {S.TEXT_ENCODER}:  # nothing that large elsewhere
+        assert not external_data_file(exported_repository / member / "1" / "model.onnx").exists(), member
 
 
 def test_onnx_member_runs_lone_rows_in_a_spinning_session(tmp_path: Path, monkeypatch) -> None:

@@ -461,7 +461,9 @@ def test_an_index_with_photo_vectors_refuses_a_server_that_serves_none(catalogue
     PHOTO_EMBEDDING output taken out here): an index that keeps them is refused by name and
     left as it was; a new index built through that server keeps one vector per item."""
     repo = tmp_path / "older-repository"
-    shutil.copytree(exported_repository, repo, copy_function=os.link)  # hard links: no copy of the weights
+    # Symbolic links: no copy of the weights, and no second hard link to the fixture's
+    # model.onnx.data, which onnx.load then refuses to read ("potential hardlink attack").
+    shutil.copytree(exported_repository, repo, copy_function=os.symlink)
     config_path = repo / S.ITEM / "config.pbtxt"
     config = text_format.Parse(config_path.read_text(), mc.ModelConfig())
     outputs = [o for o in config.output if o.name != S.PHOTO_EMBEDDING]
@@ -469,7 +471,7 @@ def test_an_index_with_photo_vectors_refuses_a_server_that_serves_none(catalogue
     config.output.extend(outputs)
     for step in config.ensemble_scheduling.step:
         step.output_map.pop(S.PHOTO_EMBEDDING, None)
-    config_path.unlink()  # a new file, not a write through the hard link into the fixture's
+    config_path.unlink()  # a new file, not a write through the link into the fixture's
     config_path.write_text(text_format.MessageToString(config))
 
     with start_triton(repo) as server:

@@ -31,8 +31,42 @@ def cpu_session_options(threads: int | None = None, **spin: str):
     return opts
 
 
-# Initializers at least this large are shared between sessions of one model (shared_initializers).
+# Initializers at least this large are shared between sessions of one model (shared_initializers)
+# and, in the cpu target's repository, stored beside the graph (external_data_file).
 SHARE_MIN_BYTES = 1 << 22
+EXTERNAL_DATA_SUFFIX = ".data"  # model.onnx -> model.onnx.data
+
+
+def external_data_file(path):
+    """Where ``store_large_initializers_outside`` puts the graph's large initializers."""
+    from pathlib import Path
+
+    return Path(str(path) + EXTERNAL_DATA_SUFFIX)
+
+
+def store_large_initializers_outside(path, min_bytes: int = SHARE_MIN_BYTES) -> bool:
+    """Rewrite the ONNX model at ``path`` with its initializers of at least ``min_bytes`` in one
+    raw file beside it (ONNX external data, ``external_data_file``), which
+    ``shared_initializers`` maps into memory.  Returns whether any initializer moved; a model
+    with none that large is left as it was."""
+    import math
+    from pathlib import Path
+
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    if not any(math.prod(i.dims) * helper.tensor_dtype_to_np_dtype(i.data_type).itemsize >= min_bytes
+               for i in model.graph.initializer):
+        return False
+    target = external_data_file(path)
+    if target.exists():
+        target.unlink()  # onnx appends to an existing file
+    mode = Path(path).stat().st_mode & 0o777
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=target.name, size_threshold=min_bytes, convert_attribute=False)
+    target.chmod(mode)  # onnx creates it owner-only; a server running as another user reads both
+    return True
 
 
 def shared_initializers(path, min_bytes: int = SHARE_MIN_BYTES) -> dict:
@@ -41,21 +75,36 @@ def shared_initializers(path, min_bytes: int = SHARE_MIN_BYTES) -> dict:
     Handed to every session of the model through ``SessionOptions.add_initializer``, they
     are read in place, so a second session of the same graph (``OnnxModel``'s one-row
     session) does not hold a second copy of them: for the int8 e5 text encoder that is its
-    384 MB word-embedding table, its one initializer this large.  What the second session
-    still costs a served repository is measured by ``benchmarks.serving_ab`` (server PSS,
-    ``benchmarks/results/serving_ab_single.md``).
+    384 MB word-embedding table, its one initializer this large.  Those stored as external
+    data (``store_large_initializers_outside``, the cpu target's repository) are mapped
+    read-only from their file instead of copied: the pages are the page cache's, shared by
+    every process that maps the file (the text encoder's two instances), and only the rows
+    that queries look up are ever read in.  What the sessions still cost a served repository
+    is measured by ``benchmarks.serving_ab`` (server PSS, ``benchmarks/results/serving_ab_single.md``).
     Each OrtValue keeps its numpy array alive; the caller keeps the dict while the
     sessions live.
     """
     import math
+    from pathlib import Path
 
+    import numpy as np
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    def size(init) -> int:
-        return math.prod(init.dims) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    def dtype(init):
+        return helper.tensor_dtype_to_np_dtype(init.data_type)
 
-    model = onnx.load(str(path))
-    return {init.name: ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(init))
-            for init in model.graph.initializer if size(init) >= min_bytes}
+    def mapped(init):
+        where = {e.key: e.value for e in init.external_data}
+        return np.memmap(Path(path).parent / where["location"], dtype=dtype(init), mode="r",
+                         offset=int(where.get("offset", 0)), shape=tuple(init.dims))
+
+    model = onnx.load(str(path), load_external_data=False)
+    shared = {}
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            shared[init.name] = ort.OrtValue.ortvalue_from_numpy(mapped(init))
+        elif math.prod(init.dims) * dtype(init).itemsize >= min_bytes:
+            shared[init.name] = ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(init))
+    return shared

@@ -182,9 +182,10 @@ def ensemble_specs(text_queries: bool = False) -> dict[str, EnsembleSpec]:
     With ``text_queries`` (the cpu target, see ``served_member_specs``) ``query_text`` is one
     step, the text encoder member reading the text itself, instead of tokenizer -> text
     encoder -> fusion_text: on python-backend members each step is a stub round trip.  Side by
-    side (benchmarks/results/query_text_one_step.md) text queries/s at concurrency 16 1.52x
-    with MiniLM-L6 and 1.91x with e5, p50 at concurrency 1 0.82x and 0.97x, for 1.15x / 1.42x
-    the server memory (the text encoder's two instances: ``TargetSettings.text_encoder_layout``).
+    side (benchmarks/results/query_text_one_step.md) text queries/s at concurrency 16 1.51x
+    with MiniLM-L6 and 1.91x with e5, p50 at concurrency 1 0.75x and 0.97x, for 1.11x / 1.20x
+    the server memory (the text encoder's two instances: ``TargetSettings.text_encoder_layout``)
+    and catalogue ingest at about 0.9x with MiniLM-L6.
     GPU targets keep three steps: their text encoder is an ONNX Runtime or TensorRT model that
     cannot tokenize.
 

@@ -184,7 +184,7 @@ class OnnxModel(_Base):
         super().initialize(args)
         import onnxruntime as ort
 
-        from xmsearch.onnxrt import shared_initializers
+        from xmsearch.onnxrt import external_data_file, shared_initializers
 
         path = str(self.folder / "model.onnx")
         self.spin_max_rows = count_parameter(self.name, self.params, "spin_max_rows", "row count")
@@ -193,8 +193,10 @@ class OnnxModel(_Base):
         if self.spin_max_rows:
             option_sets.append(lone_session_options(self.name, self.params))
         # One session reads its weights from the file; two share the large ones, which must
-        # outlive the sessions.
-        self.shared = shared_initializers(path) if len(option_sets) > 1 else {}
+        # outlive the sessions.  Weights stored beside the graph are mapped from their file
+        # either way: every instance of the member then reads the same pages.
+        shares = len(option_sets) > 1 or external_data_file(path).exists()
+        self.shared = shared_initializers(path) if shares else {}
         for opts in option_sets:
             for name, value in self.shared.items():
                 opts.add_initializer(name, value)
