@@ -226,33 +226,35 @@ class OnnxModel(_Base):
         return [np.concatenate(outs) for outs in zip(*runs)]
 
     def execute(self, requests):
+        feeds = {i: {name: self.pb.get_input_tensor_by_name(request, name).as_numpy() for name, _ in self.inputs}
+                 for i, request in enumerate(requests)}
+        return self._run_merged([None] * len(requests), feeds,
+                                lambda merged, idx: dict(zip(self.outputs, self.run(merged))),
+                                lambda i: self.outputs)
+
+    def _run_merged(self, results: list, feeds: dict[int, dict[str, np.ndarray]], compute, names_of) -> list:
+        """Answer the requests of ``feeds`` (index -> input arrays) into ``results``: requests
+        whose inputs agree beyond the batch axis are concatenated, ``compute(merged, indices)``
+        gives the merged batch's outputs by name, and request ``i`` gets its rows of the outputs
+        ``names_of(i)``.  A failed run answers its requests with the error; the others carry on."""
         pb = self.pb
-        feeds: list[dict[str, np.ndarray] | None] = []
-        for request in requests:
-            feed = {}
-            for name, _ in self.inputs:
-                t = pb.get_input_tensor_by_name(request, name)
-                feed[name] = t.as_numpy()
-            feeds.append(feed)
-        results: list = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
-        for i, feed in enumerate(feeds):
-            key = tuple((n, a.shape[1:]) for n, a in sorted(feed.items()))
-            groups.setdefault(key, []).append(i)
+        for i, feed in feeds.items():
+            groups.setdefault(tuple((n, a.shape[1:]) for n, a in sorted(feed.items())), []).append(i)
         for idx in groups.values():
-            merged = {n: np.concatenate([feeds[i][n] for i in idx]) for n, _ in self.inputs}
+            merged = {n: np.concatenate([feeds[i][n] for i in idx]) for n in feeds[idx[0]]}
             try:
-                outs = self.run(merged)
+                out = compute(merged, idx)
             except Exception as e:  # ORT raises its own exception types; answer, do not crash
                 for i in idx:
                     results[i] = self._error(f"inference failed: {e}")
                 continue
             start = 0
             for i in idx:
-                n = feeds[i][self.inputs[0][0]].shape[0]
+                n = len(next(iter(feeds[i].values())))
                 results[i] = pb.InferenceResponse(output_tensors=[
-                    pb.Tensor(name, np.ascontiguousarray(o[start:start + n]))
-                    for name, o in zip(self.outputs, outs)])
+                    pb.Tensor(name, np.ascontiguousarray(out[name][start:start + n]))
+                    for name in names_of(i) if name in out])
                 start += n
         return results
 
@@ -324,34 +326,20 @@ class TextEncoderModel(OnnxModel):
         return tokens, set(texts)
 
     def execute(self, requests):
-        pb = self.pb
         results: list = [None] * len(requests)
         tokens, from_text = self._tokens(requests, results)
-        groups: dict[tuple, list[int]] = {}
-        for i in sorted(tokens):
-            groups.setdefault(tokens[i][0].shape[1:], []).append(i)
-        for idx in groups.values():
-            ids = np.concatenate([tokens[i][0] for i in idx])
-            mask = np.concatenate([tokens[i][1] for i in idx])
-            wanted = {i: [n for n in requests[i].requested_output_names() or [S.TOKEN_STATES, S.EMBEDDING]
-                          if n == S.TOKEN_STATES or i in from_text] for i in idx}
-            try:
-                out = {S.TOKEN_STATES: self.run({S.INPUT_IDS: ids, S.ATTENTION_MASK: mask})[0]}
-                if any(S.EMBEDDING in names for names in wanted.values()):
-                    out[S.EMBEDDING] = self.head.run([S.EMBEDDING], {S.TOKEN_STATES: out[S.TOKEN_STATES],
-                                                                     S.ATTENTION_MASK: mask})[0]
-            except Exception as e:  # ORT raises its own exception types; answer, do not crash
-                for i in idx:
-                    results[i] = self._error(f"inference failed: {e}")
-                continue
-            start = 0
-            for i in idx:
-                n = len(tokens[i][0])
-                results[i] = pb.InferenceResponse(output_tensors=[
-                    pb.Tensor(name, np.ascontiguousarray(out[name][start:start + n]))
-                    for name in wanted[i] if name in out])
-                start += n
-        return results
+        feeds = {i: {S.INPUT_IDS: ids, S.ATTENTION_MASK: mask} for i, (ids, mask) in tokens.items()}
+        wanted = {i: [n for n in requests[i].requested_output_names() or [S.TOKEN_STATES, S.EMBEDDING]
+                      if n == S.TOKEN_STATES or i in from_text] for i in tokens}
+
+        def compute(merged: dict[str, np.ndarray], idx: list[int]) -> dict[str, np.ndarray]:
+            out = {S.TOKEN_STATES: self.run(merged)[0]}
+            if any(S.EMBEDDING in wanted[i] for i in idx):
+                out[S.EMBEDDING] = self.head.run([S.EMBEDDING], {S.TOKEN_STATES: out[S.TOKEN_STATES],
+                                                                 S.ATTENTION_MASK: merged[S.ATTENTION_MASK]})[0]
+            return out
+
+        return self._run_merged(results, feeds, compute, wanted.__getitem__)
 
 SHIMS = {
     S.TEXT_ENCODER: "TextEncoderModel",  # python-backend on the cpu target only
