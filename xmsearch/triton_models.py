@@ -341,6 +341,7 @@ class TextEncoderModel(OnnxModel):
 
         return self._run_merged(results, feeds, compute, wanted.__getitem__)
 
+
 SHIMS = {
     S.TEXT_ENCODER: "TextEncoderModel",  # python-backend on the cpu target only
     S.TOKENIZER_QUERY: "TokenizerModel",
