@@ -227,8 +227,7 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
             d = stage / member / "1"
             d.mkdir(parents=True)
             if member in S.TEXT_ROLES:
-                shutil.copyfile(enc.text.tokenizer_json(), d / "tokenizer.json")
-                (d / "text_preprocess.json").write_text(enc.text_pre.config.to_json())
+                _write_text_preprocessing(d, enc)
             if member in S.IMAGE_READERS:
                 (d / "image_preprocess.json").write_text(enc.image.preprocess.to_json())
         if settings.text_queries:
@@ -266,9 +265,14 @@ def _add_query_head(stage: Path, enc: Encoders) -> None:
     (``xmsearch.triton_models.TextEncoderModel``): the tokenizer and its settings, and the
     ``fusion_text`` graph as ``query_head.onnx``, already checked (and quantized) above."""
     d = stage / S.TEXT_ENCODER / "1"
-    shutil.copyfile(enc.text.tokenizer_json(), d / "tokenizer.json")
-    (d / "text_preprocess.json").write_text(enc.text_pre.config.to_json())
+    _write_text_preprocessing(d, enc)
     shutil.copyfile(stage / S.FUSION_TEXT / "1" / "model.onnx", d / S.QUERY_HEAD_FILE)
+
+
+def _write_text_preprocessing(folder: Path, enc: Encoders) -> None:
+    """The files a member that tokenizes reads (``TextPreprocessor.from_dir``)."""
+    shutil.copyfile(enc.text.tokenizer_json(), folder / "tokenizer.json")
+    (folder / "text_preprocess.json").write_text(enc.text_pre.config.to_json())
 
 
 def _build_engines(stage: Path, specs: dict[str, S.ModelSpec], precision: str, step) -> list:

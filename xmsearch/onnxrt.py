@@ -44,20 +44,26 @@ def external_data_file(path):
     return Path(str(path) + EXTERNAL_DATA_SUFFIX)
 
 
+def _nbytes(init) -> int:
+    """Size of an ONNX initializer's data (TensorProto), from its dims and type alone."""
+    import math
+
+    from onnx import helper
+
+    return math.prod(init.dims) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+
+
 def store_large_initializers_outside(path, min_bytes: int = SHARE_MIN_BYTES) -> bool:
     """Rewrite the ONNX model at ``path`` with its initializers of at least ``min_bytes`` in one
     raw file beside it (ONNX external data, ``external_data_file``), which
     ``shared_initializers`` maps into memory.  Returns whether any initializer moved; a model
     with none that large is left as it was."""
-    import math
     from pathlib import Path
 
     import onnx
-    from onnx import helper
 
     model = onnx.load(str(path))
-    if not any(math.prod(i.dims) * helper.tensor_dtype_to_np_dtype(i.data_type).itemsize >= min_bytes
-               for i in model.graph.initializer):
+    if not any(_nbytes(i) >= min_bytes for i in model.graph.initializer):
         return False
     target = external_data_file(path)
     if target.exists():
@@ -84,7 +90,6 @@ def shared_initializers(path, min_bytes: int = SHARE_MIN_BYTES) -> dict:
     Each OrtValue keeps its numpy array alive; the caller keeps the dict while the
     sessions live.
     """
-    import math
     from pathlib import Path
 
     import numpy as np
@@ -92,19 +97,16 @@ def shared_initializers(path, min_bytes: int = SHARE_MIN_BYTES) -> dict:
     import onnxruntime as ort
     from onnx import helper, numpy_helper
 
-    def dtype(init):
-        return helper.tensor_dtype_to_np_dtype(init.data_type)
-
     def mapped(init):
         where = {e.key: e.value for e in init.external_data}
-        return np.memmap(Path(path).parent / where["location"], dtype=dtype(init), mode="r",
-                         offset=int(where.get("offset", 0)), shape=tuple(init.dims))
+        return np.memmap(Path(path).parent / where["location"], dtype=helper.tensor_dtype_to_np_dtype(init.data_type),
+                         mode="r", offset=int(where.get("offset", 0)), shape=tuple(init.dims))
 
     model = onnx.load(str(path), load_external_data=False)
     shared = {}
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             shared[init.name] = ort.OrtValue.ortvalue_from_numpy(mapped(init))
-        elif math.prod(init.dims) * dtype(init).itemsize >= min_bytes:
+        elif _nbytes(init) >= min_bytes:
             shared[init.name] = ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(init))
     return shared

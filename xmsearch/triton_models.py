@@ -204,8 +204,10 @@ class OnnxModel(_Base):
                     for opts in option_sets]
         self.session = sessions[0]
         self.lone_session = sessions[-1]
-        self.inputs = [(i["name"], i["data_type"]) for i in self.config["input"]]
-        self.outputs = [o["name"] for o in self.config["output"]]
+        # The graph's own tensors: a member's config may add some its stub answers itself
+        # (TextEncoderModel's TEXT and EMBEDDING).
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
 
     def session_for(self, rows: int):
         """The session that runs a merged batch of ``rows`` rows."""
@@ -215,7 +217,7 @@ class OnnxModel(_Base):
         """The outputs for a merged batch: one ONNX Runtime run, or with ``max_rows_per_run``
         N > 0 and more rows than N, runs of at most N rows concatenated (every run in the
         session the whole batch's size chose)."""
-        rows = len(feed[self.inputs[0][0]])
+        rows = len(next(iter(feed.values())))
         session = self.session_for(rows)
         if not self.max_rows_per_run or rows <= self.max_rows_per_run:
             return session.run(self.outputs, feed)
@@ -226,7 +228,7 @@ class OnnxModel(_Base):
         return [np.concatenate(outs) for outs in zip(*runs)]
 
     def execute(self, requests):
-        feeds = {i: {name: self.pb.get_input_tensor_by_name(request, name).as_numpy() for name, _ in self.inputs}
+        feeds = {i: {name: self.pb.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs}
                  for i, request in enumerate(requests)}
         return self._run_merged([None] * len(requests), feeds,
                                 lambda merged, idx: dict(zip(self.outputs, self.run(merged))),
@@ -283,9 +285,6 @@ class TextEncoderModel(OnnxModel):
         self.head = ort.InferenceSession(str(self.folder / S.QUERY_HEAD_FILE),
                                          session_options(self.name, self.params),
                                          providers=["CPUExecutionProvider"])
-        # The encoder graph's own interface (the config adds TEXT and EMBEDDING).
-        self.inputs = [(S.INPUT_IDS, "TYPE_INT64"), (S.ATTENTION_MASK, "TYPE_INT64")]
-        self.outputs = [S.TOKEN_STATES]
 
     def _given_tokens(self, request) -> tuple[np.ndarray, np.ndarray]:
         get = self.pb.get_input_tensor_by_name
