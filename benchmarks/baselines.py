@@ -59,7 +59,7 @@ class OnnxBaseline:
         from xmsearch.preprocess import ImagePreprocessor, TextPreprocessor
 
         repository = Path(repository)
-        self.text_pre = TextPreprocessor.from_dir(repository / spec.TOKENIZER_QUERY / "1")
+        self.text_pre = TextPreprocessor.from_dir(spec.query_tokenizer_folder(repository))
         self.image_pre = ImagePreprocessor.from_dir(repository / spec.IMAGE_PREPROCESS / "1")
         self.sessions = {m: onnx_session(repository / m / "1" / "model.onnx", threads)
                          for m in (spec.TEXT_ENCODER, spec.IMAGE_ENCODER, spec.FUSION_TEXT,

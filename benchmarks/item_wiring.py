@@ -28,6 +28,7 @@ from xmsearch.demo import generate_demo_catalog
 from xmsearch.export.pipeline import export_repository
 from xmsearch.export.repository import read_config, write_config
 from xmsearch.server import TritonServer, free_ports
+from xmsearch.triton_models import shim_source
 
 OLD_TOKENIZER = "tokenizer_item"
 
@@ -42,11 +43,23 @@ def _step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> mc.Mod
 def rewire_parallel(repo: Path, out: Path) -> None:
     """Copy ``repo`` to ``out`` with ``item`` wired as before: tokenizer || image_preprocess."""
     shutil.copytree(repo, out)
-    shutil.copytree(out / S.TOKENIZER_QUERY, out / OLD_TOKENIZER)
+    # The old tokenizer member: item_preprocess's folder (passage-role tokenizer files) and
+    # config without the photo, served by the tokenizer class.
+    shutil.copytree(out / S.ITEM_PREPROCESS, out / OLD_TOKENIZER)
     tok = read_config(out / OLD_TOKENIZER / "config.pbtxt")
     tok.name = OLD_TOKENIZER
+    inputs = [t for t in tok.input if t.name != S.IMAGE]
+    outputs = [t for t in tok.output if t.name != S.PIXEL_VALUES]
+    tok.ClearField("input")
+    tok.ClearField("output")
+    tok.input.extend(inputs)
+    tok.output.extend(outputs)
     tok.parameters["role"].string_value = "passage"
     write_config(tok, out / OLD_TOKENIZER)
+    (out / OLD_TOKENIZER / "1").mkdir(exist_ok=True)
+    (out / OLD_TOKENIZER / "1" / "model.py").write_text(shim_source(S.TOKENIZER_QUERY).replace(
+        repr(S.TOKENIZER_QUERY), repr(OLD_TOKENIZER)))
+    (out / OLD_TOKENIZER / "1" / "image_preprocess.json").unlink(missing_ok=True)
     item = read_config(out / S.ITEM / "config.pbtxt")
     rest = list(item.ensemble_scheduling.step)[1:]  # encoders and fusion stay as they are
     item.ensemble_scheduling.ClearField("step")

@@ -38,7 +38,7 @@ def _one_row(member: str, repository: Path) -> dict:
 
     if member != S.TEXT_ENCODER:
         raise SystemExit(f"--member {member}: only {S.TEXT_ENCODER} is timed here")
-    pre = TextPreprocessor.from_dir(repository / S.TOKENIZER_QUERY / "1")
+    pre = TextPreprocessor.from_dir(S.query_tokenizer_folder(repository))
     ids, mask = pre.encode(["blue down jacket"], "query")
     return {S.INPUT_IDS: np.asarray(ids), S.ATTENTION_MASK: np.asarray(mask)}
 

@@ -83,14 +83,16 @@ def served_text_calls(url: str, repository: Path) -> dict[str, Callable[[], obje
     from xmsearch.export.repository import read_config
     from xmsearch.preprocess import TextPreprocessor
 
-    pre = TextPreprocessor.from_dir(repository / S.TOKENIZER_QUERY / "1")
+    pre = TextPreprocessor.from_dir(S.query_tokenizer_folder(repository))
     ids, mask = (np.asarray(a) for a in pre.encode([QUERY], "query"))
     text = np.array([[QUERY.encode()]], dtype=object)
     encode = _caller(url, S.TEXT_ENCODER, {S.INPUT_IDS: ids, S.ATTENTION_MASK: mask})
     states = encode().as_numpy(S.TOKEN_STATES)
-    calls = {f"{S.TOKENIZER_QUERY} (member)": _caller(url, S.TOKENIZER_QUERY, {S.TEXT: text}),
-             f"{S.TEXT_ENCODER} (member, ids in)": encode,
-             f"{S.FUSION_TEXT} (member)": _caller(url, S.FUSION_TEXT, {S.TOKEN_STATES: states, S.ATTENTION_MASK: mask})}
+    calls = {}
+    if (repository / S.TOKENIZER_QUERY).is_dir():  # GPU targets; the cpu target tokenizes in the text encoder
+        calls[f"{S.TOKENIZER_QUERY} (member)"] = _caller(url, S.TOKENIZER_QUERY, {S.TEXT: text})
+    calls[f"{S.TEXT_ENCODER} (member, ids in)"] = encode
+    calls[f"{S.FUSION_TEXT} (member)"] = _caller(url, S.FUSION_TEXT, {S.TOKEN_STATES: states, S.ATTENTION_MASK: mask})
     if S.TEXT in {i.name for i in read_config(repository / S.TEXT_ENCODER / "config.pbtxt").input}:
         calls[f"{S.TEXT_ENCODER} (member, text in)"] = _caller(url, S.TEXT_ENCODER, {S.TEXT: text})
     steps = [s.model_name for s in read_config(repository / S.QUERY_TEXT / "config.pbtxt").ensemble_scheduling.step]
@@ -106,7 +108,7 @@ def in_process_text_calls(repository: Path) -> dict[str, Callable[[], object]]:
     from xmsearch.export.onnx import onnx_session
     from xmsearch.preprocess import TextPreprocessor
 
-    pre = TextPreprocessor.from_dir(repository / S.TOKENIZER_QUERY / "1")
+    pre = TextPreprocessor.from_dir(S.query_tokenizer_folder(repository))
 
     def path(enc, fus):
         def run():

@@ -223,7 +223,8 @@ def export_repository(out: Path, target: str = "cpu", fusion_checkpoint: Path | 
             result.parity.extend(reports)
             for r in reports:
                 step(f"  parity {r}")
-        for member in S.PREPROCESSING:
+        served = S.served_member_specs(dims, settings.text_queries)
+        for member in (m for m in S.PREPROCESSING if m in served):
             d = stage / member / "1"
             d.mkdir(parents=True)
             if member in S.TEXT_ROLES:
@@ -289,8 +290,15 @@ def _build_engines(stage: Path, specs: dict[str, S.ModelSpec], precision: str, s
     return infos
 
 
+# Every model an export may write; an earlier export's model that this one does not write is
+# removed from the repository (the cpu target has no tokenizer_query, GPU targets have one).
+EXPORTED_MODELS = frozenset(S.PREPROCESSING) | frozenset(NEURAL) | frozenset(S.ENSEMBLES)
+
+
 def _install(stage: Path, out: Path, names: list[str]) -> None:
-    """Move each staged member over its old folder (old one removed only once replaced)."""
+    """Move each staged member over its old folder (old one removed only once replaced),
+    then remove the models of an earlier export that this one does not have: Triton would
+    otherwise go on loading them, with their old settings and files."""
     for name in names + ["xmsearch_export.json"]:
         src, dst = stage / name, out / name
         if dst.exists():
@@ -302,3 +310,6 @@ def _install(stage: Path, out: Path, names: list[str]) -> None:
             shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
         else:
             src.rename(dst)
+    for name in sorted(EXPORTED_MODELS - set(names)):
+        if (out / name / "config.pbtxt").is_file():
+            shutil.rmtree(out / name)

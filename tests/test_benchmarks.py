@@ -763,7 +763,11 @@ def test_item_wiring_rebuilds_the_parallel_item_ensemble(tmp_path: Path) -> None
     steps = [s.model_name for s in configs[spec.ITEM].ensemble_scheduling.step]
     assert steps[:2] == [item_wiring.OLD_TOKENIZER, spec.IMAGE_PREPROCESS]
     assert spec.ITEM_PREPROCESS not in configs
-    assert configs[item_wiring.OLD_TOKENIZER].parameters["role"].string_value == "passage"
+    tok = configs[item_wiring.OLD_TOKENIZER]
+    assert tok.parameters["role"].string_value == "passage"
+    assert ([i.name for i in tok.input], [o.name for o in tok.output]) == (
+        [spec.TEXT], [spec.INPUT_IDS, spec.ATTENTION_MASK])
+    assert "TokenizerModel" in (tmp_path / "parallel" / item_wiring.OLD_TOKENIZER / "1" / "model.py").read_text()
 
 
 def test_serving_ab_variants_override_member_configs(tmp_path: Path) -> None:
@@ -812,7 +816,7 @@ def test_serving_ab_variants_override_member_configs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="spin_rows='all': expected an integer"):
         serving_ab.make_variant(repo, tmp_path / "rows", serving_ab.parse_variant("r:spin_rows=all").overrides)
     with pytest.raises(ConfigError, match="applies to none"):
-        serving_ab.make_variant(repo, tmp_path / "tok", serving_ab.parse_variant("t:tokenizer_query.threads=1").overrides)
+        serving_ab.make_variant(repo, tmp_path / "tok", serving_ab.parse_variant("t:image_preprocess.threads=1").overrides)
     # The text encoder's precision is chosen at export: it picks the variant's repository.
     fp32 = serving_ab.parse_variant("fp32:text_precision=fp32,fusion_precision=fp32,delay=0")
     assert serving_ab.export_choices(fp32) == {"text_precision": "fp32", "fusion_precision": "fp32"}

@@ -41,6 +41,11 @@ def configs_for(target: str) -> dict[str, mc.ModelConfig]:
     return repository_configs(DIMS, TargetSettings(target), "fp")
 
 
+def served_members(settings: TargetSettings) -> tuple[str, ...]:
+    """The members a target's repository serves (the cpu target has no tokenizer_query)."""
+    return tuple(S.served_member_specs(DIMS, settings.text_queries))
+
+
 def copy_of(configs: dict[str, mc.ModelConfig]) -> dict[str, mc.ModelConfig]:
     out = {}
     for name, cfg in configs.items():
@@ -59,7 +64,8 @@ def step_of(cfg: mc.ModelConfig, model: str):
 @pytest.mark.parametrize("target", TARGETS)
 def test_configs_round_trip_through_tritons_schema(target: str, tmp_path: Path) -> None:
     configs = configs_for(target)
-    assert set(configs) == set(MEMBERS) | set(S.ENSEMBLES)
+    assert set(configs) == set(served_members(TargetSettings(target))) | set(S.ENSEMBLES)
+    assert (S.TOKENIZER_QUERY in configs) == (target != "cpu")
     for name, cfg in configs.items():
         path = write_config(cfg, tmp_path / name)
         # Parsed by protobuf itself, not only by our reader.
@@ -80,7 +86,7 @@ def test_read_config_names_the_broken_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize("target", TARGETS)
 def test_members_have_backend_batching_and_instances(target: str) -> None:
     configs = configs_for(target)
-    for name in MEMBERS:
+    for name in served_members(TargetSettings(target)):
         cfg = configs[name]
         assert cfg.HasField("dynamic_batching"), name
         db = cfg.dynamic_batching
@@ -166,7 +172,8 @@ def test_cpu_onnx_runtime_members_settings() -> None:
                            (TargetSettings("onnxruntime", device="cpu"), 0),
                            (TargetSettings("tensorrt", queue_delay_us=0), 0)):
         configs = repository_configs(DIMS, settings, "fp")
-        assert {configs[m].dynamic_batching.max_queue_delay_microseconds for m in MEMBERS} == {want}, settings
+        assert {configs[m].dynamic_batching.max_queue_delay_microseconds
+                for m in served_members(settings)} == {want}, settings
 
 
 def test_ensembles_expose_the_public_contract() -> None:
@@ -208,6 +215,7 @@ def test_query_text_is_one_step_where_the_text_encoder_can_tokenize(target: str)
     outputs = [o.name for o in encoder.output]
     if target == "cpu":
         assert steps == [S.TEXT_ENCODER]
+        assert S.TOKENIZER_QUERY not in configs  # nothing would run it (and an e5 tokenizer is ~270 MB)
         step = configs[S.QUERY_TEXT].ensemble_scheduling.step[0]
         assert (dict(step.input_map), dict(step.output_map)) == ({"TEXT": "TEXT"}, {"EMBEDDING": "EMBEDDING"})
         # Every input optional: item / query_text_image send ids and mask, query_text TEXT.
@@ -219,6 +227,7 @@ def test_query_text_is_one_step_where_the_text_encoder_can_tokenize(target: str)
         assert [o.name for o in configs[S.QUERY_TEXT].output] == ["EMBEDDING"]
     else:
         assert steps == [S.TOKENIZER_QUERY, S.TEXT_ENCODER, S.FUSION_TEXT]
+        assert configs[S.TOKENIZER_QUERY].parameters["role"].string_value == "query"
         assert inputs == {S.INPUT_IDS: False, S.ATTENTION_MASK: False}
         assert outputs == [S.TOKEN_STATES]
     # The other text paths feed it ids and mask on every target.
@@ -400,7 +409,7 @@ def test_fingerprint_is_on_every_ensemble_and_tracks_the_weights(
     shutil.copytree(exported_repository, copy)
     assert fingerprint_of(copy, list(MEMBERS)) == fp  # depends on content, not location
     for changed in (copy / S.FUSION_JOINT / "1" / "model.onnx",
-                    copy / S.TOKENIZER_QUERY / "1" / "tokenizer.json",
+                    copy / S.TEXT_ENCODER / "1" / "tokenizer.json",  # the cpu target's query tokenizer
                     copy / S.TEXT_ENCODER / "1" / "model.onnx.data"):  # weights beside the graph
         before = fingerprint_of(copy, list(MEMBERS))
         data = bytearray(changed.read_bytes())
@@ -749,3 +758,20 @@ def test_onnx_session_can_keep_idle_threads_from_spinning(tmp_path: Path) -> Non
     default = onnx_session(path).get_session_options()
     with pytest.raises(RuntimeError, match="allow_spinning"):  # not set: ONNX Runtime's own default
         default.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_install_replaces_members_and_drops_the_ones_an_earlier_export_had(tmp_path: Path) -> None:
+    """Exporting the cpu target over a GPU target's repository (or over one exported before
+    the cpu target lost tokenizer_query) must not leave that member behind: Triton would load
+    it with its old files. Folders that are not xmsearch models stay."""
+    from xmsearch.export.pipeline import _install
+
+    out, stage = tmp_path / "repo", tmp_path / "stage"
+    for folder, name in ((out, S.TOKENIZER_QUERY), (out, S.TEXT_ENCODER), (out, "my_model"),
+                         (stage, S.TEXT_ENCODER)):
+        (folder / name / "1").mkdir(parents=True)
+        (folder / name / "config.pbtxt").write_text(f'name: "{name}"  # {folder.name}')
+    (stage / "xmsearch_export.json").write_text("{}")
+    _install(stage, out, [S.TEXT_ENCODER])
+    assert sorted(p.name for p in out.iterdir()) == sorted([S.TEXT_ENCODER, "my_model", "xmsearch_export.json"])
+    assert (out / S.TEXT_ENCODER / "config.pbtxt").read_text().endswith("# stage")

@@ -9,6 +9,7 @@ convention); ``-1`` marks a dynamic axis.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 # Model names users pass on the command line (kept here, not in xmsearch.models, so that
 # building the CLI parser does not import torch).
@@ -165,15 +166,25 @@ def served_member_specs(d: Dims, text_queries: bool = False) -> dict[str, ModelS
     the text encoder member also reads query text and answers its embedding
     (``xmsearch.triton_models.TextEncoderModel``): a ``TEXT`` input next to ids and mask, all
     three optional (a request sends one kind), and ``EMBEDDING`` after ``TOKEN_STATES``.  The
-    ONNX graph keeps ``member_specs``' interface."""
+    ONNX graph keeps ``member_specs``' interface.  ``tokenizer_query`` is then left out: no
+    ensemble runs it, and each e5 tokenizer holds about 270 MB (its 250k-piece vocabulary)."""
     specs = member_specs(d)
     if text_queries:
+        del specs[TOKENIZER_QUERY]
         enc = specs[TEXT_ENCODER]
         inputs = tuple(replace(t, optional=True) for t in enc.inputs)
         specs[TEXT_ENCODER] = replace(
             enc, inputs=inputs + (TensorSpec(TEXT, "object", (1,), optional=True),),
             outputs=enc.outputs + (TensorSpec(EMBEDDING, "float32", (d.embed_dim,)),))
     return specs
+
+
+def query_tokenizer_folder(repository: Path) -> Path:
+    """The folder of a repository's query-role tokenizer files (``tokenizer.json``,
+    ``text_preprocess.json``): ``tokenizer_query``'s, or the text encoder's on the cpu target,
+    which tokenizes query text itself and serves no ``tokenizer_query``."""
+    own = Path(repository) / TOKENIZER_QUERY / "1"
+    return own if own.is_dir() else Path(repository) / TEXT_ENCODER / "1"
 
 
 def ensemble_specs(text_queries: bool = False) -> dict[str, EnsembleSpec]:
