@@ -363,7 +363,7 @@ def test_server_healthy_after_every_bad_request(client, reference_pipeline) -> N
     for case, (model, make_inputs, _) in BAD_REQUESTS.items():
         assert rejection(client, model, make_inputs()).status() == INVALID, case
     assert client.is_server_live() and client.is_server_ready()
-    for model in (*S.member_specs(S.Dims(384, 1800)), *S.ENSEMBLES):
+    for model in (*S.served_member_specs(S.Dims(384, 1800), text_queries=True), *S.ENSEMBLES):  # the cpu target
         assert client.is_model_ready(model), model
     texts = ["red dress", "boots"]
     assert_matches(embed(client, S.QUERY_TEXT, texts=texts),
