@@ -134,7 +134,7 @@ class TextPreprocessor:
 
     @property
     def engine(self) -> str:
-        """"sentencepiece" or "tokenizers": which library encodes."""
+        """Which library encodes: "sentencepiece" or "tokenizers"."""
         return "tokenizers" if self._unigram is None else "sentencepiece"
 
     @classmethod

@@ -38,6 +38,8 @@ _UNIGRAM = 1
 # A minimal protobuf writer: the sentencepiece wheel's generated module needs a newer protobuf
 # runtime than tritonclient allows, and the model has only a few field kinds.
 def _varint(n: int) -> bytes:
+    if n < 0:
+        raise ValueError(f"negative varint {n}: not written here")
     out = bytearray()
     while True:
         b = n & 0x7F
