@@ -28,7 +28,7 @@ from xmsearch.demo import generate_demo_catalog
 from xmsearch.export.pipeline import export_repository
 from xmsearch.export.repository import read_config, write_config
 from xmsearch.server import TritonServer, free_ports
-from xmsearch.triton_models import shim_source
+from xmsearch.triton_models import SHIMS, shim_source
 
 OLD_TOKENIZER = "tokenizer_item"
 
@@ -57,8 +57,7 @@ def rewire_parallel(repo: Path, out: Path) -> None:
     tok.parameters["role"].string_value = "passage"
     write_config(tok, out / OLD_TOKENIZER)
     (out / OLD_TOKENIZER / "1").mkdir(exist_ok=True)
-    (out / OLD_TOKENIZER / "1" / "model.py").write_text(shim_source(S.TOKENIZER_QUERY).replace(
-        repr(S.TOKENIZER_QUERY), repr(OLD_TOKENIZER)))
+    (out / OLD_TOKENIZER / "1" / "model.py").write_text(shim_source(OLD_TOKENIZER, SHIMS[S.TOKENIZER_QUERY]))
     (out / OLD_TOKENIZER / "1" / "image_preprocess.json").unlink(missing_ok=True)
     item = read_config(out / S.ITEM / "config.pbtxt")
     rest = list(item.ensemble_scheduling.step)[1:]  # encoders and fusion stay as they are
