@@ -13,6 +13,12 @@ def _embedder(a: argparse.Namespace, retries: int = 3):
     return Embedder(a.url, timeout_s=a.timeout, retries=retries)
 
 
+def _location(text: str) -> str | Path:
+    """An index directory, or a Milvus location kept as text (``Path`` would fold the ``//``
+    of ``milvus:http://...``; :func:`xmsearch.client.stores.parse_location` reads it)."""
+    return text if text.startswith("milvus:") else Path(text)
+
+
 def cmd_index(a: argparse.Namespace, bar_factory) -> int:
     from xmsearch.client.ingest import ingest_catalog
 
@@ -74,9 +80,9 @@ def cmd_search(a: argparse.Namespace, _bar) -> int:
 
 
 def cmd_delete(a: argparse.Namespace, _bar) -> int:
-    from xmsearch.client.index import CatalogIndex
+    from xmsearch.client.stores import open_index
 
-    index = CatalogIndex.open(a.index)
+    index = open_index(a.index)
     try:
         n = index.delete(a.ids, missing_ok=a.missing_ok)
         index.save()
@@ -122,15 +128,19 @@ def add_commands(sub, url_arg, bar_factory) -> None:
     def bind(fn):
         return lambda a: fn(a, bar_factory)
 
-    i = sub.add_parser("index", help="embed a catalogue through the server into a FAISS index",
+    i = sub.add_parser("index", help="embed a catalogue through the server into a FAISS index (or Milvus)",
                        description="Stream a catalogue (JSONL or CSV with id, title, image, attributes) "
                                    "through the item ensemble and write a FAISS index, the id map and a "
-                                   "SQLite metadata store into OUT. Bad rows are reported and skipped.")
+                                   "SQLite metadata store into OUT, or the items into a Milvus collection "
+                                   "(OUT = milvus:URI[#COLLECTION]). Bad rows are reported and skipped.")
     i.add_argument("catalog", type=Path)
-    i.add_argument("--out", type=Path, required=True, metavar="INDEX_DIR")
+    i.add_argument("--out", type=_location, required=True, metavar="INDEX",
+                   help="index directory, or a Milvus collection: milvus:URI[#COLLECTION] (a server, "
+                        "milvus:http://host:19530, or a Milvus Lite file, milvus:items.db)")
     i.add_argument("--factory", default="Flat",
                    help="any FAISS index_factory string: Flat, HNSW32, IVF256,Flat, IVF4096,PQ32 ... "
-                        "(default: Flat)")
+                        "(default: Flat); for a Milvus collection Flat (exact) or milvus:INDEX_TYPE, "
+                        "e.g. milvus:HNSW")
     mode = i.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted ingest into OUT")
     mode.add_argument("--add", action="store_true", help="add new items to the existing index OUT")
@@ -153,7 +163,8 @@ def add_commands(sub, url_arg, bar_factory) -> None:
     s = sub.add_parser("search", help="search an index by text, photo or both",
                        description="Embed the query through the matching ensemble (query_text, "
                                    "query_image or query_text_image) and return the top-k products.")
-    s.add_argument("--index", type=Path, required=True, metavar="INDEX_DIR")
+    s.add_argument("--index", type=_location, required=True, metavar="INDEX",
+                   help="index directory or milvus:URI[#COLLECTION]")
     s.add_argument("--text", help="query text, e.g. 'blue down jacket' or '蓝色羽绒服'")
     s.add_argument("--image", type=Path, help="query photo (JPEG/PNG/WebP)")
     s.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
@@ -166,7 +177,8 @@ def add_commands(sub, url_arg, bar_factory) -> None:
     s.set_defaults(func=bind(cmd_search))
 
     d = sub.add_parser("delete", help="delete items from an index by id")
-    d.add_argument("--index", type=Path, required=True, metavar="INDEX_DIR")
+    d.add_argument("--index", type=_location, required=True, metavar="INDEX",
+                   help="index directory or milvus:URI[#COLLECTION]")
     d.add_argument("ids", nargs="+")
     d.add_argument("--missing-ok", action="store_true", help="ignore ids the index does not hold")
     d.set_defaults(func=bind(cmd_delete))
@@ -175,7 +187,8 @@ def add_commands(sub, url_arg, bar_factory) -> None:
                        description="Run a graded query set (queries.jsonl) through the served ensembles "
                                    "and the index; print metrics per query kind, optionally next to "
                                    "the raw-encoder baselines.")
-    e.add_argument("--index", type=Path, required=True, metavar="INDEX_DIR")
+    e.add_argument("--index", type=_location, required=True, metavar="INDEX",
+                   help="index directory or milvus:URI[#COLLECTION]")
     e.add_argument("--queries", type=Path, required=True)
     e.add_argument("--json", type=Path, help="also write the metrics as JSON here")
     e.add_argument("--plot", type=Path, metavar="PNG",

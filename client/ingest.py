@@ -1,4 +1,4 @@
-"""Catalogue ingestion: catalogue rows -> item ensemble -> FAISS index + metadata.
+"""Catalogue ingestion: catalogue rows -> item ensemble -> index (FAISS + metadata, or Milvus).
 
 Rows go to the server as one stream of small requests, several in flight, and come back
 into the index in order, a chunk at a time; after every few chunks the index is saved
@@ -24,12 +24,14 @@ from xmsearch import spec as S
 from xmsearch.catalog import BadRow, CatalogRow, read_catalog
 from xmsearch.client.embed import Embedder, embed_isolating, stack_rows
 from xmsearch.client.index import CatalogIndex
+from xmsearch.client.milvus import MilvusIndex
+from xmsearch.client.stores import Location, create_index, index_exists, open_index, parse_location
 from xmsearch.errors import IndexStoreError, InputError
 
 
 @dataclass
 class IngestReport:
-    index_dir: Path
+    index_dir: Location  # a directory, or a Milvus collection
     rows: int = 0  # rows in the catalogue file
     added: int = 0
     already_indexed: int = 0
@@ -46,18 +48,18 @@ class IngestReport:
                 f"({self.items_per_second:.1f} items/s)")
 
 
-def open_or_create(index_dir: Path, embedder: Embedder, factory: str, resume: bool, add: bool,
-                   gpu: bool = False) -> CatalogIndex:
+def open_or_create(index_dir: Location, embedder: Embedder, factory: str, resume: bool, add: bool,
+                   gpu: bool = False) -> CatalogIndex | MilvusIndex:
     """Open an existing index (resume/add) or create a new one sized for the server."""
-    index_dir = Path(index_dir)
-    exists = (index_dir / "manifest.json").exists()
+    index_dir = parse_location(index_dir)
+    exists = index_exists(index_dir)
     if exists and not (resume or add):
         raise IndexStoreError(f"index {index_dir} already exists: pass --resume to continue an "
                               "interrupted ingest, --add to add items, or choose another --out")
     if not exists and add:
         raise IndexStoreError(f"--add needs an existing index, {index_dir} has none")
     if exists:
-        index = CatalogIndex.open(index_dir)
+        index = open_index(index_dir)
         try:
             index.check_fingerprint(embedder.fingerprint)
             if index.dim != embedder.dim:
@@ -71,16 +73,16 @@ def open_or_create(index_dir: Path, embedder: Embedder, factory: str, resume: bo
             index.close()  # a refused index must not stay locked for writing
             raise
         return index
-    return CatalogIndex.create(index_dir, embedder.dim, fingerprint=embedder.fingerprint,
-                               factory=factory, gpu=gpu, photo_vectors=embedder.serves_photo_vectors)
+    return create_index(index_dir, embedder.dim, fingerprint=embedder.fingerprint,
+                        factory=factory, gpu=gpu, photo_vectors=embedder.serves_photo_vectors)
 
 
-def _width(index: CatalogIndex) -> int:
+def _width(index: CatalogIndex | MilvusIndex) -> int:
     """Columns per embedded row: the item vector, then the photo-side one where the index keeps it."""
     return index.dim * (2 if index.has_photo_vectors else 1)
 
 
-def _add(index: CatalogIndex, rows: list[CatalogRow], vectors: np.ndarray) -> None:
+def _add(index: CatalogIndex | MilvusIndex, rows: list[CatalogRow], vectors: np.ndarray) -> None:
     d = index.dim
     index.add([r.id for r in rows], vectors[:, :d], [r.metadata() for r in rows],
               photo_vectors=vectors[:, d:] if index.has_photo_vectors else None)
@@ -152,7 +154,7 @@ def _embedded_chunks(embedder: Embedder, chunks: list[list[CatalogRow]], bad: li
                 fut.cancel()
 
 
-def ingest_catalog(catalog: Path, index_dir: Path, embedder: Embedder, *, factory: str = "Flat",
+def ingest_catalog(catalog: Path, index_dir: Location | str, embedder: Embedder, *, factory: str = "Flat",
                    resume: bool = False, add: bool = False, gpu: bool = False, chunk_size: int = 256,
                    save_every: int = 4, request_rows: int = 8, in_flight: int = 4,
                    nprobe: int | None = None, ef_search: int | None = None,
@@ -169,8 +171,9 @@ def ingest_catalog(catalog: Path, index_dir: Path, embedder: Embedder, *, factor
     t0 = time.time()
     embedder.check_ready()
     rows, bad = read_catalog(Path(catalog))
-    report = IngestReport(Path(index_dir), rows=len(rows) + len(bad), bad=list(bad))
-    index = open_or_create(Path(index_dir), embedder, factory, resume, add, gpu)
+    index_dir = parse_location(index_dir)
+    report = IngestReport(index_dir, rows=len(rows) + len(bad), bad=list(bad))
+    index = open_or_create(index_dir, embedder, factory, resume, add, gpu)
     try:
         present = index.contains([r.id for r in rows]) if len(index) else [False] * len(rows)
         todo = []

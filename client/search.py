@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from xmsearch.client.embed import Embedder, embed_isolating, read_image
-from xmsearch.client.index import CatalogIndex, Hit, filter_values, check_k
+from xmsearch.client.index import Hit, check_k, filter_values
+from xmsearch.client.stores import Location, open_index
 from xmsearch.errors import InputError, for_caller
 
 Filters = Mapping[str, str | Sequence[str]]
@@ -139,12 +140,12 @@ class Searcher:
     of overlapping in them.
     """
 
-    def __init__(self, index_dir: Path, embedder: Embedder, *, mmap: bool = False,
+    def __init__(self, index_dir: Location | str, embedder: Embedder, *, mmap: bool = False,
                  combine: bool = True, max_combined: int = 64, rounds_in_flight: int = 3):
         for name, value in (("max_combined", max_combined), ("rounds_in_flight", rounds_in_flight)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"Searcher: {name} must be a positive integer, got {value!r}")
-        self.index = CatalogIndex.open(Path(index_dir), mmap=mmap, read_only=True)
+        self.index = open_index(index_dir, mmap=mmap, read_only=True)
         self.embedder = embedder
         try:
             # Vectors of two different models are silently meaningless together: refuse.

@@ -353,6 +353,23 @@ def test_photo_rerank_cost_times_both_searches_on_one_index(tmp_path: Path) -> N
         assert (photo - half) / (plain + half) - 0.005 <= ratio <= (photo + half) / (plain - half) + 0.005
 
 
+def test_milvus_index_times_both_stores_on_the_same_items(tmp_path: Path) -> None:
+    pytest.importorskip("pymilvus", reason="pymilvus is part of the test extra")
+    from benchmarks import milvus_index
+
+    out = tmp_path / "milvus.md"
+    assert milvus_index.main(["--items", "300", "--dim", "16", "--rounds", "2", "--calls", "3",
+                              "--out", str(out)]) == 0
+    rows = {r[1].strip(): r for r in (line.split("|")[1:-1] for line in out.read_text().splitlines()
+                                       if line.startswith("| 300 |"))}
+    assert len(rows) == len(milvus_index.CALLS) + 2
+    for what in milvus_index.CALLS:
+        faiss_ms, milvus_ms = float(rows[f"{what}, ms per call"][2]), float(rows[f"{what}, ms per call"][3])
+        assert faiss_ms > 0 and milvus_ms > 0
+    # Both stores search exactly (Flat; Milvus Lite scans): the same lists, in the same order.
+    assert float(rows["identical top-10 lists (200 queries)"][3]) == 1.0
+
+
 def _row(index: str, params: str, recall: float, qps: float, speedup: float, n: int = 1000) -> faiss_bench.FaissRow:
     return faiss_bench.FaissRow(n=n, index=index, params=params, recall_at_10=recall, qps=qps, latency_ms=1.0,
                                 build_s=1.0, bytes_per_vector=100.0, speedup_vs_flat=speedup)

@@ -251,6 +251,68 @@ def test_interrupted_ingest_resumes_to_the_same_index(catalogue: Catalogue, embe
     assert again.added == 0 and again.already_indexed == N_ITEMS
 
 
+def test_ingest_into_milvus_resumes_and_answers_as_the_directory_index(
+        catalogue: Catalogue, embedder: Embedder, reference_index, tmp_path: Path) -> None:
+    """The same stream into a Milvus collection (Milvus Lite): interrupted, resumed, and
+    then the same vectors, photo-side vectors and search answers as the directory index."""
+    pymilvus = pytest.importorskip("pymilvus", reason="pymilvus is part of the test extra")
+    db = tmp_path / "items.db"
+    loc = f"milvus:{db}#items"
+    chunks = []
+
+    def stop_after_two_chunks(done: int, total: int) -> None:
+        chunks.append(done)
+        if len(chunks) == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        ingest_catalog(catalogue.path, loc, embedder, chunk_size=8, progress=stop_after_two_chunks)
+    with pytest.raises(IndexStoreError, match="--resume"):
+        ingest_catalog(catalogue.path, loc, embedder, chunk_size=8)
+    report = ingest_catalog(catalogue.path, loc, embedder, chunk_size=8, resume=True)
+    rows, _ = read_catalog(catalogue.path)
+    # Milvus keeps each chunk once it is added (no separate save): two chunks were in.
+    assert report.already_indexed == len([r for r in rows[:16] if r.id in catalogue.good])
+    assert report.added + report.already_indexed == N_ITEMS
+    assert_report_lists_planted_rows(report, catalogue)
+
+    reference_dir = reference_index[0]
+    reference = stored_vectors(reference_dir)
+    with CatalogIndex.open(reference_dir, read_only=True) as idx:
+        hits = idx.search(np.eye(1, idx.dim, dtype=np.float32), N_ITEMS)[0]
+        found, vectors = idx._photo_vectors_of(np.array([h.label for h in hits]))
+        label_of = {h.id: h.label for h in hits}
+    reference_photo = {i: vectors[np.searchsorted(found, lb)] for i, lb in label_of.items()}
+    client = pymilvus.MilvusClient(str(db))
+    try:
+        stored = client.get("items", ids=sorted(catalogue.good), output_fields=["vector", "photo"])
+    finally:
+        client.close()
+    assert sorted(r["id"] for r in stored) == sorted(reference) == sorted(catalogue.good)
+    for r in stored:
+        np.testing.assert_allclose(r["vector"], reference[r["id"]], atol=1e-5, err_msg=r["id"])
+        np.testing.assert_allclose(r["photo"], reference_photo[r["id"]], atol=1e-5, err_msg=r["id"])
+
+    good = sorted(catalogue.good)
+    photos = [r.image.read_bytes() for r in rows if r.id in good[:4]]
+    colour = rows[0].metadata()["colour"]
+    answers = {}
+    for where in (loc, reference_dir):
+        searcher = Searcher(where, embedder)
+        try:
+            answers[str(where)] = [*searcher.search_many([catalogue.good[i] for i in good[:6]], k=5),
+                                   *searcher.search_many(images=photos, k=3),
+                                   searcher.search(text="red", k=5, filters={"colour": colour})]
+        finally:
+            searcher.close()
+    got, want = answers[loc], answers[str(reference_dir)]
+    assert len(got) == len(want) == 11 and all(got)
+    for g, w in zip(got, want):
+        assert [h.id for h in g] == [h.id for h in w]
+        np.testing.assert_allclose([h.score for h in g], [h.score for h in w], atol=1e-5)
+        assert [h.metadata for h in g] == [h.metadata for h in w]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("request_rows,in_flight,chunk_size", [(1, 1, 5), (3, 32, 8), (16, 4, 7)])
 def test_request_stream_shape_leaves_the_index_unchanged(catalogue: Catalogue, embedder: Embedder,
