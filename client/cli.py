@@ -23,12 +23,12 @@ def cmd_index(a: argparse.Namespace, bar_factory) -> int:
     from xmsearch.client.ingest import ingest_catalog
 
     emb = _embedder(a, retries=a.retries)
-    bar = None
+    # Started before the ingest, its total set at the first report: a bar started at the first
+    # report would divide a whole chunk by no time (millions of items/s).
+    bar = bar_factory("indexing", None)
 
     def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = bar_factory("indexing", total)
+        bar.total = total
         bar.n = done
         bar.refresh()
 
@@ -38,8 +38,7 @@ def cmd_index(a: argparse.Namespace, bar_factory) -> int:
                                 in_flight=a.in_flight, nprobe=a.nprobe,
                                 ef_search=a.ef_search, progress=progress)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         emb.close()
     for b in report.bad:
         print(f"skipped {b}")

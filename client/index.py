@@ -124,6 +124,7 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "CatalogIndex",
     "Hit",
+    "check_additions",
     "check_embeddings",
     "FORMAT_VERSION",
     "NORM_TOLERANCE",
@@ -300,6 +301,37 @@ def _item_row(item_id: str, meta: Any) -> tuple[str | None, str | None, dict[str
             if text is not None:
                 pairs.append((key, text))
     return title, image, attrs, pairs
+
+
+def check_additions(ids: Any, vectors: Any, metadata: Any, photo_vectors: Any, *, dim: int,
+                    keeps_photo: bool, where: object, normalize: bool = False
+                    ) -> tuple[list[str], np.ndarray, np.ndarray | None, list[Any]]:
+    """``add()``'s arguments checked against each other and an index of ``dim``-d vectors
+    that keeps (``keeps_photo``) or does not keep photo-side vectors: ``(ids, vectors,
+    photo vectors or None, metadata entries)``, or an InputError naming the index ``where``."""
+    ids = _check_ids(ids, "add()")
+    x = check_embeddings(vectors, dim, what="add(): vectors", normalize=normalize)
+    if len(x) != len(ids):
+        raise InputError(f"add(): {len(ids)} ids but {len(x)} vectors; pass one vector per id")
+    if keeps_photo and photo_vectors is None:
+        raise InputError(f"add(): index {where} keeps a photo-side vector per item; "
+                         "pass photo_vectors (one per id)")
+    if not keeps_photo and photo_vectors is not None:
+        raise InputError(f"add(): index {where} was created without photo-side vectors "
+                         "(photo_vectors=False); add the items without them")
+    photo = None
+    if photo_vectors is not None:
+        photo = check_embeddings(photo_vectors, dim, what="add(): photo_vectors", normalize=normalize)
+        if len(photo) != len(ids):
+            raise InputError(f"add(): {len(ids)} ids but {len(photo)} photo vectors; pass one per id")
+    metas = [None] * len(ids) if metadata is None else list(metadata)
+    if len(metas) != len(ids):
+        raise InputError(f"add(): {len(ids)} ids but {len(metas)} metadata entries")
+    repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if repeated:
+        raise InputError(f"add(): ids {_preview(repeated)} appear more than once in this "
+                         "call; each id names one item")
+    return ids, x, photo, metas
 
 
 def check_k(k: Any, step: str = "search()", name: str = "k") -> int:
@@ -879,31 +911,9 @@ class CatalogIndex:
         by an index created with ``photo_vectors=True`` and refused by others.  Changes are
         durable after :meth:`save`.
         """
-        ids = _check_ids(ids, "add()")
-        x = check_embeddings(vectors, self._dim, what="add(): vectors", normalize=normalize)
-        if len(x) != len(ids):
-            raise InputError(f"add(): {len(ids)} ids but {len(x)} vectors; pass one vector "
-                             "per id")
-        if self._photo and photo_vectors is None:
-            raise InputError(f"add(): index {self._path} keeps a photo-side vector per item; "
-                             "pass photo_vectors (one per id)")
-        if not self._photo and photo_vectors is not None:
-            raise InputError(f"add(): index {self._path} was created without photo-side vectors "
-                             "(photo_vectors=False); add the items without them")
-        photo = None
-        if photo_vectors is not None:
-            photo = check_embeddings(photo_vectors, self._dim, what="add(): photo_vectors",
-                                     normalize=normalize)
-            if len(photo) != len(ids):
-                raise InputError(f"add(): {len(ids)} ids but {len(photo)} photo vectors; pass one "
-                                 "per id")
-        metas = [None] * len(ids) if metadata is None else list(metadata)
-        if len(metas) != len(ids):
-            raise InputError(f"add(): {len(ids)} ids but {len(metas)} metadata entries")
-        repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
-        if repeated:
-            raise InputError(f"add(): ids {_preview(repeated)} appear more than once in this "
-                             "call; each id names one item")
+        ids, x, photo, metas = check_additions(ids, vectors, metadata, photo_vectors, dim=self._dim,
+                                               keeps_photo=self._photo, where=self._path,
+                                               normalize=normalize)
         rows = []
         for item_id, meta in zip(ids, metas):
             title, image, attrs, pairs = _item_row(item_id, meta)

@@ -6,6 +6,10 @@ atomically, so an interrupted ingest keeps everything saved so far and ``resume=
 embeds only the rows the index does not hold yet (no duplicates, nothing lost).  A request
 the server rejects (a corrupt photo, say) is re-sent row by row so that only the bad rows
 are skipped, each reported with its line number and the server's reason.
+
+The index is a directory or a Milvus collection (:mod:`xmsearch.client.stores`).  A Milvus
+collection keeps each chunk once it is added rather than at the next save, so an interrupted
+ingest into one keeps every chunk it finished; ``resume=True`` works the same on both.
 """
 
 from __future__ import annotations

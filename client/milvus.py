@@ -45,8 +45,8 @@ import hashlib
 import json
 import logging
 import threading
-from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,11 +59,12 @@ from xmsearch.client.index import (
     _check_ids,
     _item_row,
     _preview,
+    check_additions,
     check_embeddings,
     check_k,
     filter_values,
 )
-from xmsearch.errors import IndexStoreError, InputError
+from xmsearch.errors import IndexStoreError, InputError, XmsearchError
 
 __all__ = ["DEFAULT_COLLECTION", "MANIFEST_PROPERTY", "MilvusIndex", "MilvusLocation"]
 
@@ -141,6 +142,20 @@ def _reason(exc: BaseException) -> str:
     return getattr(exc, "message", None) or str(exc) or type(exc).__name__
 
 
+@contextmanager
+def _closed_on_error(client: Any, step: str, loc: MilvusLocation) -> Iterator[None]:
+    """Close ``client`` when setting up an index on it fails; Milvus' own errors become
+    IndexStoreError naming the step and the collection."""
+    try:
+        yield
+    except XmsearchError:
+        client.close()
+        raise
+    except Exception as exc:  # noqa: BLE001 - pymilvus raises several types for one cause
+        client.close()
+        raise IndexStoreError(f"{step}: Milvus refused the request on {loc}: {_reason(exc)}") from exc
+
+
 class MilvusIndex:
     """A catalogue index in one Milvus collection (see the module notes).
 
@@ -187,7 +202,7 @@ class MilvusIndex:
         if not isinstance(fingerprint, str) or not fingerprint:
             raise InputError("create(): fingerprint must name the model (a non-empty string)")
         client = _connect(loc)
-        try:
+        with _closed_on_error(client, "create()", loc):
             if client.has_collection(loc.collection):
                 raise IndexStoreError(f"create(): {loc} already exists: pass --resume or --add to "
                                       "use it, or drop the collection first")
@@ -204,15 +219,12 @@ class MilvusIndex:
             indexes = client.prepare_index_params()
             for name in ("vector", "photo") if photo_vectors else ("vector",):
                 indexes.add_index(name, index_type=index_type, metric_type="IP", params=dict(index_params or {}))
-            client.create_collection(loc.collection, schema=schema, index_params=indexes,
-                                     consistency_level="Strong",
+            client.create_collection(loc.collection, schema=schema, consistency_level="Strong",
                                      properties={MANIFEST_PROPERTY: json.dumps(manifest)})
-        except IndexStoreError:
-            client.close()
-            raise
-        except Exception as exc:  # noqa: BLE001
-            client.close()
-            raise IndexStoreError(f"create(): Milvus refused collection {loc}: {_reason(exc)}") from exc
+            # Not waited for: an empty collection's index is there at once, and the wait asks
+            # for a timestamp that Milvus Lite does not serve (its gRPC server logs a traceback).
+            client.create_index(loc.collection, indexes, sync=False)
+            client.load_collection(loc.collection)
         logger.info("created Milvus collection %s (dim %d)", loc, dim)
         return cls(client, loc, manifest, read_only=False)
 
@@ -227,7 +239,7 @@ class MilvusIndex:
             raise InputError(f"open(): {loc} is a Milvus collection; a GPU is Milvus' own "
                              "setting (a GPU index type on the server), not the client's")
         client = _connect(loc)
-        try:
+        with _closed_on_error(client, "open()", loc):
             if not client.has_collection(loc.collection):
                 raise IndexStoreError(f"open(): {loc} does not exist; create it with `xmsearch index "
                                       f"--out {loc}` or check the URI and collection name")
@@ -241,12 +253,6 @@ class MilvusIndex:
                                       f"{manifest.get('format_version')!r}, this xmsearch reads "
                                       f"{FORMAT_VERSION}")
             client.load_collection(loc.collection)
-        except IndexStoreError:
-            client.close()
-            raise
-        except Exception as exc:  # noqa: BLE001
-            client.close()
-            raise IndexStoreError(f"open(): cannot read collection {loc}: {_reason(exc)}") from exc
         return cls(client, loc, manifest, read_only=read_only or mmap)
 
     # ------------------------------------------------------------------ properties
@@ -328,29 +334,9 @@ class MilvusIndex:
             upsert: bool = False, normalize: bool = False,
             photo_vectors: np.ndarray | None = None) -> list[int]:
         """Add items (as :meth:`CatalogIndex.add`); returns -1 per item (no labels)."""
-        ids = _check_ids(ids, "add()")
-        x = check_embeddings(vectors, self._dim, what="add(): vectors", normalize=normalize)
-        if len(x) != len(ids):
-            raise InputError(f"add(): {len(ids)} ids but {len(x)} vectors; pass one vector per id")
-        if self._photo and photo_vectors is None:
-            raise InputError(f"add(): index {self._loc} keeps a photo-side vector per item; "
-                             "pass photo_vectors (one per id)")
-        if not self._photo and photo_vectors is not None:
-            raise InputError(f"add(): index {self._loc} was created without photo-side vectors; "
-                             "add the items without them")
-        photo = None
-        if photo_vectors is not None:
-            photo = check_embeddings(photo_vectors, self._dim, what="add(): photo_vectors",
-                                     normalize=normalize)
-            if len(photo) != len(ids):
-                raise InputError(f"add(): {len(ids)} ids but {len(photo)} photo vectors; pass one per id")
-        metas = [None] * len(ids) if metadata is None else list(metadata)
-        if len(metas) != len(ids):
-            raise InputError(f"add(): {len(ids)} ids but {len(metas)} metadata entries")
-        repeated = sorted(i for i, n in Counter(ids).items() if n > 1)
-        if repeated:
-            raise InputError(f"add(): ids {_preview(repeated)} appear more than once in this "
-                             "call; each id names one item")
+        ids, x, photo, metas = check_additions(ids, vectors, metadata, photo_vectors, dim=self._dim,
+                                               keeps_photo=self._photo, where=self._loc,
+                                               normalize=normalize)
         rows = [self._row(i, item_id, meta, x, photo) for i, (item_id, meta) in enumerate(zip(ids, metas))]
         if not rows:
             return []
