@@ -379,7 +379,8 @@ def test_train_command_defaults_are_the_training_defaults():
 
     a = build_parser().parse_args(["train", "catalog.jsonl", "--out", "x.pt"])
     cfg = TrainConfig()
-    for name in ("epochs", "batch_size", "lr", "weight_decay", "seed", "val_fraction", "group_size", "item_mix", "precision"):
+    for name in ("epochs", "batch_size", "lr", "weight_decay", "seed", "val_fraction", "group_size",
+                 "edit_positives", "item_mix", "precision"):
         assert getattr(a, name) == getattr(cfg, name), name
 
 
@@ -417,6 +418,23 @@ def test_views_share_positives_with_items_that_have_all_their_words():
     shared = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
     assert info_nce(between, z, scale, shared) < info_nce(own, z, scale, shared)
     assert info_nce(own, z, scale) < info_nce(between, z, scale)
+
+
+def test_edit_views_share_positives_with_their_targets_nearest_items():
+    from xmsearch.train import neighbour_positives
+
+    # Batch of items 7, 2, 5, 9; rows of ``nbrs`` are items, their nearest items by the model.
+    idx = torch.tensor([7, 2, 5, 9])
+    nbrs = torch.zeros(10, 2, dtype=torch.long)
+    nbrs[7] = torch.tensor([5, 1])  # 5 is in the batch, 1 is not
+    nbrs[2] = torch.tensor([3, 4])  # neither is
+    nbrs[5] = torch.tensor([7, 9])
+    nbrs[9] = torch.tensor([9, 2])  # itself (never, but harmless) and 2
+    pos = neighbour_positives(idx, nbrs)
+    assert pos.tolist() == [[True, False, True, False],
+                            [False, True, False, False],
+                            [True, False, True, True],
+                            [False, True, False, True]]
 
 
 def test_neighbour_batches_group_look_alikes_and_keep_every_item_once():

@@ -178,8 +178,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from xmsearch.train import TrainConfig, train_catalog
 
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
-                      seed=a.seed, val_fraction=a.val_fraction, group_size=a.group_size, item_mix=a.item_mix,
-                      precision=a.precision)
+                      seed=a.seed, val_fraction=a.val_fraction, group_size=a.group_size,
+                      edit_positives=a.edit_positives, item_mix=a.item_mix, precision=a.precision)
     bars = TrainingProgress(cfg.epochs)
     try:
         res = train_catalog(a.catalog, a.out, a.text_model, a.image_model, cfg, progress=bars.progress,
@@ -320,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--group-size", type=int, default=4,
                    help="look-alike items per group in the extra photo batches that teach the photo path "
                         "to tell near-duplicates apart (1: off; default 4)")
+    t.add_argument("--edit-positives", type=int, default=4, metavar="K",
+                   help="an edit view (an item's words over another item's photo) also counts its target's "
+                        "K nearest items as answers, by the item embeddings of the epoch before (0: only "
+                        "the target; default 4)")
     t.add_argument("--item-mix", type=float, default=2.0, metavar="M",
                    help="an item's stored vector is its title+photo embedding plus M times the sum of its "
                         "title-only and photo-only embeddings, renormalised (0: the joint one alone; "
