@@ -145,7 +145,7 @@ def _reason(exc: BaseException) -> str:
 def _index_tags(client: Any, loc: MilvusLocation) -> None:
     """An inverted index on the attribute tags, where Milvus has one for ARRAY fields (a server
     since 2.5): filters then look their items up instead of testing every row.  Milvus Lite
-    has none and scans (about 80 us per item on 2 cores: benchmarks/results/milvus_index.md)."""
+    has none and scans (about 160 us per item on 2 cores: benchmarks/results/milvus_index.md)."""
     tags = client.prepare_index_params()
     tags.add_index("tags", index_type="INVERTED")
     # pymilvus logs every refused call with a traceback; this refusal is expected on Lite.
