@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 
@@ -23,12 +24,14 @@ def cmd_index(a: argparse.Namespace, bar_factory) -> int:
     from xmsearch.client.ingest import ingest_catalog
 
     emb = _embedder(a, retries=a.retries)
-    # Started before the ingest, its total set at the first report: a bar started at the first
-    # report would divide a whole chunk by no time (millions of items/s).
-    bar = bar_factory("indexing", None)
+    bar = None
+    started = time.time()
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
+        nonlocal bar
+        if bar is None:  # drawn from the first report on (an error before it prints alone)
+            bar = bar_factory("indexing", total)
+            bar.start_t = started  # its rate counts from the ingest's start, not this first chunk's end
         bar.n = done
         bar.refresh()
 
@@ -38,7 +41,8 @@ def cmd_index(a: argparse.Namespace, bar_factory) -> int:
                                 in_flight=a.in_flight, nprobe=a.nprobe,
                                 ef_search=a.ef_search, progress=progress)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         emb.close()
     for b in report.bad:
         print(f"skipped {b}")
