@@ -35,8 +35,9 @@ Durability and consistency
     searches at once (the collection's consistency level is ``Strong``); :meth:`save` flushes
     them to sealed segments.  An interrupted ingest keeps what was added, and
     ``--resume`` skips it, as with the directory index.  Searches are exact on Milvus Lite
-    (a flat scan); a Milvus server builds the collection's index (``AUTOINDEX`` unless told
-    otherwise) and may then return fewer than ``k`` hits under a narrow filter.
+    (a flat scan) and on a server's FLAT collection (``--factory Flat``, the default); with
+    an approximate index type (``--factory milvus:HNSW``, ...) a server may return fewer than
+    ``k`` hits under a narrow filter.
 """
 
 from __future__ import annotations
