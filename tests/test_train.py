@@ -380,7 +380,7 @@ def test_train_command_defaults_are_the_training_defaults():
     a = build_parser().parse_args(["train", "catalog.jsonl", "--out", "x.pt"])
     cfg = TrainConfig()
     for name in ("epochs", "batch_size", "lr", "weight_decay", "seed", "val_fraction", "group_size",
-                 "edit_positives", "item_mix", "precision"):
+                 "edit_positives", "view_positives", "item_mix", "precision"):
         assert getattr(a, name) == getattr(cfg, name), name
 
 

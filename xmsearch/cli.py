@@ -179,7 +179,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
                       seed=a.seed, val_fraction=a.val_fraction, group_size=a.group_size,
-                      edit_positives=a.edit_positives, item_mix=a.item_mix, precision=a.precision)
+                      edit_positives=a.edit_positives, view_positives=a.view_positives,
+                      item_mix=a.item_mix, precision=a.precision)
     bars = TrainingProgress(cfg.epochs)
     try:
         res = train_catalog(a.catalog, a.out, a.text_model, a.image_model, cfg, progress=bars.progress,
@@ -324,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an edit view (an item's words over another item's photo) also counts its target's "
                         "K nearest items as answers, by the item embeddings of the epoch before (0: only "
                         "the target; default 4)")
+    t.add_argument("--view-positives", action="store_true",
+                   help="the text+photo views (an item's words over a re-shot of its photo) also count the "
+                        "K nearest items of --edit-positives as answers (off by default: see "
+                        "benchmarks/results/quality_ab.md, 2026-12-07 late morning)")
     t.add_argument("--item-mix", type=float, default=2.0, metavar="M",
                    help="an item's stored vector is its title+photo embedding plus M times the sum of its "
                         "title-only and photo-only embeddings, renormalised (0: the joint one alone; "

@@ -139,6 +139,13 @@ class TrainConfig:
     # R@10 +0.013 / +0.018, text R@10 +0.008 / +0.005, photo R@1 +0.006 / +0.009, in the same
     # time (quality_ab.md, 2026-12-07 late morning).
     edit_positives: int = 4
+    # The text+photo views (a text view of i over a re-shot of i) count the same neighbours as
+    # answers. On top of edit_positives 4, over three seeds, evaluation / development queries:
+    # photo+text R@10 0.790 -> 0.802 / 0.784 -> 0.797, text R@10 +0.004 / +0.005, photo R@1
+    # -0.003 / +0.001; the demo's seed served photo R@1 0.890 (0.910 without). Not yet the
+    # default: measured at the end of a session, without time to verify it end to end
+    # (quality_ab.md, 2026-12-07 late morning).
+    view_positives: bool = False
     # Arithmetic of the training steps: "bf16" runs them under bfloat16 autocast (weights,
     # optimiser state and the similarity logits stay fp32), "auto" picks it where the CPU
     # multiplies bfloat16 natively (bf16_supported). On the demo's 2 cores 1.6x faster per epoch
@@ -775,7 +782,9 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
                 loss = (info_nce(fusion.text_only(view_t, vm), z, scale, positives)
                         + info_nce(fusion.image_only(aug_v), z, scale)
                         + info_nce(fusion.image_only(photo_v), z, scale)
-                        + info_nce(fusion.joint(view_t, vm, aug_v, query=True), zq, scale)
+                        + info_nce(fusion.joint(view_t, vm, aug_v, query=True), zq, scale,
+                                   None if edit_nbrs is None or not cfg.view_positives
+                                   else neighbour_positives(idx, edit_nbrs))
                         + info_nce(fusion.joint(edit_t, edit_m, other_v, query=True), zq, scale,
                                    None if edit_nbrs is None else neighbour_positives(idx, edit_nbrs)))
                 if hard is not None and len(hard[b:b + cfg.batch_size]) > 1:
