@@ -445,23 +445,23 @@ class MilvusIndex:
         return self._contains(_check_ids(ids, "contains()"), "contains()")
 
     def _contains(self, ids: list[str], step: str) -> list[bool]:
-        found: set[str] = set()
+        found = self._rows(ids, ["id"], step)
+        return [i in found for i in ids]
+
+    def _rows(self, ids: list[str], fields: list[str], step: str) -> dict[str, dict[str, Any]]:
+        """id -> the stored ``fields`` of each of ``ids`` the collection holds."""
+        found: dict[str, dict[str, Any]] = {}
         unique = list(dict.fromkeys(ids))
         for start in range(0, len(unique), _CHUNK):
-            rows = self._call(step, self._client.get, self._loc.collection,
-                              ids=unique[start:start + _CHUNK], output_fields=["id"])
-            found.update(r["id"] for r in rows)
-        return [i in found for i in ids]
+            for r in self._call(step, self._client.get, self._loc.collection,
+                                ids=unique[start:start + _CHUNK], output_fields=fields):
+                found[r["id"]] = r
+        return found
 
     def get(self, ids: Sequence[str]) -> list[dict[str, Any]]:
         """Metadata dicts (title, image, attributes) of the ids; unknown ids raise InputError."""
         ids = _check_ids(ids, "get()")
-        found: dict[str, dict[str, Any]] = {}
-        unique = list(dict.fromkeys(ids))
-        for start in range(0, len(unique), _CHUNK):
-            for r in self._call("get()", self._client.get, self._loc.collection,
-                                ids=unique[start:start + _CHUNK], output_fields=["meta"]):
-                found[r["id"]] = dict(r["meta"])
+        found = {i: r["meta"] for i, r in self._rows(ids, ["meta"], "get()").items()}
         missing = [i for i in ids if i not in found]
         if missing:
             raise InputError(f"get(): ids {_preview(missing)} are not in index {self._loc}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from xmsearch.client.index import CatalogIndex
+from xmsearch.client.index import MANIFEST_NAME, CatalogIndex
 from xmsearch.client.milvus import MilvusIndex, MilvusLocation, is_milvus
 from xmsearch.errors import InputError
 
@@ -38,7 +38,7 @@ def index_exists(location: Location) -> bool:
     loc = parse_location(location)
     if isinstance(loc, MilvusLocation):
         return MilvusIndex.exists(loc)
-    return (loc / "manifest.json").exists()
+    return (loc / MANIFEST_NAME).exists()
 
 
 def open_index(location: Location, *, read_only: bool = False, mmap: bool = False,

@@ -774,6 +774,7 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
                 aug_v = fusion.reduced_image_tokens(reduced[idx, views.photo(idx)])
                 # Edit view: the words of i that j lacks over a photo of j.
                 other_v = fusion.reduced_image_tokens(reduced[j, views.photo(j, low=0)])
+                edit_pos = None if edit_nbrs is None else neighbour_positives(idx, edit_nbrs)
                 positives = shared_word_positives([view_words[a][b] for a, b in zip(idx.tolist(), v.tolist())],
                                                   [item_words[a] for a in idx.tolist()])
                 z = fusion.joint(title_t, title_m, photo_v)
@@ -783,10 +784,8 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
                         + info_nce(fusion.image_only(aug_v), z, scale)
                         + info_nce(fusion.image_only(photo_v), z, scale)
                         + info_nce(fusion.joint(view_t, vm, aug_v, query=True), zq, scale,
-                                   None if edit_nbrs is None or not cfg.view_positives
-                                   else neighbour_positives(idx, edit_nbrs))
-                        + info_nce(fusion.joint(edit_t, edit_m, other_v, query=True), zq, scale,
-                                   None if edit_nbrs is None else neighbour_positives(idx, edit_nbrs)))
+                                   edit_pos if cfg.view_positives else None)
+                        + info_nce(fusion.joint(edit_t, edit_m, other_v, query=True), zq, scale, edit_pos))
                 if hard is not None and len(hard[b:b + cfg.batch_size]) > 1:
                     # Photo -> item again, on a batch of look-alike groups: only the photo path
                     # has to tell them apart (text and edit queries name no detail that could).
