@@ -325,10 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an edit view (an item's words over another item's photo) also counts its target's "
                         "K nearest items as answers, by the item embeddings of the epoch before (0: only "
                         "the target; default 4)")
-    t.add_argument("--view-positives", action="store_true",
+    t.add_argument("--view-positives", action=argparse.BooleanOptionalAction, default=True,
                    help="the text+photo views (an item's words over a re-shot of its photo) also count the "
-                        "K nearest items of --edit-positives as answers (off by default: see "
-                        "benchmarks/results/quality_ab.md, 2026-12-07 late morning)")
+                        "K nearest items of --edit-positives as answers (default: on; "
+                        "--no-view-positives trains as training recipe 3 did)")
     t.add_argument("--item-mix", type=float, default=2.0, metavar="M",
                    help="an item's stored vector is its title+photo embedding plus M times the sum of its "
                         "title-only and photo-only embeddings, renormalised (0: the joint one alone; "
