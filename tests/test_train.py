@@ -384,6 +384,26 @@ def test_train_command_defaults_are_the_training_defaults():
         assert getattr(a, name) == getattr(cfg, name), name
 
 
+def test_training_bars_count_each_stage_from_the_report_before_it(monkeypatch):
+    # A stage's bar opens at its first report, one batch or epoch in: its rate must count
+    # from when the stage began (the report before, or the start), not from that first report.
+    import xmsearch.cli as cli
+
+    clock = iter([130.0, 150.0, 160.0, 175.0, 185.0])
+    monkeypatch.setattr(cli.time, "time", lambda: next(clock))
+    bars = cli.TrainingProgress(epochs=2, started=100.0)
+    bars.progress("titles", 64, 128)  # at 130
+    assert bars.bar.start_t == 100.0
+    bars.progress("titles", 128, 128)  # at 150
+    bars.progress("photos", 64, 128)  # at 160
+    assert bars.bar.start_t == 150.0 and bars.bar.n == 64
+    bars.on_epoch({"loss": 1.0, "val_image_r1": 0.5, "val_text_r10": 0.5})  # at 175
+    assert bars.bar.start_t == 160.0 and bars.bar.n == 1
+    bars.on_epoch({"loss": 0.9, "val_image_r1": 0.6, "val_text_r10": 0.6})  # at 185
+    assert bars.bar.start_t == 160.0 and bars.bar.n == 2
+    bars.close()
+
+
 def test_train_command_plot_options(capsys):
     from xmsearch.cli import build_parser
 

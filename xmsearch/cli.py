@@ -29,27 +29,33 @@ class TrainingProgress:
     """Progress bars of ``train_catalog``, one at a time: each frozen-encoder pass
     (``progress``), then the epochs with loss and held-out recall (``on_epoch``)."""
 
-    def __init__(self, epochs: int):
+    def __init__(self, epochs: int, started: float | None = None):
         self.epochs = epochs
         self.key: tuple | None = None  # what the open bar shows
         self.bar = None
+        # A bar opens at its stage's first report, one batch or epoch in; the stage began at
+        # the report before it (or at the start), so its rate counts from there.
+        self.last_report = time.time() if started is None else started
 
     def _switch(self, key: tuple, desc: str, total: int):
         if key != self.key:
             self.close()
             self.key, self.bar = key, _progress_bar(desc, total)
+            self.bar.start_t = self.bar.last_print_t = self.last_report
         return self.bar
 
     def progress(self, label: str, done: int, total: int) -> None:
         bar = self._switch(("encoding", label), f"encoding {label}", total)
         bar.n = done
         bar.refresh()
+        self.last_report = time.time()
 
     def on_epoch(self, rec: dict) -> None:
         bar = self._switch(("training",), "training", self.epochs)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.3f}", img_r1=f"{rec['val_image_r1']:.2f}",
                         txt_r10=f"{rec['val_text_r10']:.2f}")
+        self.last_report = time.time()
 
     def close(self) -> None:
         if self.bar is not None:
