@@ -145,10 +145,6 @@ class TrainConfig:
     # photo+text R@10 0.790 -> 0.802 / 0.784 -> 0.797, text R@10 +0.004 / +0.005, photo R@1
     # -0.003 / +0.001 (quality_ab.md, 2026-12-07 late morning); chosen by the development means.
     view_positives: bool = True
-    # >0: the edit and text+photo views' extra answers are those of the target's nearest
-    # positive_pool items that also have a word of the view (for an edit view: a word of the
-    # target that the photo's item lacks) instead of its edit_positives nearest ones.
-    positive_pool: int = 0
     # Arithmetic of the training steps: "bf16" runs them under bfloat16 autocast (weights,
     # optimiser state and the similarity logits stay fp32), "auto" picks it where the CPU
     # multiplies bfloat16 natively (bf16_supported). On the demo's 2 cores 1.6x faster per epoch
@@ -168,7 +164,6 @@ class TrainConfig:
             ("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)"),
             ("group_size", self.group_size, self.group_size >= 1, ">= 1"),
             ("edit_positives", self.edit_positives, self.edit_positives >= 0, ">= 0"),
-            ("positive_pool", self.positive_pool, self.positive_pool >= 0, ">= 0"),
             ("precision", self.precision, self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
             ("item_mix", self.item_mix, 0 <= self.item_mix <= ITEM_MIX_MAX, f"in [0, {ITEM_MIX_MAX:g}]")) if not ok]
         if problems:
@@ -583,15 +578,6 @@ def shared_word_positives(view_words: list[frozenset], item_words: list[frozense
     return pos
 
 
-def distinguishing_word_positives(idx: torch.Tensor, other: torch.Tensor, item_words: list[frozenset]) -> torch.Tensor:
-    """[B, B]: item b may answer the edit view of row a (idx[a]'s words over other[a]'s photo)
-    when b's titles have a word of idx[a]'s that other[a]'s lack (or b is idx[a])."""
-    wanted = [item_words[i] - item_words[o] for i, o in zip(idx.tolist(), other.tolist())]
-    pos = torch.tensor([[bool(w & item_words[b]) for b in idx.tolist()] for w in wanted])
-    pos.fill_diagonal_(True)
-    return pos
-
-
 def neighbour_positives(idx: torch.Tensor, nbrs: torch.Tensor) -> torch.Tensor:
     """[B, B]: item b answers row a when b is among a's ``nbrs`` (or b is a)."""
     pos = (nbrs[idx][:, :, None] == idx[None, None, :]).any(1)
@@ -760,8 +746,8 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
         # groups kind, colour and pattern; raw photo features group backdrops).
         neighbours = (nearest_rows(z_all, 2 * cfg.group_size)
                       if cfg.group_size > 1 and z_all is not None else None)
-        n_pos = cfg.positive_pool or cfg.edit_positives
-        edit_nbrs = nearest_rows(z_all, n_pos) if n_pos > 0 and z_all is not None else None
+        edit_nbrs = (nearest_rows(z_all, cfg.edit_positives)
+                     if cfg.edit_positives > 0 and z_all is not None else None)
         fusion.train()
         order = torch.randperm(n, generator=gen)
         hard = (neighbour_batches(torch.arange(n), neighbours, cfg.group_size, gen)
@@ -787,12 +773,9 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
                 aug_v = fusion.reduced_image_tokens(reduced[idx, views.photo(idx)])
                 # Edit view: the words of i that j lacks over a photo of j.
                 other_v = fusion.reduced_image_tokens(reduced[j, views.photo(j, low=0)])
+                edit_pos = None if edit_nbrs is None else neighbour_positives(idx, edit_nbrs)
                 positives = shared_word_positives([view_words[a][b] for a, b in zip(idx.tolist(), v.tolist())],
                                                   [item_words[a] for a in idx.tolist()])
-                edit_pos = view_pos = None if edit_nbrs is None else neighbour_positives(idx, edit_nbrs)
-                if edit_pos is not None and cfg.positive_pool:
-                    view_pos = edit_pos & positives
-                    edit_pos = edit_pos & distinguishing_word_positives(idx, j, item_words)
                 z = fusion.joint(title_t, title_m, photo_v)
                 scale = log_scale.exp().clamp(max=100)
                 zq = z.detach() if cfg.query_detach else z
@@ -800,7 +783,7 @@ def train_fusion(f: Features, text_model: str, image_model: str, cfg: TrainConfi
                         + info_nce(fusion.image_only(aug_v), z, scale)
                         + info_nce(fusion.image_only(photo_v), z, scale)
                         + info_nce(fusion.joint(view_t, vm, aug_v, query=True), zq, scale,
-                                   view_pos if cfg.view_positives else None)
+                                   edit_pos if cfg.view_positives else None)
                         + info_nce(fusion.joint(edit_t, edit_m, other_v, query=True), zq, scale, edit_pos))
                 if hard is not None and len(hard[b:b + cfg.batch_size]) > 1:
                     # Photo -> item again, on a batch of look-alike groups: only the photo path
