@@ -28,7 +28,7 @@ from xmsearch.catalog import read_catalog
 from xmsearch.export.onnx import onnx_session
 from xmsearch.models.image import DEFAULT_IMAGE_MODEL
 from xmsearch.pipeline import Encoders
-from xmsearch.train import augment_photo
+from xmsearch.reshoot import augment_photo
 
 
 def per_image_ms(fn, n: int) -> float:

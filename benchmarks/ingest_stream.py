@@ -12,12 +12,19 @@ replaced.
     .venv/bin/python -m benchmarks.ingest_stream --items 1800 --rounds 4 --baseline-rev 0e40f2b \\
         --variant 8x8 --variant 8x4 --variant 4x8 --variant 16x4 --variant 8x16 \\
         --out benchmarks/results/ingest_stream.md
+
+A variant ``ROWSxIN_FLIGHTvN`` also averages N re-shots of each photo into its photo-side
+vector (``photo_views``), whose cost is measured the same way:
+
+    .venv/bin/python -m benchmarks.ingest_stream --items 1500 --rounds 2 --text-model multilingual-e5-small-q4 \\
+        --variant 8x4 --variant 8x4v3 --out benchmarks/results/ingest_photo_views.md
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import shutil
 import statistics
 import subprocess
@@ -39,22 +46,24 @@ class Variant:
     ingest: Callable  # (catalog, index_dir, embedder) -> IngestReport
 
 
-def parse_shape(text: str) -> tuple[int, int]:
-    """``"8x16"`` -> (8 rows per request, 16 requests in flight)."""
-    try:
-        rows, in_flight = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"variant {text!r}: expected ROWSxIN_FLIGHT, e.g. 8x16") from None
+def parse_shape(text: str) -> tuple[int, int, int]:
+    """``"8x16"`` -> (8 rows per request, 16 requests in flight, 0 photo views); ``"8x4v3"``
+    -> (8, 4, 3): each item's photo-side vector also averages 3 re-shots (``photo_views``)."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:v(\d+))?", text.lower())
+    if m is None:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: expected ROWSxIN_FLIGHT[vVIEWS], e.g. 8x16 or 8x4v3")
+    rows, in_flight, views = int(m[1]), int(m[2]), int(m[3] or 0)
     if rows < 1 or in_flight < 1:
         raise argparse.ArgumentTypeError(f"variant {text!r}: both numbers must be at least 1")
-    return rows, in_flight
+    return rows, in_flight, views
 
 
-def shape_variant(rows: int, in_flight: int, chunk_size: int) -> Variant:
+def shape_variant(rows: int, in_flight: int, chunk_size: int, photo_views: int = 0) -> Variant:
     from xmsearch.client.ingest import ingest_catalog
 
-    return Variant(f"{rows}x{in_flight}", lambda cat, out, emb: ingest_catalog(
-        cat, out, emb, chunk_size=chunk_size, request_rows=rows, in_flight=in_flight))
+    name = f"{rows}x{in_flight}" + (f"v{photo_views}" if photo_views else "")
+    return Variant(name, lambda cat, out, emb: ingest_catalog(
+        cat, out, emb, chunk_size=chunk_size, request_rows=rows, in_flight=in_flight, photo_views=photo_views))
 
 
 def baseline_variant(rev: str, chunk_size: int, workdir: Path) -> Variant:
@@ -149,15 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=1800, help="demo catalogue size (default: 1800)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--chunk-size", type=int, default=256, help="rows per index chunk (default: 256)")
-    p.add_argument("--variant", action="append", type=parse_shape, dest="shapes", metavar="ROWSxIN_FLIGHT",
-                   help="request shape of the current ingest (repeat; default: 8x4, ingest_catalog's)")
+    p.add_argument("--variant", action="append", type=parse_shape, dest="shapes", metavar="ROWSxIN_FLIGHT[vVIEWS]",
+                   help="request shape of the current ingest, and photo views per item after a v "
+                        "(repeat; default: 8x4, ingest_catalog's)")
     p.add_argument("--baseline-rev", metavar="REV", help="also run the ingest of this git commit, first")
     p.add_argument("--text-model", default="minilm-l6")
     p.add_argument("--out", type=Path, help="also write the result here, under the command")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         variants = [baseline_variant(a.baseline_rev, a.chunk_size, Path(tmp))] if a.baseline_rev else []
-        variants += [shape_variant(r, f, a.chunk_size) for r, f in (a.shapes or [(8, 4)])]
+        variants += [shape_variant(r, f, a.chunk_size, v) for r, f, v in (a.shapes or [(8, 4, 0)])]
         publish(run(variants, a.items, a.rounds, a.text_model), a.out, "benchmarks.ingest_stream", argv)
     return 0
 

@@ -38,8 +38,8 @@ def cmd_index(a: argparse.Namespace, bar_factory) -> int:
     try:
         report = ingest_catalog(a.catalog, a.out, emb, factory=a.factory, resume=a.resume, add=a.add,
                                 gpu=a.gpu, chunk_size=a.chunk_size, request_rows=a.request_rows,
-                                in_flight=a.in_flight, nprobe=a.nprobe,
-                                ef_search=a.ef_search, progress=progress)
+                                in_flight=a.in_flight, nprobe=a.nprobe, ef_search=a.ef_search,
+                                photo_views=a.photo_views, progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -149,6 +149,11 @@ def add_commands(sub, url_arg, bar_factory) -> None:
     mode.add_argument("--add", action="store_true", help="add new items to the existing index OUT")
     i.add_argument("--nprobe", type=int, help="IVF lists probed per search (saved with the index)")
     i.add_argument("--ef-search", type=int, help="HNSW efSearch (saved with the index)")
+    i.add_argument("--photo-views", type=int, metavar="N",
+                   help="average the photo embeddings of N re-shots of each item's photo (new backdrop, "
+                        "framing, light) into its photo-side vector, by which photo queries are ranked: "
+                        "they find their product more often, for N more image-encoder passes per item "
+                        "(0 to 16; default: an existing index's setting, else 0; make demo uses 3)")
     i.add_argument("--gpu", action="store_true", help="build on the GPU (needs faiss-gpu and a GPU)")
     i.add_argument("--chunk-size", type=int, default=256, help="rows per save-able chunk (default: 256)")
     i.add_argument("--request-rows", type=int, default=8,

@@ -303,6 +303,20 @@ def _item_row(item_id: str, meta: Any) -> tuple[str | None, str | None, dict[str
     return title, image, attrs, pairs
 
 
+MAX_PHOTO_VIEWS = 16
+
+
+def check_photo_views(photo_views: Any, photo_vectors: bool) -> None:
+    """An index's ``photo_views`` setting: 0, or up to MAX_PHOTO_VIEWS where it keeps photo-side vectors."""
+    if isinstance(photo_views, bool) or not isinstance(photo_views, (int, np.integer)) \
+            or not 0 <= photo_views <= MAX_PHOTO_VIEWS:
+        raise InputError(f"create(): photo_views must be an integer from 0 to {MAX_PHOTO_VIEWS}, "
+                         f"got {photo_views!r}")
+    if photo_views and not photo_vectors:
+        raise InputError(f"create(): photo_views={photo_views} averages re-shots into photo-side "
+                         "vectors, and this index keeps none (photo_vectors=False)")
+
+
 def check_additions(ids: Any, vectors: Any, metadata: Any, photo_vectors: Any, *, dim: int,
                     keeps_photo: bool, where: object, normalize: bool = False
                     ) -> tuple[list[str], np.ndarray, np.ndarray | None, list[Any]]:
@@ -542,6 +556,9 @@ class CatalogIndex:
         self._search_params: dict[str, int] = dict(meta.get("search_params") or {})
         # Indexes created before photo-side vectors existed have neither the key nor the table.
         self._photo = bool(meta.get("photo_vectors", False))
+        # Re-shots averaged into each photo-side vector at ingestion (``ingest_catalog``);
+        # indexes created before the setting existed used none.
+        self._photo_views = int(meta.get("photo_views", 0))
         # Whether the factory trains at all (Flat/HNSW do not), independent of its state.
         self._factory_trains = not faiss.index_factory(
             self._dim, self._factory, faiss.METRIC_INNER_PRODUCT).is_trained
@@ -565,7 +582,7 @@ class CatalogIndex:
     @classmethod
     def create(cls, path: str | os.PathLike[str], dim: int, *, fingerprint: str,
                factory: str = "Flat", metric: str = "ip", gpu: bool = False,
-               photo_vectors: bool = False) -> CatalogIndex:
+               photo_vectors: bool = False, photo_views: int = 0) -> CatalogIndex:
         """Create an empty index in directory ``path`` (created if missing) and save it.
 
         ``factory`` is any FAISS ``index_factory`` string without an ``IDMap`` prefix
@@ -575,8 +592,11 @@ class CatalogIndex:
         ``photo_vectors``: every item also keeps a photo-side vector (the item ensemble's
         ``PHOTO_EMBEDDING``), stored beside its metadata, by which :meth:`search_photo`
         ranks a photo query's candidates again; :meth:`add` then requires them.
+        ``photo_views``: how many re-shots of each photo its ingestion averages into the
+        photo-side vector, recorded so that resumed and later ingests do the same.
         """
         root = Path(path)
+        check_photo_views(photo_views, photo_vectors)
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
             raise InputError(f"create(): dim must be a positive integer, got {dim!r}")
         if not isinstance(fingerprint, str) or not fingerprint:
@@ -619,7 +639,8 @@ class CatalogIndex:
             meta = {"format_version": FORMAT_VERSION, "dim": int(dim), "factory": factory,
                     "metric": "ip", "fingerprint": fingerprint, "generation": 0,
                     "next_label": 0, "id_mode": id_mode, "removal": removal,
-                    "search_params": {}, "created_at": now, "photo_vectors": bool(photo_vectors)}
+                    "search_params": {}, "created_at": now, "photo_vectors": bool(photo_vectors),
+                    "photo_views": int(photo_views)}
             conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA)
             conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
                              [(k, json.dumps(v)) for k, v in meta.items()])
@@ -770,6 +791,11 @@ class CatalogIndex:
     def has_photo_vectors(self) -> bool:
         """Whether every item keeps a photo-side vector (see :meth:`create`)."""
         return self._photo
+
+    @property
+    def photo_views(self) -> int:
+        """Re-shots averaged into each photo-side vector at ingestion (see :meth:`create`)."""
+        return self._photo_views
 
     @property
     def tombstone_count(self) -> int:

@@ -7,6 +7,12 @@ embeds only the rows the index does not hold yet (no duplicates, nothing lost). 
 the server rejects (a corrupt photo, say) is re-sent row by row so that only the bad rows
 are skipped, each reported with its line number and the server's reason.
 
+With ``photo_views=N`` an item's photo-side vector (by which photo queries are ranked) also
+averages the photo embeddings of N re-shots of its photo (:mod:`xmsearch.reshoot`: new
+backdrop, framing and light, the same for the same item id), sent through the
+``query_image`` ensemble: a shopper's photo, from another shoot, then finds its product
+more often, for N more image-encoder passes per item.
+
 The index is a directory or a Milvus collection (:mod:`xmsearch.client.stores`).  A Milvus
 collection keeps each chunk once it is added rather than at the next save, so an interrupted
 ingest into one keeps every chunk it finished; ``resume=True`` works the same on both.
@@ -14,6 +20,7 @@ ingest into one keeps every chunk it finished; ``resume=True`` works the same on
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -27,10 +34,13 @@ import numpy as np
 from xmsearch import spec as S
 from xmsearch.catalog import BadRow, CatalogRow, read_catalog
 from xmsearch.client.embed import Embedder, embed_isolating, stack_rows
-from xmsearch.client.index import CatalogIndex
+from xmsearch.client.index import MAX_PHOTO_VIEWS, CatalogIndex
 from xmsearch.client.milvus import MilvusIndex
 from xmsearch.client.stores import Location, create_index, index_exists, open_index, parse_location
 from xmsearch.errors import IndexStoreError, InputError
+from xmsearch.reshoot import photo_views as render_photo_views
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,8 +63,11 @@ class IngestReport:
 
 
 def open_or_create(index_dir: Location, embedder: Embedder, factory: str, resume: bool, add: bool,
-                   gpu: bool = False) -> CatalogIndex | MilvusIndex:
-    """Open an existing index (resume/add) or create a new one sized for the server."""
+                   gpu: bool = False, photo_views: int | None = None) -> CatalogIndex | MilvusIndex:
+    """Open an existing index (resume/add) or create a new one sized for the server.
+
+    ``photo_views``: None takes an existing index's setting (0 for a new one); a number an
+    existing index was not built with is refused, so that all its items are alike."""
     index_dir = parse_location(index_dir)
     exists = index_exists(index_dir)
     if exists and not (resume or add):
@@ -73,12 +86,21 @@ def open_or_create(index_dir: Location, embedder: Embedder, factory: str, resume
                 raise IndexStoreError(f"index {index_dir} keeps a photo-side vector per item and the "
                                       f"server's {S.ITEM!r} ensemble returns none ({S.PHOTO_EMBEDDING}): "
                                       "serve the model repository the index was built with")
+            if photo_views is not None and photo_views != index.photo_views:
+                raise IndexStoreError(f"index {index_dir} was built with {index.photo_views} photo views "
+                                      f"per item, not {photo_views}: leave --photo-views out to use "
+                                      "its setting, or build a new index")
         except BaseException:
             index.close()  # a refused index must not stay locked for writing
             raise
         return index
+    photo = embedder.serves_photo_vectors
+    if photo_views and not photo:
+        raise IndexStoreError(f"--photo-views averages re-shots into each item's photo-side vector, and the "
+                              f"server's {S.ITEM!r} ensemble returns none ({S.PHOTO_EMBEDDING}): export "
+                              "the model repository again with this xmsearch")
     return create_index(index_dir, embedder.dim, fingerprint=embedder.fingerprint,
-                        factory=factory, gpu=gpu, photo_vectors=embedder.serves_photo_vectors)
+                        factory=factory, gpu=gpu, photo_vectors=photo, photo_views=photo_views or 0)
 
 
 def _width(index: CatalogIndex | MilvusIndex) -> int:
@@ -92,10 +114,33 @@ def _add(index: CatalogIndex | MilvusIndex, rows: list[CatalogRow], vectors: np.
               photo_vectors=vectors[:, d:] if index.has_photo_vectors else None)
 
 
-def _embed_rows(embedder: Embedder, rows: list[CatalogRow], bad: list[BadRow], width: int
-                ) -> tuple[list[CatalogRow], np.ndarray]:
+def with_photo_views(embedder: Embedder, rows: list[CatalogRow], photos: list[bytes],
+                     photo_vectors: np.ndarray, views: int) -> np.ndarray:
+    """``normalise(p + normalise(e_1 + ... + e_views))`` for each row's photo-side vector
+    ``p``, where ``e_k`` is the photo embedding (``query_image``) of the k-th re-shot of
+    its photo.  A photo that cannot be re-shot keeps ``p`` (logged)."""
+    shots, owners = [], []
+    for k, (row, photo) in enumerate(zip(rows, photos)):
+        try:
+            shots += render_photo_views(photo, row.id, views)
+            owners.append(k)
+        except Exception as e:  # noqa: BLE001 - the server took the photo; a re-shot is a bonus
+            log.warning("line %d (%s): photo kept without re-shots: %s", row.line, row.id, e)
+    out = np.array(photo_vectors, dtype=np.float32, copy=True)
+    if not shots:
+        return out
+    e = embedder.embed_queries(images=shots).reshape(len(owners), views, -1).sum(1)
+    e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    mixed = out[owners] + e
+    out[owners] = mixed / np.maximum(np.linalg.norm(mixed, axis=1, keepdims=True), 1e-12)
+    return out
+
+
+def _embed_rows(embedder: Embedder, rows: list[CatalogRow], bad: list[BadRow], width: int,
+                photo_views: int = 0) -> tuple[list[CatalogRow], np.ndarray]:
     """Embed rows (``width`` columns each: the item vector, and the photo-side vector when
-    twice the embedding width); isolate rows the server refuses (one request each)."""
+    twice the embedding width, with ``photo_views`` re-shots averaged in); isolate rows the
+    server refuses (one request each)."""
     photo = width != embedder.dim
     ok_rows, photos = [], []
     for r in rows:
@@ -112,6 +157,10 @@ def _embed_rows(embedder: Embedder, rows: list[CatalogRow], bad: list[BadRow], w
         len(ok_rows), width)
     for i, e in refused.items():
         bad.append(BadRow(ok_rows[i].line, ok_rows[i].id, f"refused by the server: {e}"))
+    if photo and photo_views and kept:
+        d = embedder.dim
+        vectors[:, d:] = with_photo_views(embedder, [ok_rows[i] for i in kept], [photos[i] for i in kept],
+                                          vectors[:, d:], photo_views)
     return [ok_rows[i] for i in kept], vectors
 
 
@@ -119,7 +168,7 @@ _QUEUED_PER_SLOT = 4  # requests queued per in-flight slot, ahead of the oldest 
 
 
 def _embedded_chunks(embedder: Embedder, chunks: list[list[CatalogRow]], bad: list[BadRow],
-                     request_rows: int, in_flight: int, width: int
+                     request_rows: int, in_flight: int, width: int, photo_views: int = 0
                      ) -> Iterator[tuple[list[CatalogRow], list[CatalogRow], np.ndarray]]:
     """``(chunk, kept rows, vectors)`` for each chunk, in order.
 
@@ -141,7 +190,7 @@ def _embedded_chunks(embedder: Embedder, chunks: list[list[CatalogRow]], bad: li
                     nxt = next(pieces, None)
                     if nxt is None:
                         break
-                    queued.append((nxt[0], pool.submit(_embed_rows, embedder, nxt[1], bad, width)))
+                    queued.append((nxt[0], pool.submit(_embed_rows, embedder, nxt[1], bad, width, photo_views)))
                 if not queued:
                     break
                 c, fut = queued.popleft()
@@ -161,23 +210,28 @@ def _embedded_chunks(embedder: Embedder, chunks: list[list[CatalogRow]], bad: li
 def ingest_catalog(catalog: Path, index_dir: Location | str, embedder: Embedder, *, factory: str = "Flat",
                    resume: bool = False, add: bool = False, gpu: bool = False, chunk_size: int = 256,
                    save_every: int = 4, request_rows: int = 8, in_flight: int = 4,
-                   nprobe: int | None = None, ef_search: int | None = None,
+                   nprobe: int | None = None, ef_search: int | None = None, photo_views: int | None = None,
                    progress: Callable[[int, int], None] | None = None) -> IngestReport:
     """Embed a catalogue through the item ensemble into the index at ``index_dir``.
 
     Chunks of ``chunk_size`` rows are added (and every ``save_every`` chunks saved) in
     catalogue order; the rows go to the server in requests of ``request_rows``, ``in_flight``
-    of them at a time, in one stream across chunks."""
+    of them at a time, in one stream across chunks.  ``photo_views`` re-shots of each photo
+    are averaged into its photo-side vector (None: an existing index's setting, else 0)."""
     for name, value in (("chunk_size", chunk_size), ("save_every", save_every),
                         ("request_rows", request_rows), ("in_flight", in_flight)):
         if value < 1:
             raise InputError(f"ingest: {name} must be at least 1, got {value}")
+    if photo_views is not None and (isinstance(photo_views, bool) or not isinstance(photo_views, int)
+                                    or not 0 <= photo_views <= MAX_PHOTO_VIEWS):
+        raise InputError(f"ingest: photo_views must be an integer from 0 to {MAX_PHOTO_VIEWS}, got {photo_views!r}")
     t0 = time.time()
     embedder.check_ready()
     rows, bad = read_catalog(Path(catalog))
     index_dir = parse_location(index_dir)
     report = IngestReport(index_dir, rows=len(rows) + len(bad), bad=list(bad))
-    index = open_or_create(index_dir, embedder, factory, resume, add, gpu)
+    index = open_or_create(index_dir, embedder, factory, resume, add, gpu, photo_views)
+    views = index.photo_views if index.has_photo_vectors else 0
     try:
         present = index.contains([r.id for r in rows]) if len(index) else [False] * len(rows)
         todo = []
@@ -195,7 +249,7 @@ def ingest_catalog(catalog: Path, index_dir: Location | str, embedder: Embedder,
                 raise IndexStoreError(f"factory {index.factory!r} needs at least {lo} vectors to train, "
                                       f"the catalogue has {len(sample)} usable rows: use Flat or HNSW32")
             with closing(_embedded_chunks(embedder, [sample], report.bad, request_rows, in_flight,
-                                          _width(index))) as one:
+                                          _width(index), views)) as one:
                 _, kept, vecs = next(one)
             index.train(vecs[:, :index.dim])
             if kept:  # the training sample is embedded already: add it, do not embed it twice
@@ -208,7 +262,7 @@ def ingest_catalog(catalog: Path, index_dir: Location | str, embedder: Embedder,
         done = 0
         chunks = [todo[start:start + chunk_size] for start in range(0, len(todo), chunk_size)]
         with closing(_embedded_chunks(embedder, chunks, report.bad, request_rows, in_flight,
-                                      _width(index))) as embedded:
+                                      _width(index), views)) as embedded:
             for n, (chunk, kept, vecs) in enumerate(embedded, start=1):
                 if kept:
                     _add(index, kept, vecs)

@@ -63,6 +63,7 @@ from xmsearch.client.index import (
     check_additions,
     check_embeddings,
     check_k,
+    check_photo_views,
     filter_values,
 )
 from xmsearch.errors import IndexStoreError, InputError, XmsearchError
@@ -192,6 +193,7 @@ class MilvusIndex:
         self._dim = int(manifest["dim"])
         self._fingerprint = str(manifest["fingerprint"])
         self._photo = bool(manifest["photo_vectors"])
+        self._photo_views = int(manifest.get("photo_views", 0))
         self._index_type = str(manifest.get("index_type", "AUTOINDEX"))
         self._read_only = read_only
         self._search_params: dict[str, int] = {}
@@ -211,9 +213,10 @@ class MilvusIndex:
 
     @classmethod
     def create(cls, location: MilvusLocation | str, dim: int, *, fingerprint: str,
-               photo_vectors: bool = False, index_type: str = "AUTOINDEX",
+               photo_vectors: bool = False, photo_views: int = 0, index_type: str = "AUTOINDEX",
                index_params: Mapping[str, Any] | None = None) -> MilvusIndex:
-        """Create the collection; an existing one is refused (delete it in Milvus first)."""
+        """Create the collection; an existing one is refused (delete it in Milvus first).
+        ``photo_vectors`` and ``photo_views`` as for :meth:`CatalogIndex.create`."""
         from pymilvus import DataType
 
         loc = _location(location)
@@ -221,13 +224,15 @@ class MilvusIndex:
             raise InputError(f"create(): dim must be a positive integer, got {dim!r}")
         if not isinstance(fingerprint, str) or not fingerprint:
             raise InputError("create(): fingerprint must name the model (a non-empty string)")
+        check_photo_views(photo_views, photo_vectors)
         client = _connect(loc)
         with _closed_on_error(client, "create()", loc):
             if client.has_collection(loc.collection):
                 raise IndexStoreError(f"create(): {loc} already exists: pass --resume or --add to "
                                       "use it, or drop the collection first")
             manifest = {"format_version": FORMAT_VERSION, "dim": dim, "fingerprint": fingerprint,
-                        "photo_vectors": bool(photo_vectors), "metric": "ip", "index_type": index_type}
+                        "photo_vectors": bool(photo_vectors), "photo_views": int(photo_views),
+                        "metric": "ip", "index_type": index_type}
             schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
@@ -307,6 +312,10 @@ class MilvusIndex:
     @property
     def has_photo_vectors(self) -> bool:
         return self._photo
+
+    @property
+    def photo_views(self) -> int:
+        return self._photo_views
 
     @property
     def needs_training(self) -> bool:

@@ -1058,8 +1058,10 @@ def test_ingest_stream_parses_shapes_and_loads_an_earlier_ingest(tmp_path: Path)
 
     from benchmarks import ingest_stream
 
-    assert ingest_stream.parse_shape("8x16") == (8, 16)
-    for bad in ("8", "8x", "axb", "0x4", "8x0"):
+    assert ingest_stream.parse_shape("8x16") == (8, 16, 0)
+    assert ingest_stream.parse_shape("8x4v3") == (8, 4, 3)
+    assert ingest_stream.shape_variant(8, 4, 256, 3).name == "8x4v3"
+    for bad in ("8", "8x", "axb", "0x4", "8x0", "8x4v", "8x4x3"):
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(bad))):
             ingest_stream.parse_shape(bad)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,

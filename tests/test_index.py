@@ -653,6 +653,19 @@ def test_create_validates_arguments(tmp_path):
         CatalogIndex.create(tmp_path / "d", 8, fingerprint="")
     with pytest.raises(InputError, match="dim must be a positive integer"):
         CatalogIndex.create(tmp_path / "e", 0, fingerprint="f")
+    with pytest.raises(InputError, match="photo_views must be an integer from 0 to 16, got 17"):
+        CatalogIndex.create(tmp_path / "f", 8, fingerprint="f", photo_vectors=True, photo_views=17)
+    with pytest.raises(InputError, match="photo_views=2 averages re-shots .* keeps none"):
+        CatalogIndex.create(tmp_path / "g", 8, fingerprint="f", photo_views=2)
+    assert not any((tmp_path / name).exists() for name in "abcdefg")
+
+
+def test_photo_views_setting_is_kept_with_the_index(tmp_path):
+    CatalogIndex.create(tmp_path / "v", 8, fingerprint="f", photo_vectors=True, photo_views=3).close()
+    with CatalogIndex.open(tmp_path / "v", read_only=True) as idx:
+        assert idx.photo_views == 3 and idx.has_photo_vectors
+    with CatalogIndex.create(tmp_path / "plain", 8, fingerprint="f") as idx:
+        assert idx.photo_views == 0
 
 
 def test_fingerprint_mismatch_is_refused(tmp_path, rng):

@@ -40,6 +40,7 @@ from xmsearch.client.ingest import IngestReport, ingest_catalog
 from xmsearch.client.search import Searcher
 from xmsearch.demo import generate_demo_catalog
 from xmsearch.errors import IndexStoreError, InputError
+from xmsearch.reshoot import photo_views
 
 pytestmark = pytest.mark.triton
 
@@ -131,6 +132,14 @@ def stored_vectors(index_dir: Path) -> dict[str, np.ndarray]:
         hits = idx.search(probe, n)[0]  # every item, each with its FAISS label
     assert len(hits) == n
     return {h.id: vectors.reconstruct(h.label) for h in hits}
+
+
+def stored_photo_vectors(index_dir: Path) -> dict[str, np.ndarray]:
+    """id -> photo-side vector as stored beside the item's metadata."""
+    with CatalogIndex.open(index_dir, read_only=True) as idx:
+        hits = idx.search(np.eye(1, idx.dim, dtype=np.float32), len(idx))[0]
+        found, vectors = idx._photo_vectors_of(np.array([h.label for h in hits]))
+    return {h.id: vectors[np.searchsorted(found, h.label)] for h in hits}
 
 
 def assert_report_lists_planted_rows(report: IngestReport, cat: Catalogue) -> None:
@@ -278,11 +287,7 @@ def test_ingest_into_milvus_resumes_and_answers_as_the_directory_index(
 
     reference_dir = reference_index[0]
     reference = stored_vectors(reference_dir)
-    with CatalogIndex.open(reference_dir, read_only=True) as idx:
-        hits = idx.search(np.eye(1, idx.dim, dtype=np.float32), N_ITEMS)[0]
-        found, vectors = idx._photo_vectors_of(np.array([h.label for h in hits]))
-        label_of = {h.id: h.label for h in hits}
-    reference_photo = {i: vectors[np.searchsorted(found, lb)] for i, lb in label_of.items()}
+    reference_photo = stored_photo_vectors(reference_dir)
     client = pymilvus.MilvusClient(str(db))
     try:
         stored = client.get("items", ids=sorted(catalogue.good), output_fields=["vector", "photo"])
@@ -338,6 +343,67 @@ def test_request_stream_shape_leaves_the_index_unchanged(catalogue: Catalogue, e
         labels = {h.id: h.label for h in idx.search(np.eye(1, idx.dim, dtype=np.float32), N_ITEMS)[0]}
     good_in_order = [r.id for r in readable if r.id in catalogue.good]
     assert sorted(good_in_order, key=labels.__getitem__) == good_in_order
+
+
+def test_photo_views_average_reshots_into_the_photo_side_vectors(catalogue: Catalogue, embedder: Embedder,
+                                                                 reference_index, tmp_path: Path) -> None:
+    """photo_views=2: the searched vectors are the plain ingest's; each photo-side vector is
+    normalise(p + normalise(e1 + e2)), p the plain one and e_k the served photo embedding of
+    the k-th re-shot of the item's photo (seeded by its id).  The count is recorded: an
+    interrupted ingest resumed without it ends where an uninterrupted one does, and another
+    count is refused without a change."""
+    whole = tmp_path / "whole"
+    report = ingest_catalog(catalogue.path, whole, embedder, chunk_size=8, photo_views=2)
+    assert report.added == N_ITEMS
+    assert_report_lists_planted_rows(report, catalogue)
+    plain_dir = reference_index[0]
+    searched, plain_searched = stored_vectors(whole), stored_vectors(plain_dir)
+    assert sorted(searched) == sorted(plain_searched)
+    for item_id, vec in plain_searched.items():
+        np.testing.assert_allclose(searched[item_id], vec, atol=1e-5, err_msg=item_id)
+    plain, viewed = stored_photo_vectors(plain_dir), stored_photo_vectors(whole)
+    rows = {r.id: r for r in read_catalog(catalogue.path)[0]}
+    for item_id in sorted(catalogue.good)[:6]:
+        shots = photo_views(rows[item_id].image.read_bytes(), item_id, 2)
+        e = embedder.embed_queries(images=shots).sum(0)
+        want = plain[item_id] + e / np.linalg.norm(e)
+        np.testing.assert_allclose(viewed[item_id], want / np.linalg.norm(want), atol=1e-5, err_msg=item_id)
+    moved = [float(viewed[i] @ plain[i]) for i in catalogue.good]
+    assert max(moved) < 0.9999 and min(moved) > 0.5  # every item's vector moved, none far
+    with CatalogIndex.open(whole, read_only=True) as idx:
+        assert idx.photo_views == 2
+
+    for count in (0, 3):
+        with pytest.raises(IndexStoreError, match=f"built with 2 photo views per item, not {count}"):
+            ingest_catalog(catalogue.path, whole, embedder, resume=True, photo_views=count)
+
+    parts = tmp_path / "parts"
+    chunks = []
+
+    def stop_after_two_chunks(done: int, total: int) -> None:
+        chunks.append(done)
+        if len(chunks) == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        ingest_catalog(catalogue.path, parts, embedder, chunk_size=8, save_every=1, photo_views=2,
+                       progress=stop_after_two_chunks)
+    resumed = ingest_catalog(catalogue.path, parts, embedder, chunk_size=8, resume=True)
+    assert resumed.already_indexed > 0 and resumed.added + resumed.already_indexed == N_ITEMS
+    again = stored_photo_vectors(parts)
+    for item_id, vec in viewed.items():
+        np.testing.assert_allclose(again[item_id], vec, atol=1e-5, err_msg=item_id)
+    unchanged = stored_photo_vectors(whole)  # the refused resumes changed nothing
+    assert unchanged.keys() == viewed.keys()
+    assert all(np.array_equal(unchanged[i], viewed[i]) for i in viewed)
+
+
+@pytest.mark.parametrize("count", [-1, 17, True, 2.0])
+def test_bad_photo_view_counts_are_refused(catalogue: Catalogue, embedder: Embedder, tmp_path: Path,
+                                           count) -> None:
+    with pytest.raises(InputError, match=f"photo_views must be an integer from 0 to 16, got {count!r}"):
+        ingest_catalog(catalogue.path, tmp_path / "index", embedder, photo_views=count)
+    assert not (tmp_path / "index").exists()
 
 
 @pytest.mark.parametrize("option", ["chunk_size", "save_every", "request_rows", "in_flight"])
@@ -546,6 +612,9 @@ def test_an_index_with_photo_vectors_refuses_a_server_that_serves_none(catalogue
                 ingest_catalog(catalogue.path, keeps, emb, add=True)
             with CatalogIndex.open(keeps, read_only=True) as idx:
                 assert len(idx) == 0 and idx.has_photo_vectors
+            with pytest.raises(IndexStoreError, match=f"--photo-views .* returns none .*{S.PHOTO_EMBEDDING}"):
+                ingest_catalog(catalogue.path, tmp_path / "views", emb, photo_views=2)
+            assert not (tmp_path / "views").exists()
             plain = tmp_path / "plain"
             report = ingest_catalog(catalogue.path, plain, emb)
             assert report.added == N_ITEMS

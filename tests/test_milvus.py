@@ -163,6 +163,14 @@ def test_writes_reopen_and_read_only(tmp_path: Path) -> None:
         r.close()
     with pytest.raises(IndexStoreError, match="closed"):
         r.search(new, 1)
+    assert r.photo_views == 0
+    views = f"milvus:{tmp_path / 'v.db'}"
+    with pytest.raises(InputError, match="photo_views=2 averages re-shots .* keeps none"):
+        create_index(views, DIM, fingerprint="fp", photo_views=2)
+    assert not index_exists(views)
+    create_index(views, DIM, fingerprint="fp", photo_vectors=True, photo_views=2).close()
+    with open_index(views, read_only=True) as m:
+        assert m.photo_views == 2 and m.has_photo_vectors
 
 
 def test_open_refuses_what_is_not_an_xmsearch_collection(tmp_path: Path) -> None:

@@ -1,5 +1,7 @@
 """Fusion training on a small generated catalogue (real frozen encoders, cached features)."""
 
+import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -177,7 +179,7 @@ def test_reshot_photo_keeps_size_and_colour_but_changes_pixels(small_catalog):
     import numpy as np
     from PIL import Image
 
-    from xmsearch.train import augment_photo
+    from xmsearch.reshoot import augment_photo
 
     rows, _ = read_catalog(small_catalog)
     saturated = [r for r in rows if r.attributes["colour"] in ("red", "blue", "green", "yellow")][:3]
@@ -202,6 +204,29 @@ def test_reshot_photo_keeps_size_and_colour_but_changes_pixels(small_catalog):
         for shot in shots:
             d = abs((hue(Image.open(io.BytesIO(shot))) - hue(src) + 180) % 360 - 180)
             assert d < 15, f"{row.id}: re-shot moved the hue by {d:.1f} degrees"
+
+
+def test_photo_views_are_the_same_for_the_same_item_on_every_run(small_catalog, tmp_path):
+    # Ingestion's re-shots (xmsearch.reshoot.photo_views): seeded by the item id, so a
+    # resumed or repeated ingest stores the same photo-side vectors; a fresh interpreter
+    # (another string-hash seed) draws the same bytes.
+    import subprocess
+    import sys
+
+    from xmsearch.reshoot import photo_views
+
+    rows, _ = read_catalog(small_catalog)
+    data = rows[0].image.read_bytes()
+    shots = photo_views(data, rows[0].id, 3)
+    assert len(set(shots)) == 3 and data not in shots
+    assert photo_views(data, rows[0].id, 3) == shots and photo_views(data, rows[0].id, 1) == shots[:1]
+    assert photo_views(data, rows[1].id, 3)[0] != shots[0]
+    assert photo_views(data, rows[0].id, 0) == []
+    script = ("import hashlib, sys; from pathlib import Path; from xmsearch.reshoot import photo_views; "
+              "print(hashlib.sha256(b''.join(photo_views(Path(sys.argv[1]).read_bytes(), sys.argv[2], 3))).hexdigest())")
+    out = subprocess.run([sys.executable, "-c", script, str(rows[0].image), rows[0].id], capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "12345"}).stdout.strip()
+    assert out == hashlib.sha256(b"".join(shots)).hexdigest()
 
 
 def test_image_regions_are_multiscale_and_normalised_per_depth():
