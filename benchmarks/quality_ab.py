@@ -16,7 +16,9 @@ A variant is ``NAME:KEY=VALUE,KEY=VALUE`` (``NAME:`` alone for the defaults).  S
 change the initialisation and the batch order, not the features: the spread between
 seeds is the noise level a difference has to clear.  ``--item-mix M ...`` evaluates each
 trained model once per stored-item mix (``AttentionFusion.item_mix``, set after training),
-one row each, without training again.
+one row each, without training again; ``--photo-views N ...`` likewise once per number of
+re-shots averaged into the photo-side vectors (``xmsearch index --photo-views``: the same
+re-shots, rendered here and encoded by the frozen image encoder).
 
 The demo's ``queries.jsonl`` is its evaluation set, the figures the README reports.  A
 setting chosen by its figures on that same set would flatter them, so settings are chosen on
@@ -88,14 +90,38 @@ def query_features(enc: Encoders, queries: list[dict]) -> dict:
     return out
 
 
+def photo_view_regions(enc: Encoders, rows: list, views: int, batch: int = 64) -> torch.Tensor:
+    """[N, views, R, Hi] fp16: the frozen image encoder's regions of the re-shots that
+    ``ingest_catalog(photo_views=views)`` renders for each item (the first k of them are
+    what ``photo_views=k`` renders)."""
+    from xmsearch.reshoot import photo_views
+
+    out = []
+    step = max(1, batch // views)
+    for i in range(0, len(rows), step):
+        chunk = rows[i:i + step]
+        shots = [s for r in chunk for s in photo_views(r.image.read_bytes(), r.id, views)]
+        r = enc.image_regions(shots)  # item-major: each item's re-shots together
+        out.append(r.view(len(chunk), views, *r.shape[1:]).half())
+    return torch.cat(out)
+
+
 @torch.no_grad()
-def rank(fusion, f: Features, qf: dict, queries: list[dict], k: int = 10, bs: int = 256) -> dict[str, list[str]]:
-    """Top-k catalogue ids per query: what the served ensembles + a Flat index return."""
+def rank(fusion, f: Features, qf: dict, queries: list[dict], k: int = 10, bs: int = 256,
+         view_regions: torch.Tensor | None = None) -> dict[str, list[str]]:
+    """Top-k catalogue ids per query: what the served ensembles + a Flat index return.
+    ``view_regions`` [N, V, R, Hi]: photo-side vectors with those V re-shots averaged in, as
+    ``ingest_catalog(photo_views=V)`` stores them."""
     fusion.eval()
     items = [fusion.encode_item_vectors(f.item_states[i:i + bs].float(), f.item_mask[i:i + bs],
                                         f.regions[i:i + bs, 0].float()) for i in range(0, len(f.ids), bs)]
     z = torch.cat([v for v, _ in items])
     photo = torch.cat([p for _, p in items])
+    if view_regions is not None and view_regions.shape[1]:
+        shots = torch.cat([torch.stack([fusion.encode_image(view_regions[i:i + bs, v].float())
+                                        for v in range(view_regions.shape[1])], 1).sum(1)
+                           for i in range(0, len(f.ids), bs)])
+        photo = torch.nn.functional.normalize(photo + torch.nn.functional.normalize(shots, dim=-1), dim=-1)
     out = {}
     for q in queries:
         text, image = qf[q["qid"]]
@@ -116,7 +142,7 @@ def rank(fusion, f: Features, qf: dict, queries: list[dict], k: int = 10, bs: in
 
 def run(catalog: Path, variants: list[tuple[str, dict]], seeds: list[int], text_model: str,
         image_model: str, cache_dir: Path, log=print, item_mixes: list[float] | None = None,
-        dev_queries: Path | None = None) -> list[dict]:
+        dev_queries: Path | None = None, photo_views: list[int] | None = None) -> list[dict]:
     rows, _ = read_catalog(catalog / "catalog.jsonl")
     query_sets = {EVAL: load_queries(catalog / "queries.jsonl")}
     if dev_queries is not None:
@@ -127,6 +153,7 @@ def run(catalog: Path, variants: list[tuple[str, dict]], seeds: list[int], text_
     if enc.image_session is None:  # the cache was there: still encode the query photos with ORT
         enc.use_onnx_images(cache_dir)
     qfs = {name: query_features(enc, qs) for name, qs in query_sets.items()}
+    view_regions = photo_view_regions(enc, rows, max(photo_views)) if photo_views and max(photo_views) else None
     log(f"features for {len(rows)} items and "
         + " + ".join(f"{len(qs)} {name} queries" for name, qs in query_sets.items()) + f": {time.time() - t0:.0f} s")
     results = []
@@ -136,13 +163,16 @@ def run(catalog: Path, variants: list[tuple[str, dict]], seeds: list[int], text_
             t1 = time.time()
             fusion = train_fusion(feats, text_model, image_model, cfg).checkpoint.fusion
             train_s = round(time.time() - t1, 1)
-            for mix in item_mixes or [None]:
+            for mix, views in [(m, v) for m in item_mixes or [None] for v in photo_views or [None]]:
                 label, over = name, overrides
                 if mix is not None:
                     fusion.item_mix = mix
-                    label, over = f"{name} @ item_mix {mix:g}", {**overrides, "item_mix": mix}
+                    label, over = f"{label} @ item_mix {mix:g}", {**over, "item_mix": mix}
+                if views is not None:
+                    label, over = f"{label} @ photo_views {views}", {**over, "photo_views": views}
+                shots = view_regions[:, :views] if views else None
                 for qname, queries in query_sets.items():
-                    metrics = evaluate(rank(fusion, feats, qfs[qname], queries), queries)
+                    metrics = evaluate(rank(fusion, feats, qfs[qname], queries, view_regions=shots), queries)
                     results.append({"variant": label, "overrides": over, "seed": seed, "queries": qname,
                                     "train_s": train_s, "metrics": metrics})
                     log(f"{label} seed {seed}" + (f" ({qname} queries)" if dev_queries else "") + ": " + "  ".join(
@@ -179,6 +209,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--item-mix", type=float, nargs="+", metavar="M",
                    help="evaluate each trained model with these stored-item mixes (one row each)")
+    p.add_argument("--photo-views", type=int, nargs="+", metavar="N",
+                   help="evaluate each trained model with photo-side vectors that average N re-shots "
+                        "of each photo, as xmsearch index --photo-views N stores them (one row each)")
     p.add_argument("--text-model", default="multilingual-e5-small-q4")
     p.add_argument("--image-model", default=DEFAULT_IMAGE_MODEL)
     p.add_argument("--cache-dir", type=Path, help="feature cache (default CATALOG/.feature-cache, where make demo puts it)")
@@ -191,9 +224,11 @@ def main(argv=None) -> int:
         variants = [parse_variant(v) for v in a.variant]
     except ValueError as e:
         p.error(str(e))
+    if any(not 0 <= v <= 16 for v in a.photo_views or []):
+        p.error(f"--photo-views: each count must be from 0 to 16, got {a.photo_views}")
     results = run(a.catalog, variants, a.seeds, a.text_model, a.image_model,
                   a.cache_dir or a.catalog / ".feature-cache", item_mixes=a.item_mix,
-                  dev_queries=a.dev_queries)
+                  dev_queries=a.dev_queries, photo_views=a.photo_views)
     text = table(results)
     publish(text, a.out, "benchmarks.quality_ab", argv)
     return 0

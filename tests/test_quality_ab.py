@@ -82,6 +82,23 @@ def test_quality_ab_evaluates_each_trained_model_at_every_item_mix(tiny_demo, tm
 
 
 @pytest.mark.slow
+def test_quality_ab_evaluates_photo_side_vectors_with_reshots(tiny_demo, tmp_path, capsys):
+    out = tmp_path / "views.md"
+    argv = ["--catalog", str(tiny_demo), "--text-model", "minilm-l6", "--seeds", "0",
+            "--variant", "plain:epochs=2,group_size=1", "--photo-views", "0", "2",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert quality_ab.main(argv) == 0
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| plain")]
+    assert [r[0] for r in rows] == ["| plain @ photo_views 0", "| plain @ photo_views 2"]
+    assert "photo_views=2" in rows[1][1]
+    # Only photo queries are ranked by photo-side vectors: the text and text+image columns agree.
+    assert (rows[0][3], rows[0][5]) == (rows[1][3], rows[1][5])
+    with pytest.raises(SystemExit):
+        quality_ab.main(argv[:-4] + ["--photo-views", "-1"])
+    assert "--photo-views: each count must be from 0 to 16" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_train_precision_times_both_precisions(tiny_demo, tmp_path, capsys):
     from xmsearch.catalog import read_catalog
     from xmsearch.pipeline import Encoders
