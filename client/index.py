@@ -306,13 +306,14 @@ def _item_row(item_id: str, meta: Any) -> tuple[str | None, str | None, dict[str
 MAX_PHOTO_VIEWS = 16
 
 
-def check_photo_views(photo_views: Any, photo_vectors: bool) -> None:
-    """An index's ``photo_views`` setting: 0, or up to MAX_PHOTO_VIEWS where it keeps photo-side vectors."""
+def check_photo_views(photo_views: Any, photo_vectors: bool | None, where: str = "create()") -> None:
+    """A ``photo_views`` setting: 0, or up to MAX_PHOTO_VIEWS where the index keeps photo-side
+    vectors (``photo_vectors``; None: not known yet)."""
     if isinstance(photo_views, bool) or not isinstance(photo_views, (int, np.integer)) \
             or not 0 <= photo_views <= MAX_PHOTO_VIEWS:
-        raise InputError(f"create(): photo_views must be an integer from 0 to {MAX_PHOTO_VIEWS}, "
+        raise InputError(f"{where}: photo_views must be an integer from 0 to {MAX_PHOTO_VIEWS}, "
                          f"got {photo_views!r}")
-    if photo_views and not photo_vectors:
+    if photo_views and photo_vectors is False:
         raise InputError(f"create(): photo_views={photo_views} averages re-shots into photo-side "
                          "vectors, and this index keeps none (photo_vectors=False)")
 

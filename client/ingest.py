@@ -34,7 +34,7 @@ import numpy as np
 from xmsearch import spec as S
 from xmsearch.catalog import BadRow, CatalogRow, read_catalog
 from xmsearch.client.embed import Embedder, embed_isolating, stack_rows
-from xmsearch.client.index import MAX_PHOTO_VIEWS, CatalogIndex
+from xmsearch.client.index import CatalogIndex, check_photo_views
 from xmsearch.client.milvus import MilvusIndex
 from xmsearch.client.stores import Location, create_index, index_exists, open_index, parse_location
 from xmsearch.errors import IndexStoreError, InputError
@@ -222,9 +222,8 @@ def ingest_catalog(catalog: Path, index_dir: Location | str, embedder: Embedder,
                         ("request_rows", request_rows), ("in_flight", in_flight)):
         if value < 1:
             raise InputError(f"ingest: {name} must be at least 1, got {value}")
-    if photo_views is not None and (isinstance(photo_views, bool) or not isinstance(photo_views, int)
-                                    or not 0 <= photo_views <= MAX_PHOTO_VIEWS):
-        raise InputError(f"ingest: photo_views must be an integer from 0 to {MAX_PHOTO_VIEWS}, got {photo_views!r}")
+    if photo_views is not None:
+        check_photo_views(photo_views, None, "ingest")
     t0 = time.time()
     embedder.check_ready()
     rows, bad = read_catalog(Path(catalog))

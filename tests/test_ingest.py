@@ -221,20 +221,25 @@ class Interrupt(Exception):
     pass
 
 
+def stop_after(chunks: int):
+    """A progress callback that interrupts the ingest after its ``chunks``-th chunk, as if
+    the process died right after adding (and, with save_every=1, saving) it."""
+    seen = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append(done)
+        if len(seen) == chunks:
+            raise Interrupt
+
+    return progress
+
+
 @pytest.mark.slow
 def test_interrupted_ingest_resumes_to_the_same_index(catalogue: Catalogue, embedder: Embedder,
                                                       reference_index, tmp_path: Path) -> None:
     out = tmp_path / "index"
-    chunks = []
-
-    def stop_after_three_chunks(done: int, total: int) -> None:
-        chunks.append(done)
-        if len(chunks) == 3:
-            raise Interrupt  # as if the process died right after the third save
-
     with pytest.raises(Interrupt):
-        ingest_catalog(catalogue.path, out, embedder, chunk_size=8, save_every=1,
-                       progress=stop_after_three_chunks)
+        ingest_catalog(catalogue.path, out, embedder, chunk_size=8, save_every=1, progress=stop_after(3))
     # What was saved before the interruption is on disk, whole.
     with CatalogIndex.open(out, read_only=True) as idx:
         partial = len(idx)
@@ -267,15 +272,8 @@ def test_ingest_into_milvus_resumes_and_answers_as_the_directory_index(
     pymilvus = pytest.importorskip("pymilvus", reason="pymilvus is part of the test extra")
     db = tmp_path / "items.db"
     loc = f"milvus:{db}#items"
-    chunks = []
-
-    def stop_after_two_chunks(done: int, total: int) -> None:
-        chunks.append(done)
-        if len(chunks) == 2:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
-        ingest_catalog(catalogue.path, loc, embedder, chunk_size=8, progress=stop_after_two_chunks)
+        ingest_catalog(catalogue.path, loc, embedder, chunk_size=8, progress=stop_after(2))
     with pytest.raises(IndexStoreError, match="--resume"):
         ingest_catalog(catalogue.path, loc, embedder, chunk_size=8)
     report = ingest_catalog(catalogue.path, loc, embedder, chunk_size=8, resume=True)
@@ -378,16 +376,9 @@ def test_photo_views_average_reshots_into_the_photo_side_vectors(catalogue: Cata
             ingest_catalog(catalogue.path, whole, embedder, resume=True, photo_views=count)
 
     parts = tmp_path / "parts"
-    chunks = []
-
-    def stop_after_two_chunks(done: int, total: int) -> None:
-        chunks.append(done)
-        if len(chunks) == 2:
-            raise Interrupt
-
     with pytest.raises(Interrupt):
         ingest_catalog(catalogue.path, parts, embedder, chunk_size=8, save_every=1, photo_views=2,
-                       progress=stop_after_two_chunks)
+                       progress=stop_after(2))
     resumed = ingest_catalog(catalogue.path, parts, embedder, chunk_size=8, resume=True)
     assert resumed.already_indexed > 0 and resumed.added + resumed.already_indexed == N_ITEMS
     again = stored_photo_vectors(parts)
