@@ -44,7 +44,7 @@ import torch
 
 from benchmarks import publish
 from xmsearch.catalog import read_catalog
-from xmsearch.client.index import PHOTO_RERANK_DEPTH
+from xmsearch.client.index import MAX_PHOTO_VIEWS, PHOTO_RERANK_DEPTH
 from xmsearch.evaluate import load_queries
 from xmsearch.metrics import evaluate
 from xmsearch.models.image import DEFAULT_IMAGE_MODEL
@@ -224,8 +224,8 @@ def main(argv=None) -> int:
         variants = [parse_variant(v) for v in a.variant]
     except ValueError as e:
         p.error(str(e))
-    if any(not 0 <= v <= 16 for v in a.photo_views or []):
-        p.error(f"--photo-views: each count must be from 0 to 16, got {a.photo_views}")
+    if any(not 0 <= v <= MAX_PHOTO_VIEWS for v in a.photo_views or []):
+        p.error(f"--photo-views: each count must be from 0 to {MAX_PHOTO_VIEWS}, got {a.photo_views}")
     results = run(a.catalog, variants, a.seeds, a.text_model, a.image_model,
                   a.cache_dir or a.catalog / ".feature-cache", item_mixes=a.item_mix,
                   dev_queries=a.dev_queries, photo_views=a.photo_views)
