@@ -448,17 +448,25 @@ def test_ingest_killed_midway_resumes_from_the_command_line(catalogue: Catalogue
             partial = len(idx)
         assert 0 < partial < N_ITEMS
 
-        time.sleep(1.0)  # a crash on the cancelled calls shows within milliseconds
-        if not server.is_running():
+        from xmsearch.cli import main
+
+        def restart_if_crashed() -> bool:
+            if server.is_running():
+                return False
             warnings.warn("tritonserver 2.51 crashed on the killed client's cancelled calls "
                           f"(triton-inference-server/server#7368); restarted it. Log: {server.log_file}")
             server.stop()
             server.start(wait=True, timeout=120)
+            return True
 
-        from xmsearch.cli import main
-
-        assert main(["index", str(catalogue.path), "--out", str(out), "--url", server.url,
-                     "--resume"]) == 0
+        time.sleep(1.0)  # a crash on the cancelled calls usually shows within milliseconds...
+        restart_if_crashed()
+        code = main(["index", str(catalogue.path), "--out", str(out), "--url", server.url, "--resume"])
+        if code != 0 and restart_if_crashed():  # ...but it has come later (a CI run, 2026-12-07)
+            with CatalogIndex.open(out, read_only=True) as idx:
+                partial = len(idx)  # whatever the failed resume saved stays
+            code = main(["index", str(catalogue.path), "--out", str(out), "--url", server.url, "--resume"])
+        assert code == 0
     assert f"{N_ITEMS - partial} items added, {partial} already indexed" in capsys.readouterr().out
     resumed, reference = stored_vectors(out), stored_vectors(reference_index[0])
     assert sorted(resumed) == sorted(reference)
