@@ -314,7 +314,7 @@ def check_photo_views(photo_views: Any, photo_vectors: bool | None, where: str =
         raise InputError(f"{where}: photo_views must be an integer from 0 to {MAX_PHOTO_VIEWS}, "
                          f"got {photo_views!r}")
     if photo_views and photo_vectors is False:
-        raise InputError(f"create(): photo_views={photo_views} averages re-shots into photo-side "
+        raise InputError(f"{where}: photo_views={photo_views} averages re-shots into photo-side "
                          "vectors, and this index keeps none (photo_vectors=False)")
 
 

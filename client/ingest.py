@@ -230,7 +230,7 @@ def ingest_catalog(catalog: Path, index_dir: Location | str, embedder: Embedder,
     index_dir = parse_location(index_dir)
     report = IngestReport(index_dir, rows=len(rows) + len(bad), bad=list(bad))
     index = open_or_create(index_dir, embedder, factory, resume, add, gpu, photo_views)
-    views = index.photo_views if index.has_photo_vectors else 0
+    views = index.photo_views  # nonzero only where the index keeps photo-side vectors (create)
     try:
         present = index.contains([r.id for r in rows]) if len(index) else [False] * len(rows)
         todo = []
