@@ -1295,3 +1295,22 @@ def test_tokenizer_engines_compares_the_two_engines_on_the_same_ids() -> None:
     for row in ("load: resident MB added", "load: seconds", "encode: us per text, 1 per call",
                 "encode: us per text, 64 per call"):
         assert re.search(rf"\| {re.escape(row)} \| [\d.]+ \([\d.-]+\) \| [\d.]+ \([\d.-]+\) \| \*\*[\d.]+x\*\* \|", text), row
+
+
+def test_reshoot_speed_times_two_versions_and_checks_their_bytes(catalogue: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    from benchmarks import reshoot_speed
+
+    out = tmp_path / "speed.md"
+    # HEAD's renderer and this tree's render the same bytes (a change that does not is a
+    # quality change, not a speed-up, and the benchmark exits 1 on it).
+    assert reshoot_speed.main(["--catalog", str(catalogue), "--baseline", "HEAD", "--rounds", "2",
+                               "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith(f"$ python -m benchmarks.reshoot_speed --catalog {catalogue}")
+    assert "One re-shot of each of the first 3 photos" in text and "byte-identical in every round" in text
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| baseline") or
+            line.startswith("| this tree")]
+    assert len(rows) == 2 and rows[0][2].strip() == "1.00x" and all(float(r[1].split()[0]) > 0 for r in rows)
+    with pytest.raises(SystemExit, match="no-such-revision"):
+        reshoot_speed.main(["--catalog", str(catalogue), "--baseline", "no-such-revision"])
