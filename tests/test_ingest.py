@@ -389,6 +389,30 @@ def test_photo_views_average_reshots_into_the_photo_side_vectors(catalogue: Cata
     assert all(np.array_equal(unchanged[i], viewed[i]) for i in viewed)
 
 
+def test_a_photo_that_cannot_be_reshot_keeps_its_photo_side_vector(catalogue: Catalogue, embedder: Embedder,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """with_photo_views on its own: a row whose photo bytes do not decode keeps the photo-side
+    vector it came with (logged by line and id); the others get the re-shots' formula."""
+    from xmsearch.client.ingest import with_photo_views
+
+    rows = read_catalog(catalogue.path)[0]
+    good = [r for r in rows if r.id in catalogue.good][:2]
+    photos = [good[0].image.read_bytes(), b"\xff\xd8 not a whole JPEG", good[1].image.read_bytes()]
+    trio = [good[0], good[1], good[1]]
+    given = np.random.default_rng(0).normal(size=(3, embedder.dim)).astype(np.float32)
+    given /= np.linalg.norm(given, axis=1, keepdims=True)
+    with caplog.at_level("WARNING", logger="xmsearch.client.ingest"):
+        out = with_photo_views(embedder, trio, photos, given, 2)
+    np.testing.assert_array_equal(out[1], given[1])
+    assert f"line {good[1].line} ({good[1].id}): photo kept without re-shots" in caplog.text
+    assert "photo is not a decodable image" in caplog.text
+    for k in (0, 2):
+        e = embedder.embed_queries(images=photo_views(photos[k], trio[k].id, 2)).sum(0)
+        want = given[k] + e / np.linalg.norm(e)
+        np.testing.assert_allclose(out[k], want / np.linalg.norm(want), atol=1e-5)
+    assert not np.shares_memory(out, given)
+
+
 @pytest.mark.parametrize("count", [-1, 17, True, 2.0])
 def test_bad_photo_view_counts_are_refused(catalogue: Catalogue, embedder: Embedder, tmp_path: Path,
                                            count) -> None:

@@ -229,6 +229,36 @@ def test_photo_views_are_the_same_for_the_same_item_on_every_run(small_catalog, 
     assert out == hashlib.sha256(b"".join(shots)).hexdigest()
 
 
+def test_a_reshot_decodes_the_photo_as_the_server_does(small_catalog):
+    """A transparent product photo is composited on white before it is re-shot, as the
+    served image preprocessing does (a plain RGB conversion would keep whatever colour the
+    transparent pixels hold, here black); an undecodable one is refused by name."""
+    import io
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from xmsearch.reshoot import augment_photo
+
+    rows, _ = read_catalog(small_catalog)
+    src = np.asarray(Image.open(rows[0].image).convert("RGB"))
+    rgba = np.zeros((*src.shape[:2], 4), np.uint8)  # transparent black around the product
+    h, w = src.shape[:2]
+    rgba[h // 4: 3 * h // 4, w // 4: 3 * w // 4, :3] = src[h // 4: 3 * h // 4, w // 4: 3 * w // 4]
+    rgba[h // 4: 3 * h // 4, w // 4: 3 * w // 4, 3] = 255
+    on_white = np.where(rgba[..., 3:] == 255, rgba[..., :3], 255).astype(np.uint8)
+
+    def png(arr):
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "PNG")
+        return buf.getvalue()
+
+    assert augment_photo(png(rgba), random.Random(5)) == augment_photo(png(on_white), random.Random(5))
+    with pytest.raises(InputError, match="photo is a corrupt or truncated image"):
+        augment_photo(png(on_white)[:200], random.Random(5))
+
+
 def test_image_regions_are_multiscale_and_normalised_per_depth():
     from xmsearch.models.image import ImageEncoder
 

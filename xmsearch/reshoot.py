@@ -6,7 +6,7 @@ so that a shopper's photo, taken elsewhere, finds the product.  Ingestion can us
 photo embeddings of N re-shots, rendered here, client-side, from a seed made of the item's
 id, so the same item always gets the same re-shots.
 
-Only light dependencies (numpy, Pillow): the client imports this module.
+Only light dependencies (numpy, Pillow, :mod:`xmsearch.preprocess`): the client imports this module.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import random
 
 import numpy as np
 from PIL import Image
+
+from xmsearch.preprocess import decode_image
 
 
 def augment_photo(data: bytes, rng: random.Random) -> bytes:
@@ -30,7 +32,9 @@ def augment_photo(data: bytes, rng: random.Random) -> bytes:
     within what a second shoot of the same product does: the product's own colours move
     by a few percent, never to another colour name.
     """
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+    # Decoded as the server decodes a photo (transparency on white, the same size limits), so
+    # that a re-shot shows the product the served photo embedding saw.
+    img = decode_image(data, what="photo")
     w, h = img.size
     if rng.random() < 0.8:
         arr = np.asarray(img).astype(np.int16)
