@@ -104,11 +104,12 @@ def cmd_eval(a: argparse.Namespace, bar_factory) -> int:
     searcher = Searcher(a.index, emb)
     bar = bar_factory("queries", len(queries))
     try:
-        served = ev.run_served(searcher, queries, progress=lambda d, t: (setattr(bar, "n", d), bar.refresh()))
+        hits = ev.served_hits(searcher, queries, progress=lambda d, t: (setattr(bar, "n", d), bar.refresh()))
     finally:
         bar.close()
         searcher.close()
         emb.close()
+    served = ev.ranked_ids(hits)
     baselines = None
     if a.baselines:
         catalog = a.catalog or Path(a.queries).parent / "catalog.jsonl"
@@ -117,6 +118,10 @@ def cmd_eval(a: argparse.Namespace, bar_factory) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(table, indent=2))
         print(f"wrote {a.json}")
+    if a.per_query:
+        rows = ev.per_query_rows(hits, queries)
+        print(f"wrote {ev.write_per_query(rows, a.per_query)} ({len(rows)} queries, the worst nDCG@10 first; "
+              f"{sum(r['recall@10'] == 0 for r in rows)} without a top-grade item in their first 10)")
     if a.plot:
         from xmsearch.plots import evaluation_chart
 
@@ -201,6 +206,9 @@ def add_commands(sub, url_arg, bar_factory) -> None:
     e.add_argument("--json", type=Path, help="also write the metrics as JSON here")
     e.add_argument("--plot", type=Path, metavar="PNG",
                    help="also draw the metrics per query kind as bars (with the baselines when asked for)")
+    e.add_argument("--per-query", type=Path, metavar="JSONL",
+                   help="also write each query's metrics and ranked results (id, grade, score, title) "
+                        "as JSON lines here, the worst nDCG@10 first")
     e.add_argument("--baselines", action="store_true",
                    help="also evaluate the raw text and image encoders in-process")
     e.add_argument("--catalog", type=Path, help="catalogue for --baselines (default: beside the queries)")

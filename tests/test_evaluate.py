@@ -126,6 +126,35 @@ def test_evaluation_table_matches_hand_computed_values() -> None:
     assert table["baseline: raw image encoder"] == approx_table({"image": perfect, "all": perfect})
 
 
+def test_per_query_rows_carry_each_querys_metrics_and_graded_results_worst_first() -> None:
+    rows = ev.per_query_rows(SERVED, QUERIES)
+    # Worst nDCG@10 first (q4: nothing ranked), then q2, q1, q3.
+    assert [r["qid"] for r in rows] == ["q4", "q2", "q1", "q3"]
+    by_qid = {r["qid"]: r for r in rows}
+    assert by_qid["q1"]["ndcg@10"] == pytest.approx(Q1_NDCG) and by_qid["q1"]["mrr"] == 0.5
+    assert by_qid["q1"]["recall@1"] == 0.0 and by_qid["q1"]["recall@10"] == 1.0
+    assert by_qid["q2"]["mrr"] == pytest.approx(1 / 6) and by_qid["q2"]["recall@5"] == 0.0
+    assert by_qid["q4"]["results"] == [] and by_qid["q4"]["ndcg@10"] == 0.0
+    assert by_qid["q1"]["results"] == [{"id": "b", "grade": 1}, {"id": "a", "grade": 2},
+                                       {"id": "x", "grade": 0}, {"id": "c", "grade": 1}]
+    # The query's own fields come along, so a miss can be read without the query file.
+    assert by_qid["q3"]["text"] == "in red" and by_qid["q3"]["image"] == "/x/q3.jpg"
+    assert "image" not in by_qid["q1"] and "relevant" not in by_qid["q1"]
+    assert by_qid["q3"]["relevant_top_grade"] == 2
+
+
+def test_per_query_rows_take_scores_and_titles_from_hits() -> None:
+    from xmsearch.client.index import Hit
+
+    hits = {q["qid"]: [Hit(i, 0.9 - 0.1 * n, n, {"title": f"title of {i}", "brand": "x"})
+                       for n, i in enumerate(SERVED[q["qid"]])] for q in QUERIES}
+    rows = {r["qid"]: r for r in ev.per_query_rows(hits, QUERIES)}
+    assert rows["q1"]["results"][1] == {"id": "a", "grade": 2, "score": pytest.approx(0.8), "title": "title of a"}
+    assert rows["q1"]["ndcg@10"] == pytest.approx(Q1_NDCG)
+    with pytest.raises(InputError, match="q4"):
+        ev.per_query_rows({k: v for k, v in SERVED.items() if k != "q4"}, QUERIES)
+
+
 def test_evaluation_table_refuses_a_query_without_results() -> None:
     with pytest.raises(InputError, match="q4"):
         ev.evaluation_table({k: v for k, v in SERVED.items() if k != "q4"}, QUERIES)
@@ -236,8 +265,24 @@ def test_run_served_ranks_every_query(xm_server, tmp_path_factory: pytest.TempPa
     out = root / "metrics.json"
     assert main(["eval", "--index", str(root / "index"), "--queries",
                  str(root / "demo" / "queries.jsonl"), "--url", xm_server.url,
-                 "--json", str(out), "--plot", str(root / "metrics.png")]) == 0
+                 "--json", str(out), "--plot", str(root / "metrics.png"),
+                 "--per-query", str(root / "per-query.jsonl")]) == 0
     printed = capsys.readouterr().out
+    per_query = [json.loads(x) for x in (root / "per-query.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["qid"] for r in per_query) == sorted(q["qid"] for q in queries)
+    assert [r["ndcg@10"] for r in per_query] == sorted(r["ndcg@10"] for r in per_query)
+    relevant = {q["qid"]: q["relevant"] for q in queries}
+    titles = {json.loads(x)["id"]: json.loads(x)["title"]
+              for x in (root / "demo" / "catalog.jsonl").read_text(encoding="utf-8").splitlines()}
+    for r in per_query:
+        assert len(r["results"]) == 10
+        for hit in r["results"]:
+            assert hit["grade"] == relevant[r["qid"]].get(hit["id"], 0) and hit["title"] == titles[hit["id"]]
+            assert -1.0 <= hit["score"] <= 1.0
+        assert [h["score"] for h in r["results"]] == sorted((h["score"] for h in r["results"]), reverse=True)
+    assert f"wrote {root / 'per-query.jsonl'}" in printed
+    mean = sum(r["recall@10"] for r in per_query) / len(per_query)
+    assert mean == pytest.approx(json.loads(out.read_text())["fused (served)"]["all"]["recall@10"])
     assert f"wrote {root / 'metrics.png'}" in printed
     assert (root / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Recall@10" in printed and "fused (served)" in printed and "nan" not in printed

@@ -142,10 +142,13 @@ def run(a: argparse.Namespace) -> None:
             _show(f"photo + text query {both['text']!r} with {Path(both['image']).name}", hits)
             print(f"   sheet: {results_sheet(hits, root / 'results-photo-text.png', both['text'], both['image'])}")
         with stage("7. evaluation (served model vs raw-encoder baselines)"):
-            served = ev.run_served(searcher, queries)
+            hits = ev.served_hits(searcher, queries)
+            served = ev.ranked_ids(hits)
             baselines = ev.run_baselines(catalog, queries, a.text_model, DEFAULT_IMAGE_MODEL, features=features)
             table = ev.report(served, queries, baselines)
             (root / f"eval-{a.text_model}.json").write_text(json.dumps(table, indent=2))
+            per_query = root / f"eval-{a.text_model}.per-query.jsonl"
+            print(f"per-query results (the worst first): {ev.write_per_query(ev.per_query_rows(hits, queries), per_query)}")
             print(f"chart: {evaluation_chart(table, root / f'eval-{a.text_model}.png', f'{a.text_model}: retrieval quality on {queries_path}')}")
             searcher.close()
         emb.close()

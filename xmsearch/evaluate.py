@@ -10,7 +10,7 @@ image baseline its photo).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from xmsearch.catalog import read_catalog
 from xmsearch.errors import InputError
-from xmsearch.metrics import evaluate
+from xmsearch.metrics import evaluate, query_scores
 
 KINDS = ("text", "image", "text_image")
 # (column title, key in xmsearch.metrics.evaluate's result) of the printed table.
@@ -63,7 +63,19 @@ def load_queries(path: Path) -> list[dict]:
 def run_served(searcher, queries: list[dict], k: int = 10, batch: int = 32,
                progress: Callable[[int, int], None] | None = None) -> dict[str, list[str]]:
     """Ranked ids per query from the served model (queries batched per kind)."""
-    results: dict[str, list[str]] = {}
+    return ranked_ids(served_hits(searcher, queries, k, batch, progress))
+
+
+def ranked_ids(hits: Mapping[str, Sequence]) -> dict[str, list[str]]:
+    """{qid: ranked ids} of :func:`served_hits`' {qid: ranked hits}."""
+    return {qid: [h.id for h in hs] for qid, hs in hits.items()}
+
+
+def served_hits(searcher, queries: list[dict], k: int = 10, batch: int = 32,
+                progress: Callable[[int, int], None] | None = None) -> dict:
+    """Ranked hits (:class:`xmsearch.client.index.Hit`: id, score, metadata) per query from the
+    served model, queries batched per kind."""
+    results: dict = {}
     done = 0
     for kind in KINDS:
         qs = [q for q in queries if q["kind"] == kind]
@@ -72,7 +84,7 @@ def run_served(searcher, queries: list[dict], k: int = 10, batch: int = 32,
             texts = [q["text"] for q in chunk] if kind != "image" else None
             images = [q["image"] for q in chunk] if kind != "text" else None
             for q, hits in zip(chunk, searcher.search_many(texts, images, k)):
-                results[q["qid"]] = [h.id for h in hits]
+                results[q["qid"]] = hits
             done += len(chunk)
             if progress:
                 progress(done, len(queries))
@@ -133,6 +145,51 @@ def run_baselines(catalog: Path, queries: list[dict], text_model: str, image_mod
         for q, r in zip(image_q, _topk(image_vecs([q["image"] for q in image_q]), photos, ids, k)):
             res["image_encoder"][q["qid"]] = r
     return res
+
+
+QUERY_FIELDS = ("qid", "kind", "lang", "text", "image")  # copied from the query file into per-query rows
+
+
+def per_query_rows(results: Mapping[str, Sequence], queries: list[dict], ndcg_k: int = 10) -> list[dict]:
+    """One row per query, the worst nDCG first (ties in file order): its own fields
+    (``QUERY_FIELDS``), its metrics (those of :func:`xmsearch.metrics.evaluate`), the top grade
+    among its relevant items, and its ranked results as ``{"id", "grade"}``, with ``score``
+    and ``title`` where ``results`` holds hits (:func:`served_hits`) rather than plain ids.
+
+    What ``xmsearch eval --per-query`` writes: the misses behind a mean, readable without
+    the query file or the catalogue."""
+    rows = []
+    for q in queries:
+        if q["qid"] not in results:
+            raise InputError(f"per-query results: no results for query {q['qid']!r}; search every "
+                             "query of the file (or pass only the queries that were run)")
+        ranked = list(results[q["qid"]])
+        relevant = q["relevant"]
+        ids = [h if isinstance(h, str) else h.id for h in ranked]
+        try:
+            scores = query_scores(ids, relevant, ndcg_k=ndcg_k)
+        except InputError as exc:
+            raise InputError(f"per-query results: query {q['qid']!r}: {exc}") from exc
+        hits = []
+        for h, item in zip(ranked, ids):
+            hit = {"id": item, "grade": int(relevant.get(item, 0))}
+            if not isinstance(h, str):
+                hit["score"] = float(h.score)
+                if "title" in h.metadata:
+                    hit["title"] = h.metadata["title"]
+            hits.append(hit)
+        rows.append({**{f: q[f] for f in QUERY_FIELDS if f in q}, **scores,
+                     "relevant_top_grade": max(relevant.values(), default=0), "results": hits})
+    return sorted(rows, key=lambda r: r[f"ndcg@{ndcg_k}"])
+
+
+def write_per_query(rows: list[dict], path: Path) -> Path:
+    """The rows of :func:`per_query_rows` as JSON lines (UTF-8, written whole or not at all)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def evaluation_table(served: dict[str, list[str]], queries: list[dict],

@@ -82,6 +82,15 @@ def ndcg_at_k(ranked_ids: Sequence[str], relevant: Mapping[str, int], k: int) ->
     return _dcg(grades) / _dcg(ideal)
 
 
+def query_scores(ranked: Sequence[str], relevant: Mapping[str, int], ks: Sequence[int] = (1, 5, 10),
+                 ndcg_k: int = 10) -> dict[str, float]:
+    """One query's ``recall@k`` for each of ``ks``, ``mrr`` (its reciprocal rank) and ``ndcg@{ndcg_k}``."""
+    scores = {f"recall@{k}": recall_at_k(ranked, relevant, k) for k in ks}
+    scores["mrr"] = reciprocal_rank(ranked, relevant)
+    scores[f"ndcg@{ndcg_k}"] = ndcg_at_k(ranked, relevant, ndcg_k)
+    return scores
+
+
 def evaluate(results: Mapping[str, Sequence[str]], queries: Sequence[Mapping], ks: Sequence[int] = (1, 5, 10),
              ndcg_k: int = 10, group: Callable[[Mapping], str] | None = None) -> dict[str, dict[str, float]]:
     """Mean metrics per query kind (or per ``group(query)`` when given) and over all queries.
@@ -108,11 +117,8 @@ def evaluate(results: Mapping[str, Sequence[str]], queries: Sequence[Mapping], k
         if qid not in results:
             raise InputError(f"evaluate: no results for query {qid!r}; search every query of the file "
                              "(or pass only the queries that were run)")
-        ranked = list(results[qid])
         try:
-            scores = {f"recall@{k}": recall_at_k(ranked, relevant, k) for k in ks}
-            scores["mrr"] = reciprocal_rank(ranked, relevant)
-            scores[f"ndcg@{ndcg_k}"] = ndcg_at_k(ranked, relevant, ndcg_k)
+            scores = query_scores(list(results[qid]), relevant, ks, ndcg_k)
         except InputError as exc:
             raise InputError(f"evaluate: query {qid!r}: {exc}") from exc
         per_query.setdefault(group(q) if group else kind, []).append(scores)
