@@ -24,11 +24,13 @@ def publish(text: str, path, module: str, argv) -> None:
         Path(path).write_text(f"$ python -m {module} {' '.join(args)}\n\n{text}\n")
 
 
-def catalogue_parser(doc: str, *, fusion: str | None = None, seconds: bool = True, rounds: int = 6):
+def catalogue_parser(doc: str, *, fusion: str | None = None, seconds: bool = True, rounds: int = 6,
+                     photos: int | None = None):
     """The options of the small benchmarks that time calls on a catalogue's items:
     ``--catalog`` (default ``demo``), ``--rounds`` (default ``rounds``), ``--seconds`` (unless
-    ``seconds`` is false: a benchmark whose rounds are a fixed amount of work), ``--out``, and with
-    ``fusion`` (its help text) an optional ``--fusion`` checkpoint.  The module's docstring
+    ``seconds`` is false: a benchmark whose rounds are a fixed amount of work), ``--out``, with
+    ``fusion`` (its help text) an optional ``--fusion`` checkpoint, and with ``photos`` an
+    ``--items`` count of catalogue photos per round (default ``photos``).  The module's docstring
     (``doc``) gives the description and the epilog.  :func:`parse_catalogue_args` parses and
     checks them."""
     import argparse
@@ -41,6 +43,8 @@ def catalogue_parser(doc: str, *, fusion: str | None = None, seconds: bool = Tru
     if fusion:
         p.add_argument("--fusion", type=Path, help=fusion)
     p.add_argument("--rounds", type=int, default=rounds)
+    if photos is not None:
+        p.add_argument("--items", type=int, default=photos, help=f"catalogue photos per round (default: {photos})")
     if seconds:
         p.add_argument("--seconds", type=float, default=1.0, help="timed seconds per variant and round")
     p.add_argument("--out", type=Path, help="also write the result here, under the command")
@@ -48,9 +52,11 @@ def catalogue_parser(doc: str, *, fusion: str | None = None, seconds: bool = Tru
 
 
 def parse_catalogue_args(p, argv):
-    """``p.parse_args(argv)``, refusing a catalogue folder without catalog.jsonl and a
-    ``--fusion`` checkpoint that does not exist."""
+    """``p.parse_args(argv)``, refusing a catalogue folder without catalog.jsonl, a ``--fusion``
+    checkpoint that does not exist, and fewer than one round (or photo per round)."""
     a = p.parse_args(argv)
+    if a.rounds < 1 or getattr(a, "items", 1) < 1:
+        p.error("--rounds" + (" and --items" if hasattr(a, "items") else "") + " must be >= 1")
     if not (a.catalog / "catalog.jsonl").is_file():
         p.error(f"--catalog {a.catalog}: no catalog.jsonl there (make one with `xmsearch demo-catalog`)")
     if getattr(a, "fusion", None) is not None and not a.fusion.is_file():

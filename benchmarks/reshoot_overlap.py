@@ -65,11 +65,8 @@ def run(catalog: Path, items: int, rounds: int, log=print) -> tuple[dict[str, li
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = catalogue_parser(__doc__, seconds=False, rounds=4)
-    p.add_argument("--items", type=int, default=256, help="catalogue photos per round (default: 256)")
+    p = catalogue_parser(__doc__, seconds=False, rounds=4, photos=256)
     a = parse_catalogue_args(p, argv)
-    if a.items < 1 or a.rounds < 1:
-        p.error("--items and --rounds must be >= 1")
     ms, same = run(a.catalog, a.items, a.rounds)
     text = (f"{a.items} catalogue photos of {a.catalog} and {AUG_VIEWS} re-shots of each, image encoder "
             f"{DEFAULT_IMAGE_MODEL} through ONNX Runtime, {a.rounds} alternated rounds; ms per catalogue item "

@@ -70,12 +70,9 @@ def run(photos: list[bytes], baseline, rounds: int, log=print) -> tuple[dict[str
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = catalogue_parser(__doc__, seconds=False, rounds=6)
+    p = catalogue_parser(__doc__, seconds=False, rounds=6, photos=256)
     p.add_argument("--baseline", required=True, help="git revision whose xmsearch/reshoot.py to compare with")
-    p.add_argument("--items", type=int, default=256, help="catalogue photos per round (default: 256)")
     a = parse_catalogue_args(p, argv)
-    if a.items < 1 or a.rounds < 1:
-        p.error("--items and --rounds must be >= 1")
     rows, _ = read_catalog(a.catalog / "catalog.jsonl")
     rows = [r for r in rows if r.image is not None and r.image.is_file()][: a.items]
     if not rows:
