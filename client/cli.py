@@ -20,6 +20,24 @@ def _location(text: str) -> str | Path:
     return text if text.startswith("milvus:") else Path(text)
 
 
+def _output_files(**paths: Path | None) -> None:
+    """Make ready the files a command writes at its end (``option=path``; None: not asked for):
+    their folders are created, and a path that is a folder, or whose folder cannot be made,
+    is refused by its option before any query runs, not after the last one."""
+    from xmsearch.errors import InputError
+
+    for option, path in paths.items():
+        if path is None:
+            continue
+        flag = "--" + option.replace("_", "-")
+        if Path(path).is_dir():
+            raise InputError(f"{flag} {path} is a folder; give a file name")
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{flag} {path}: cannot make its folder ({e.strerror or e})") from None
+
+
 def cmd_index(a: argparse.Namespace, bar_factory) -> int:
     from xmsearch.client.ingest import ingest_catalog
 
@@ -53,6 +71,7 @@ def cmd_index(a: argparse.Namespace, bar_factory) -> int:
 def cmd_search(a: argparse.Namespace, _bar) -> int:
     from xmsearch.client.search import Searcher, parse_filters
 
+    _output_files(sheet=a.sheet)
     emb = _embedder(a)
     try:
         searcher = Searcher(a.index, emb)
@@ -99,6 +118,7 @@ def cmd_eval(a: argparse.Namespace, bar_factory) -> int:
     from xmsearch import evaluate as ev
     from xmsearch.client.search import Searcher
 
+    _output_files(json=a.json, plot=a.plot, per_query=a.per_query)
     queries = ev.load_queries(a.queries)
     emb = _embedder(a)
     searcher = Searcher(a.index, emb)

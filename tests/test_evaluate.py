@@ -293,3 +293,27 @@ def test_run_served_ranks_every_query(xm_server, tmp_path_factory: pytest.TempPa
     by_language = written["fused (served), by language"]
     assert sum(v["count"] for v in by_language.values()) == 6
     assert "text / zh" in printed or "text_image / zh" in printed
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_query(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # No index and no server here: the refusal comes before either is opened, so a long
+    # evaluation is not run for nothing.
+    from xmsearch.cli import main
+
+    queries = write_lines(tmp_path / "queries.jsonl", [QUERIES[0]])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    base = ["eval", "--index", str(tmp_path / "no-index"), "--queries", str(queries)]
+    assert main(base + ["--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path} is a folder; give a file name" in capsys.readouterr().err
+    assert main(base + ["--per-query", str(blocker / "sub" / "rows.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"--per-query {blocker / 'sub' / 'rows.jsonl'}: cannot make its folder" in err
+    assert main(["search", "--index", str(tmp_path / "no-index"), "--text", "red cap",
+                 "--sheet", str(tmp_path)]) == 2
+    assert f"--sheet {tmp_path} is a folder" in capsys.readouterr().err
+    # A file in a folder that does not exist yet is fine: the folder is made (the run then
+    # fails on the missing index, by name).
+    assert main(base + ["--plot", str(tmp_path / "new" / "chart.png")]) == 2
+    assert (tmp_path / "new").is_dir() and "no-index" in capsys.readouterr().err
