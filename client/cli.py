@@ -125,6 +125,7 @@ def cmd_eval(a: argparse.Namespace, bar_factory) -> int:
     bar = bar_factory("queries", len(queries))
     try:
         hits = ev.served_hits(searcher, queries, progress=lambda d, t: (setattr(bar, "n", d), bar.refresh()))
+        metadata = ev.top_grade_metadata(searcher.index, queries)
     finally:
         bar.close()
         searcher.close()
@@ -135,11 +136,13 @@ def cmd_eval(a: argparse.Namespace, bar_factory) -> int:
         catalog = a.catalog or Path(a.queries).parent / "catalog.jsonl"
         baselines = ev.run_baselines(catalog, queries, a.text_model, a.image_model)
     table = ev.report(served, queries, baselines)
+    rows = ev.per_query_rows(hits, queries, metadata=metadata)
+    if any(r["asked"] for r in rows):
+        print(ev.format_miss_table(ev.miss_table(rows)))
     if a.json:
         Path(a.json).write_text(json.dumps(table, indent=2))
         print(f"wrote {a.json}")
     if a.per_query:
-        rows = ev.per_query_rows(hits, queries)
         print(f"wrote {ev.write_per_query(rows, a.per_query)} ({len(rows)} queries, the worst nDCG@10 first; "
               f"{sum(r['recall@10'] == 0 for r in rows)} without a top-grade item in their first 10)")
     if a.plot:

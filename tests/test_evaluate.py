@@ -143,6 +143,45 @@ def test_per_query_rows_carry_each_querys_metrics_and_graded_results_worst_first
     assert by_qid["q3"]["relevant_top_grade"] == 2
 
 
+METADATA = {
+    "a": {"title": "red cap", "category": "cap", "colour": "red", "price": 9.5},
+    "b": {"title": "blue cap", "category": "cap", "colour": "blue"},
+    "c": {"title": "green cap", "category": "cap", "colour": "green"},
+    "d": {"title": "black bag", "category": "bag", "colour": "black", "brand": "X"},
+    "e": {"title": "red shoe", "category": "shoe", "colour": "red"},
+    "f": {"title": "red shoe", "category": "shoe", "colour": "red", "brand": "Y"},
+    "g": {"title": "blue shoe", "category": "shoe", "colour": "blue"},
+    "x": {"title": "red bag", "category": "bag", "colour": "red"},
+}
+
+
+def test_misses_name_the_asked_attributes_they_got_wrong() -> None:
+    # What a query asks for is what its top-grade items share (titles and numbers aside): q1
+    # a red cap, q2 the black bag of brand X, q3 a red shoe (one of its two has a brand, so
+    # brand is not asked).  Only the slots a top-grade item could fill count: min(10, |R|).
+    rows = {r["qid"]: r for r in ev.per_query_rows(SERVED, QUERIES, metadata=METADATA)}
+    assert rows["q1"]["asked"] == {"category": "cap", "colour": "red"}
+    assert rows["q2"]["asked"] == {"category": "bag", "colour": "black", "brand": "X"}
+    assert rows["q3"]["asked"] == {"category": "shoe", "colour": "red"}
+    assert [h.get("off") for h in rows["q1"]["results"]] == [["colour"], None, ["category"], ["colour"]]
+    assert rows["q2"]["results"][0]["off"] == ["brand", "colour"]  # x: a red bag without a brand
+    assert "off" not in rows["q2"]["results"][1]  # y: no metadata
+    assert rows["q3"]["results"][1]["off"] == ["colour"] and rows["q3"]["relevant_top_count"] == 2
+    table = ev.miss_table(list(rows.values()))
+    # text: q1's one slot (b, a blue cap), q4 none; image: q2's one slot (x); text_image: q3's
+    # two (e right, g a blue shoe).
+    assert table == {
+        "image": {"slots": 1, "right": 0.0, "brand": 1.0, "colour": 1.0},
+        "text": {"slots": 1, "right": 0.0, "colour": 1.0},
+        "text_image": {"slots": 2, "right": 0.5, "colour": 0.5},
+        "all": {"slots": 4, "right": 0.25, "colour": 0.75, "brand": 0.25},
+    }
+    assert list(table["all"])[2:] == ["colour", "brand"]  # largest first
+    text = ev.format_miss_table(table)
+    assert "text_image      2 slots: right 50.0%; wrong colour 50.0%" in text
+    assert "all             4 slots: right 25.0%; wrong colour 75.0%, brand 25.0%" in text
+
+
 def test_per_query_rows_take_scores_and_titles_from_hits() -> None:
     from xmsearch.client.index import Hit
 
@@ -281,6 +320,16 @@ def test_run_served_ranks_every_query(xm_server, tmp_path_factory: pytest.TempPa
             assert -1.0 <= hit["score"] <= 1.0
         assert [h["score"] for h in r["results"]] == sorted((h["score"] for h in r["results"]), reverse=True)
     assert f"wrote {root / 'per-query.jsonl'}" in printed
+    # The demo's text queries ask for a kind in a colour; each miss names what it got wrong.
+    catalog = {json.loads(x)["id"]: json.loads(x)
+               for x in (root / "demo" / "catalog.jsonl").read_text(encoding="utf-8").splitlines()}
+    for r in per_query:
+        if r["kind"] == "text":
+            assert {"category", "colour"} <= set(r["asked"])
+        for hit in r["results"]:
+            if hit["grade"] < r["relevant_top_grade"]:
+                assert hit["off"] == sorted(f for f, v in r["asked"].items() if catalog[hit["id"]].get(f) != v)
+    assert "result slots a top-grade item could fill" in printed and "text_image" in printed
     mean = sum(r["recall@10"] for r in per_query) / len(per_query)
     assert mean == pytest.approx(json.loads(out.read_text())["fused (served)"]["all"]["recall@10"])
     assert f"wrote {root / 'metrics.png'}" in printed

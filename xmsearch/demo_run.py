@@ -143,12 +143,13 @@ def run(a: argparse.Namespace) -> None:
             print(f"   sheet: {results_sheet(hits, root / 'results-photo-text.png', both['text'], both['image'])}")
         with stage("7. evaluation (served model vs raw-encoder baselines)"):
             hits = ev.served_hits(searcher, queries)
-            served = ev.ranked_ids(hits)
+            rows = ev.per_query_rows(hits, queries, metadata=ev.top_grade_metadata(searcher.index, queries))
             baselines = ev.run_baselines(catalog, queries, a.text_model, DEFAULT_IMAGE_MODEL, features=features)
-            table = ev.report(served, queries, baselines)
+            table = ev.report(ev.ranked_ids(hits), queries, baselines)
+            print(ev.format_miss_table(ev.miss_table(rows)))
             (root / f"eval-{a.text_model}.json").write_text(json.dumps(table, indent=2))
             per_query = root / f"eval-{a.text_model}.per-query.jsonl"
-            print(f"per-query results (the worst first): {ev.write_per_query(ev.per_query_rows(hits, queries), per_query)}")
+            print(f"per-query results (the worst first): {ev.write_per_query(rows, per_query)}")
             print(f"chart: {evaluation_chart(table, root / f'eval-{a.text_model}.png', f'{a.text_model}: retrieval quality on {queries_path}')}")
             searcher.close()
         emb.close()

@@ -148,13 +148,30 @@ def run_baselines(catalog: Path, queries: list[dict], text_model: str, image_mod
 
 
 QUERY_FIELDS = ("qid", "kind", "lang", "text", "image")  # copied from the query file into per-query rows
+NOT_ATTRIBUTES = ("title", "image")  # metadata fields that name no attribute of a product
 
 
-def per_query_rows(results: Mapping[str, Sequence], queries: list[dict], ndcg_k: int = 10) -> list[dict]:
+def shared_attributes(items: Sequence[Mapping]) -> dict[str, str]:
+    """The text attributes all of ``items`` (metadata dicts) have, with the one value they
+    share: for a query's top-grade items, what the query asks for (a kind and a colour, or
+    every attribute of the one photographed product)."""
+    if not items:
+        return {}
+    return {f: v for f, v in items[0].items() if f not in NOT_ATTRIBUTES and isinstance(v, str)
+            and all(other.get(f) == v for other in items[1:])}
+
+
+def per_query_rows(results: Mapping[str, Sequence], queries: list[dict], ndcg_k: int = 10,
+                   metadata: Mapping[str, Mapping] | None = None) -> list[dict]:
     """One row per query, the worst nDCG first (ties in file order): its own fields
     (``QUERY_FIELDS``), its metrics (those of :func:`xmsearch.metrics.evaluate`), the top grade
     among its relevant items, and its ranked results as ``{"id", "grade"}``, with ``score``
     and ``title`` where ``results`` holds hits (:func:`served_hits`) rather than plain ids.
+
+    With ``metadata`` (id -> metadata dict, for the queries' top-grade items at least; a hit's
+    own metadata is used where it has some), the row also holds ``asked``, the attributes its
+    top-grade items share (:func:`shared_attributes`), and every result below the top grade
+    ``off``, the asked attributes it does not have: what a miss got wrong.
 
     What ``xmsearch eval --per-query`` writes: the misses behind a mean, readable without
     the query file or the catalogue."""
@@ -165,22 +182,78 @@ def per_query_rows(results: Mapping[str, Sequence], queries: list[dict], ndcg_k:
                              "query of the file (or pass only the queries that were run)")
         ranked = list(results[q["qid"]])
         relevant = q["relevant"]
+        top_grade = max(relevant.values(), default=0)
         ids = [h if isinstance(h, str) else h.id for h in ranked]
         try:
             scores = query_scores(ids, relevant, ndcg_k=ndcg_k)
         except InputError as exc:
             raise InputError(f"per-query results: query {q['qid']!r}: {exc}") from exc
+        row = {**{f: q[f] for f in QUERY_FIELDS if f in q}, **scores, "relevant_top_grade": top_grade,
+               "relevant_top_count": sum(g == top_grade for g in relevant.values())}
+        asked = None
+        if metadata is not None:
+            asked = shared_attributes([metadata[i] for i, g in relevant.items() if g == top_grade and i in metadata])
+            row["asked"] = asked
         hits = []
         for h, item in zip(ranked, ids):
             hit = {"id": item, "grade": int(relevant.get(item, 0))}
+            meta = metadata.get(item) if metadata is not None else None
             if not isinstance(h, str):
                 hit["score"] = float(h.score)
+                meta = h.metadata or meta
                 if "title" in h.metadata:
                     hit["title"] = h.metadata["title"]
+            if asked is not None and meta is not None and hit["grade"] < top_grade:
+                hit["off"] = sorted(f for f, v in asked.items() if meta.get(f) != v)
             hits.append(hit)
-        rows.append({**{f: q[f] for f in QUERY_FIELDS if f in q}, **scores,
-                     "relevant_top_grade": max(relevant.values(), default=0), "results": hits})
+        rows.append({**row, "results": hits})
     return sorted(rows, key=lambda r: r[f"ndcg@{ndcg_k}"])
+
+
+def miss_table(rows: list[dict], k: int = 10) -> dict[str, dict[str, float]]:
+    """Per query kind (and ``all``), over the result slots a query could fill with top-grade
+    items (its first min(k, their count), as Recall@k counts them) of :func:`per_query_rows`
+    made with ``metadata``: ``slots``, the share holding a top-grade item (``right``), and per
+    asked attribute the share holding an item with another value of it, largest first (a
+    slot wrong in two attributes counts for both)."""
+    counts: dict[str, dict[str, int]] = {}
+    for r in rows:
+        for kind in (r["kind"], "all"):
+            c = counts.setdefault(kind, {"slots": 0, "right": 0})
+            for hit in r["results"][: min(k, r["relevant_top_count"])]:
+                c["slots"] += 1
+                if hit["grade"] >= r["relevant_top_grade"]:
+                    c["right"] += 1
+                for attribute in hit.get("off", ()):
+                    c[attribute] = c.get(attribute, 0) + 1
+    table = {}
+    for kind in sorted(k for k in counts if k != "all") + (["all"] if counts else []):
+        c = counts[kind]
+        n = max(c["slots"], 1)
+        wrong = sorted(((a, v / n) for a, v in c.items() if a not in ("slots", "right")), key=lambda av: -av[1])
+        table[kind] = {"slots": c["slots"], "right": c["right"] / n, **dict(wrong)}
+    return table
+
+
+def format_miss_table(table: dict[str, dict[str, float]], most: int = 4) -> str:
+    """One line per query kind: its slots, the share right, and the ``most`` attributes the
+    others got wrong most often."""
+    lines = ["result slots a top-grade item could fill, and the attributes (shared by the query's "
+             "top-grade items) the others got wrong:"]
+    for kind, vals in table.items():
+        wrong = [(a, v) for a, v in vals.items() if a not in ("slots", "right")][:most]
+        lines.append(f"  {kind:11s} {int(vals['slots']):5d} slots: right {vals['right']:.1%}"
+                     + ("; wrong " + ", ".join(f"{a} {v:.1%}" for a, v in wrong) if wrong else ""))
+    return "\n".join(lines)
+
+
+def top_grade_metadata(index, queries: list[dict]) -> dict[str, dict]:
+    """id -> metadata, from ``index`` (a CatalogIndex or MilvusIndex), of the queries' top-grade
+    items that it holds."""
+    wanted = sorted({i for q in queries for i, g in q["relevant"].items()
+                     if g == max(q["relevant"].values())})
+    held = [i for i, ok in zip(wanted, index.contains(wanted)) if ok] if wanted else []
+    return dict(zip(held, index.get(held))) if held else {}
 
 
 def write_per_query(rows: list[dict], path: Path) -> Path:
