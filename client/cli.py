@@ -230,8 +230,8 @@ def add_commands(sub, url_arg, bar_factory) -> None:
     e.add_argument("--plot", type=Path, metavar="PNG",
                    help="also draw the metrics per query kind as bars (with the baselines when asked for)")
     e.add_argument("--per-query", type=Path, metavar="JSONL",
-                   help="also write each query's metrics and ranked results (id, grade, score, title) "
-                        "as JSON lines here, the worst nDCG@10 first")
+                   help="also write each query's metrics and ranked results (id, grade, score, title, and "
+                        "the attributes asked for that a miss lacks) as JSON lines here, the worst nDCG@10 first")
     e.add_argument("--baselines", action="store_true",
                    help="also evaluate the raw text and image encoders in-process")
     e.add_argument("--catalog", type=Path, help="catalogue for --baselines (default: beside the queries)")

@@ -227,7 +227,7 @@ def miss_table(rows: list[dict], k: int = 10) -> dict[str, dict[str, float]]:
                 for attribute in hit.get("off", ()):
                     c[attribute] = c.get(attribute, 0) + 1
     table = {}
-    for kind in sorted(k for k in counts if k != "all") + (["all"] if counts else []):
+    for kind in sorted(name for name in counts if name != "all") + (["all"] if counts else []):
         c = counts[kind]
         n = max(c["slots"], 1)
         wrong = sorted(((a, v / n) for a, v in c.items() if a not in ("slots", "right")), key=lambda av: -av[1])
