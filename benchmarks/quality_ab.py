@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import publish
-from xmsearch.catalog import read_catalog
+from xmsearch.catalog import alt_titles, read_catalog
+from xmsearch.client.ingest import ALT_TITLE_WEIGHT, mix_in
 from xmsearch.client.index import MAX_PHOTO_VIEWS, PHOTO_RERANK_DEPTH
 from xmsearch.evaluate import load_queries
 from xmsearch.metrics import evaluate
@@ -106,17 +107,35 @@ def photo_view_regions(enc: Encoders, rows: list, views: int, batch: int = 64) -
     return torch.cat(out)
 
 
+def alt_title_states(enc: Encoders, rows: list, batch: int = 64) -> tuple[list, torch.Tensor]:
+    """The frozen text encoder's query-role states of every item's other titles
+    (:func:`xmsearch.catalog.alt_titles`, what ``ingest_catalog(alt_titles=True)`` embeds through
+    ``query_text``), in batches, and the item row each title belongs to."""
+    texts, owners = [], []
+    for i, r in enumerate(rows):
+        for t in alt_titles(r):
+            texts.append(t)
+            owners.append(i)
+    return [enc.text_states(texts[j:j + batch], "query") for j in range(0, len(texts), batch)], \
+        torch.tensor(owners, dtype=torch.long)
+
+
 @torch.no_grad()
 def rank(fusion, f: Features, qf: dict, queries: list[dict], k: int = 10, bs: int = 256,
-         view_regions: torch.Tensor | None = None) -> dict[str, list[str]]:
+         view_regions: torch.Tensor | None = None, alt: tuple | None = None) -> dict[str, list[str]]:
     """Top-k catalogue ids per query: what the served ensembles + a Flat index return.
     ``view_regions`` [N, V, R, Hi]: photo-side vectors with those V re-shots averaged in, as
-    ``ingest_catalog(photo_views=V)`` stores them."""
+    ``ingest_catalog(photo_views=V)`` stores them; ``alt`` (:func:`alt_title_states`): stored
+    vectors with the items' other titles mixed in, as ``ingest_catalog(alt_titles=True)`` does."""
     fusion.eval()
     items = [fusion.encode_item_vectors(f.item_states[i:i + bs].float(), f.item_mask[i:i + bs],
                                         f.regions[i:i + bs, 0].float()) for i in range(0, len(f.ids), bs)]
     z = torch.cat([v for v, _ in items])
     photo = torch.cat([p for _, p in items])
+    if alt is not None and len(alt[1]):
+        batches, owners = alt
+        e = torch.cat([fusion.encode_text(s, m) for s, m in batches])
+        z = torch.from_numpy(mix_in(z.numpy(), owners.numpy(), e.numpy(), ALT_TITLE_WEIGHT))
     if view_regions is not None and view_regions.shape[1]:
         shots = torch.cat([torch.stack([fusion.encode_image(view_regions[i:i + bs, v].float())
                                         for v in range(view_regions.shape[1])], 1).sum(1)
@@ -142,7 +161,8 @@ def rank(fusion, f: Features, qf: dict, queries: list[dict], k: int = 10, bs: in
 
 def run(catalog: Path, variants: list[tuple[str, dict]], seeds: list[int], text_model: str,
         image_model: str, cache_dir: Path, log=print, item_mixes: list[float] | None = None,
-        dev_queries: Path | None = None, photo_views: list[int] | None = None) -> list[dict]:
+        dev_queries: Path | None = None, photo_views: list[int] | None = None,
+        alt_title_settings: list[bool] | None = None) -> list[dict]:
     rows, _ = read_catalog(catalog / "catalog.jsonl")
     query_sets = {EVAL: load_queries(catalog / "queries.jsonl")}
     if dev_queries is not None:
@@ -154,6 +174,7 @@ def run(catalog: Path, variants: list[tuple[str, dict]], seeds: list[int], text_
         enc.use_onnx_images(cache_dir)
     qfs = {name: query_features(enc, qs) for name, qs in query_sets.items()}
     view_regions = photo_view_regions(enc, rows, max(photo_views)) if photo_views and max(photo_views) else None
+    alt = alt_title_states(enc, rows) if alt_title_settings and any(alt_title_settings) else None
     log(f"features for {len(rows)} items and "
         + " + ".join(f"{len(qs)} {name} queries" for name, qs in query_sets.items()) + f": {time.time() - t0:.0f} s")
     results = []
@@ -163,16 +184,20 @@ def run(catalog: Path, variants: list[tuple[str, dict]], seeds: list[int], text_
             t1 = time.time()
             fusion = train_fusion(feats, text_model, image_model, cfg).checkpoint.fusion
             train_s = round(time.time() - t1, 1)
-            for mix, views in [(m, v) for m in item_mixes or [None] for v in photo_views or [None]]:
+            for mix, views, titles in [(m, v, t) for m in item_mixes or [None] for v in photo_views or [None]
+                                       for t in alt_title_settings or [None]]:
                 label, over = name, overrides
                 if mix is not None:
                     fusion.item_mix = mix
                     label, over = f"{label} @ item_mix {mix:g}", {**over, "item_mix": mix}
                 if views is not None:
                     label, over = f"{label} @ photo_views {views}", {**over, "photo_views": views}
+                if titles is not None:
+                    label, over = f"{label} @ alt_titles {'on' if titles else 'off'}", {**over, "alt_titles": titles}
                 shots = view_regions[:, :views] if views else None
                 for qname, queries in query_sets.items():
-                    metrics = evaluate(rank(fusion, feats, qfs[qname], queries, view_regions=shots), queries)
+                    metrics = evaluate(rank(fusion, feats, qfs[qname], queries, view_regions=shots,
+                                            alt=alt if titles else None), queries)
                     results.append({"variant": label, "overrides": over, "seed": seed, "queries": qname,
                                     "train_s": train_s, "metrics": metrics})
                     log(f"{label} seed {seed}" + (f" ({qname} queries)" if dev_queries else "") + ": " + "  ".join(
@@ -212,6 +237,9 @@ def main(argv=None) -> int:
     p.add_argument("--photo-views", type=int, nargs="+", metavar="N",
                    help="evaluate each trained model with photo-side vectors that average N re-shots "
                         "of each photo, as xmsearch index --photo-views N stores them (one row each)")
+    p.add_argument("--alt-titles", choices=("off", "on"), nargs="+",
+                   help="evaluate each trained model with stored vectors without / with the items' other "
+                        "titles mixed in, as xmsearch index --alt-titles stores them (one row each)")
     p.add_argument("--text-model", default="multilingual-e5-small-q4")
     p.add_argument("--image-model", default=DEFAULT_IMAGE_MODEL)
     p.add_argument("--cache-dir", type=Path, help="feature cache (default CATALOG/.feature-cache, where make demo puts it)")
@@ -228,7 +256,8 @@ def main(argv=None) -> int:
         p.error(f"--photo-views: each count must be from 0 to {MAX_PHOTO_VIEWS}, got {a.photo_views}")
     results = run(a.catalog, variants, a.seeds, a.text_model, a.image_model,
                   a.cache_dir or a.catalog / ".feature-cache", item_mixes=a.item_mix,
-                  dev_queries=a.dev_queries, photo_views=a.photo_views)
+                  dev_queries=a.dev_queries, photo_views=a.photo_views,
+                  alt_title_settings=[t == "on" for t in a.alt_titles] if a.alt_titles else None)
     text = table(results)
     publish(text, a.out, "benchmarks.quality_ab", argv)
     return 0

@@ -57,7 +57,7 @@ def cmd_index(a: argparse.Namespace, bar_factory) -> int:
         report = ingest_catalog(a.catalog, a.out, emb, factory=a.factory, resume=a.resume, add=a.add,
                                 gpu=a.gpu, chunk_size=a.chunk_size, request_rows=a.request_rows,
                                 in_flight=a.in_flight, nprobe=a.nprobe, ef_search=a.ef_search,
-                                photo_views=a.photo_views, progress=progress)
+                                photo_views=a.photo_views, alt_titles=a.alt_titles, progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -182,6 +182,11 @@ def add_commands(sub, url_arg, bar_factory) -> None:
                         "framing, light) into its photo-side vector, by which photo queries are ranked: "
                         "they find their product more often, for N more image-encoder passes per item "
                         "(0 to 16; default: an existing index's setting, else 0; make demo uses 3)")
+    i.add_argument("--alt-titles", action=argparse.BooleanOptionalAction, default=None,
+                   help="mix each item's other titles (its alt_titles field: the title in another language, "
+                        "another wording), each embedded as a text query, into its vector: text and "
+                        "photo+text queries meet every name of the product, for one text-encoder pass per "
+                        "title (default: an existing index's setting, else off; make demo turns it on)")
     i.add_argument("--gpu", action="store_true", help="build on the GPU (needs faiss-gpu and a GPU)")
     i.add_argument("--chunk-size", type=int, default=256, help="rows per save-able chunk (default: 256)")
     i.add_argument("--request-rows", type=int, default=8,

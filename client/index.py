@@ -560,6 +560,8 @@ class CatalogIndex:
         # Re-shots averaged into each photo-side vector at ingestion (``ingest_catalog``);
         # indexes created before the setting existed used none.
         self._photo_views = int(meta.get("photo_views", 0))
+        # Whether ingestion mixes each item's other titles into its vector (``ingest_catalog``).
+        self._alt_titles = bool(meta.get("alt_titles", False))
         # Whether the factory trains at all (Flat/HNSW do not), independent of its state.
         self._factory_trains = not faiss.index_factory(
             self._dim, self._factory, faiss.METRIC_INNER_PRODUCT).is_trained
@@ -583,7 +585,7 @@ class CatalogIndex:
     @classmethod
     def create(cls, path: str | os.PathLike[str], dim: int, *, fingerprint: str,
                factory: str = "Flat", metric: str = "ip", gpu: bool = False,
-               photo_vectors: bool = False, photo_views: int = 0) -> CatalogIndex:
+               photo_vectors: bool = False, photo_views: int = 0, alt_titles: bool = False) -> CatalogIndex:
         """Create an empty index in directory ``path`` (created if missing) and save it.
 
         ``factory`` is any FAISS ``index_factory`` string without an ``IDMap`` prefix
@@ -594,9 +596,13 @@ class CatalogIndex:
         ``PHOTO_EMBEDDING``), stored beside its metadata, by which :meth:`search_photo`
         ranks a photo query's candidates again; :meth:`add` then requires them.
         ``photo_views``: how many re-shots of each photo its ingestion averages into the
-        photo-side vector, recorded so that resumed and later ingests do the same.
+        photo-side vector, recorded so that resumed and later ingests do the same;
+        ``alt_titles``: whether its ingestion mixes each item's other titles into its vector,
+        recorded likewise.
         """
         root = Path(path)
+        if not isinstance(alt_titles, bool):
+            raise InputError(f"create(): alt_titles must be True or False, got {alt_titles!r}")
         check_photo_views(photo_views, photo_vectors)
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
             raise InputError(f"create(): dim must be a positive integer, got {dim!r}")
@@ -641,7 +647,7 @@ class CatalogIndex:
                     "metric": "ip", "fingerprint": fingerprint, "generation": 0,
                     "next_label": 0, "id_mode": id_mode, "removal": removal,
                     "search_params": {}, "created_at": now, "photo_vectors": bool(photo_vectors),
-                    "photo_views": int(photo_views)}
+                    "photo_views": int(photo_views), "alt_titles": alt_titles}
             conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA)
             conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
                              [(k, json.dumps(v)) for k, v in meta.items()])
@@ -797,6 +803,11 @@ class CatalogIndex:
     def photo_views(self) -> int:
         """Re-shots averaged into each photo-side vector at ingestion (see :meth:`create`)."""
         return self._photo_views
+
+    @property
+    def alt_titles(self) -> bool:
+        """Whether ingestion mixes each item's other titles into its vector (see :meth:`create`)."""
+        return self._alt_titles
 
     @property
     def tombstone_count(self) -> int:

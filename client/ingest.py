@@ -13,6 +13,11 @@ backdrop, framing and light, the same for the same item id), sent through the
 ``query_image`` ensemble: a shopper's photo, from another shoot, then finds its product
 more often, for N more image-encoder passes per item.
 
+With ``alt_titles=True`` an item's searched vector also takes in its other titles (the
+``alt_titles`` field: the title in another language, another wording), each embedded as a
+text query (``query_text``): ``normalise(v + ALT_TITLE_WEIGHT * normalise(t_1 + ... + t_n))``.
+A shopper's words then meet every way the catalogue names the product, not only the first.
+
 The index is a directory or a Milvus collection (:mod:`xmsearch.client.stores`).  A Milvus
 collection keeps each chunk once it is added rather than at the next save, so an interrupted
 ingest into one keeps every chunk it finished; ``resume=True`` works the same on both.
@@ -32,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from xmsearch import spec as S
-from xmsearch.catalog import BadRow, CatalogRow, read_catalog
+from xmsearch.catalog import BadRow, CatalogRow, alt_titles, read_catalog
 from xmsearch.client.embed import Embedder, embed_isolating, stack_rows
 from xmsearch.client.index import CatalogIndex, check_photo_views
 from xmsearch.client.milvus import MilvusIndex
@@ -63,11 +68,13 @@ class IngestReport:
 
 
 def open_or_create(index_dir: Location, embedder: Embedder, factory: str, resume: bool, add: bool,
-                   gpu: bool = False, photo_views: int | None = None) -> CatalogIndex | MilvusIndex:
+                   gpu: bool = False, photo_views: int | None = None, alt_titles: bool | None = None
+                   ) -> CatalogIndex | MilvusIndex:
     """Open an existing index (resume/add) or create a new one sized for the server.
 
-    ``photo_views``: None takes an existing index's setting (0 for a new one); a number an
-    existing index was not built with is refused, so that all its items are alike."""
+    ``photo_views``, ``alt_titles``: None takes an existing index's setting (0 / False for a new
+    one); a setting an existing index was not built with is refused, so that all its items are
+    alike."""
     index_dir = parse_location(index_dir)
     exists = index_exists(index_dir)
     if exists and not (resume or add):
@@ -90,6 +97,10 @@ def open_or_create(index_dir: Location, embedder: Embedder, factory: str, resume
                 raise IndexStoreError(f"index {index_dir} was built with {index.photo_views} photo views "
                                       f"per item, not {photo_views}: leave --photo-views out to use "
                                       "its setting, or build a new index")
+            if alt_titles is not None and alt_titles != index.alt_titles:
+                raise IndexStoreError(f"index {index_dir} was built {'with' if index.alt_titles else 'without'} "
+                                      "the items' other titles in their vectors: leave --alt-titles / "
+                                      "--no-alt-titles out to use its setting, or build a new index")
         except BaseException:
             index.close()  # a refused index must not stay locked for writing
             raise
@@ -100,7 +111,8 @@ def open_or_create(index_dir: Location, embedder: Embedder, factory: str, resume
                               f"server's {S.ITEM!r} ensemble returns none ({S.PHOTO_EMBEDDING}): export "
                               "the model repository again with this xmsearch")
     return create_index(index_dir, embedder.dim, fingerprint=embedder.fingerprint,
-                        factory=factory, gpu=gpu, photo_vectors=photo, photo_views=photo_views or 0)
+                        factory=factory, gpu=gpu, photo_vectors=photo, photo_views=photo_views or 0,
+                        alt_titles=bool(alt_titles))
 
 
 def _width(index: CatalogIndex | MilvusIndex) -> int:
@@ -112,6 +124,48 @@ def _add(index: CatalogIndex | MilvusIndex, rows: list[CatalogRow], vectors: np.
     d = index.dim
     index.add([r.id for r in rows], vectors[:, :d], [r.metadata() for r in rows],
               photo_vectors=vectors[:, d:] if index.has_photo_vectors else None)
+
+
+# How much of an item's other titles goes into its searched vector (alt_titles=True): 1
+# against 0.25 / 0.5 / 2 on the demo's development queries, the demo checkpoint: text R@10
+# 0.874 -> 0.892 / 0.896 / 0.901 / 0.895, photo+text 0.787 -> 0.811 / 0.825 / 0.832 / 0.831
+# (benchmarks/results/quality_ab.md, 2026-12-07 evening).
+ALT_TITLE_WEIGHT = 1.0
+
+
+def mix_in(vectors: np.ndarray, owners, extra: np.ndarray, weight: float = 1.0) -> np.ndarray:
+    """A copy of ``vectors`` where each row that owns rows of ``extra`` (``owners[j]``: the row
+    ``extra[j]`` belongs to) becomes ``normalise(v + weight * normalise(sum of its extra rows))``."""
+    out = np.array(vectors, dtype=np.float32, copy=True)
+    owners = np.asarray(owners, dtype=np.int64)
+    if not len(owners):
+        return out
+    summed = np.zeros_like(out)
+    np.add.at(summed, owners, np.asarray(extra, dtype=np.float32))
+    rows = np.unique(owners)
+    e = summed[rows] / np.maximum(np.linalg.norm(summed[rows], axis=1, keepdims=True), 1e-12)
+    mixed = out[rows] + weight * e
+    out[rows] = mixed / np.maximum(np.linalg.norm(mixed, axis=1, keepdims=True), 1e-12)
+    return out
+
+
+def with_alt_titles(embedder: Embedder, rows: list[CatalogRow], vectors: np.ndarray) -> np.ndarray:
+    """Each row's searched vector with its other titles (:func:`xmsearch.catalog.alt_titles`)
+    mixed in (:func:`mix_in`, ``ALT_TITLE_WEIGHT``), each embedded as a text query.  A title the
+    server refuses (too long, say) is left out, logged; rows without other titles keep theirs."""
+    texts, owners = [], []
+    for k, row in enumerate(rows):
+        for title in alt_titles(row):
+            texts.append(title)
+            owners.append(k)
+    if not texts:
+        return np.array(vectors, dtype=np.float32, copy=True)
+    kept, e, refused = embed_isolating(lambda idx: embedder.embed_queries(texts=[texts[i] for i in idx]),
+                                       len(texts), embedder.dim)
+    for i, exc in refused.items():
+        row = rows[owners[i]]
+        log.warning("line %d (%s): other title %r left out: %s", row.line, row.id, texts[i][:40], exc)
+    return mix_in(vectors, [owners[i] for i in kept], e, ALT_TITLE_WEIGHT)
 
 
 def with_photo_views(embedder: Embedder, rows: list[CatalogRow], photos: list[bytes],
@@ -126,21 +180,25 @@ def with_photo_views(embedder: Embedder, rows: list[CatalogRow], photos: list[by
             owners.append(k)
         except Exception as e:  # noqa: BLE001 - the server took the photo; a re-shot is a bonus
             log.warning("line %d (%s): photo kept without re-shots: %s", row.line, row.id, e)
-    out = np.array(photo_vectors, dtype=np.float32, copy=True)
     if not shots:
-        return out
-    e = embedder.embed_queries(images=shots).reshape(len(owners), views, -1).sum(1)
-    e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    mixed = out[owners] + e
-    out[owners] = mixed / np.maximum(np.linalg.norm(mixed, axis=1, keepdims=True), 1e-12)
-    return out
+        return np.array(photo_vectors, dtype=np.float32, copy=True)
+    return mix_in(photo_vectors, np.repeat(owners, views), embedder.embed_queries(images=shots))
+
+
+@dataclass(frozen=True)
+class ItemViews:
+    """What an index's ingestion adds to each item's served vectors: ``photo_views`` re-shots
+    averaged into the photo-side vector, the other titles mixed into the searched one."""
+
+    photo_views: int = 0
+    alt_titles: bool = False
 
 
 def _embed_rows(embedder: Embedder, rows: list[CatalogRow], bad: list[BadRow], width: int,
-                photo_views: int = 0) -> tuple[list[CatalogRow], np.ndarray]:
+                views: ItemViews = ItemViews()) -> tuple[list[CatalogRow], np.ndarray]:
     """Embed rows (``width`` columns each: the item vector, and the photo-side vector when
-    twice the embedding width, with ``photo_views`` re-shots averaged in); isolate rows the
-    server refuses (one request each)."""
+    twice the embedding width), with ``views`` mixed in; isolate rows the server refuses (one
+    request each)."""
     photo = width != embedder.dim
     ok_rows, photos = [], []
     for r in rows:
@@ -157,10 +215,12 @@ def _embed_rows(embedder: Embedder, rows: list[CatalogRow], bad: list[BadRow], w
         len(ok_rows), width)
     for i, e in refused.items():
         bad.append(BadRow(ok_rows[i].line, ok_rows[i].id, f"refused by the server: {e}"))
-    if photo and photo_views and kept:
-        d = embedder.dim
+    d = embedder.dim
+    if photo and views.photo_views and kept:
         vectors[:, d:] = with_photo_views(embedder, [ok_rows[i] for i in kept], [photos[i] for i in kept],
-                                          vectors[:, d:], photo_views)
+                                          vectors[:, d:], views.photo_views)
+    if views.alt_titles and kept:
+        vectors[:, :d] = with_alt_titles(embedder, [ok_rows[i] for i in kept], vectors[:, :d])
     return [ok_rows[i] for i in kept], vectors
 
 
@@ -168,7 +228,7 @@ _QUEUED_PER_SLOT = 4  # requests queued per in-flight slot, ahead of the oldest 
 
 
 def _embedded_chunks(embedder: Embedder, chunks: list[list[CatalogRow]], bad: list[BadRow],
-                     request_rows: int, in_flight: int, width: int, photo_views: int = 0
+                     request_rows: int, in_flight: int, width: int, views: ItemViews = ItemViews()
                      ) -> Iterator[tuple[list[CatalogRow], list[CatalogRow], np.ndarray]]:
     """``(chunk, kept rows, vectors)`` for each chunk, in order.
 
@@ -190,7 +250,7 @@ def _embedded_chunks(embedder: Embedder, chunks: list[list[CatalogRow]], bad: li
                     nxt = next(pieces, None)
                     if nxt is None:
                         break
-                    queued.append((nxt[0], pool.submit(_embed_rows, embedder, nxt[1], bad, width, photo_views)))
+                    queued.append((nxt[0], pool.submit(_embed_rows, embedder, nxt[1], bad, width, views)))
                 if not queued:
                     break
                 c, fut = queued.popleft()
@@ -211,26 +271,32 @@ def ingest_catalog(catalog: Path, index_dir: Location | str, embedder: Embedder,
                    resume: bool = False, add: bool = False, gpu: bool = False, chunk_size: int = 256,
                    save_every: int = 4, request_rows: int = 8, in_flight: int = 4,
                    nprobe: int | None = None, ef_search: int | None = None, photo_views: int | None = None,
+                   alt_titles: bool | None = None,
                    progress: Callable[[int, int], None] | None = None) -> IngestReport:
     """Embed a catalogue through the item ensemble into the index at ``index_dir``.
 
     Chunks of ``chunk_size`` rows are added (and every ``save_every`` chunks saved) in
     catalogue order; the rows go to the server in requests of ``request_rows``, ``in_flight``
     of them at a time, in one stream across chunks.  ``photo_views`` re-shots of each photo
-    are averaged into its photo-side vector (None: an existing index's setting, else 0)."""
+    are averaged into its photo-side vector (None: an existing index's setting, else 0); with
+    ``alt_titles`` its other titles are mixed into its searched vector (None: likewise, else
+    False)."""
     for name, value in (("chunk_size", chunk_size), ("save_every", save_every),
                         ("request_rows", request_rows), ("in_flight", in_flight)):
         if value < 1:
             raise InputError(f"ingest: {name} must be at least 1, got {value}")
     if photo_views is not None:
         check_photo_views(photo_views, None, "ingest")
+    if alt_titles is not None and not isinstance(alt_titles, bool):
+        raise InputError(f"ingest: alt_titles must be True, False or None, got {alt_titles!r}")
     t0 = time.time()
     embedder.check_ready()
     rows, bad = read_catalog(Path(catalog))
     index_dir = parse_location(index_dir)
     report = IngestReport(index_dir, rows=len(rows) + len(bad), bad=list(bad))
-    index = open_or_create(index_dir, embedder, factory, resume, add, gpu, photo_views)
-    views = index.photo_views  # nonzero only where the index keeps photo-side vectors (create)
+    index = open_or_create(index_dir, embedder, factory, resume, add, gpu, photo_views, alt_titles)
+    # Photo views are nonzero only where the index keeps photo-side vectors (create).
+    views = ItemViews(index.photo_views, index.alt_titles)
     try:
         present = index.contains([r.id for r in rows]) if len(index) else [False] * len(rows)
         todo = []

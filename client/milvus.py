@@ -194,6 +194,7 @@ class MilvusIndex:
         self._fingerprint = str(manifest["fingerprint"])
         self._photo = bool(manifest["photo_vectors"])
         self._photo_views = int(manifest.get("photo_views", 0))
+        self._alt_titles = bool(manifest.get("alt_titles", False))
         self._index_type = str(manifest.get("index_type", "AUTOINDEX"))
         self._read_only = read_only
         self._search_params: dict[str, int] = {}
@@ -213,10 +214,11 @@ class MilvusIndex:
 
     @classmethod
     def create(cls, location: MilvusLocation | str, dim: int, *, fingerprint: str,
-               photo_vectors: bool = False, photo_views: int = 0, index_type: str = "AUTOINDEX",
+               photo_vectors: bool = False, photo_views: int = 0, alt_titles: bool = False,
+               index_type: str = "AUTOINDEX",
                index_params: Mapping[str, Any] | None = None) -> MilvusIndex:
         """Create the collection; an existing one is refused (delete it in Milvus first).
-        ``photo_vectors`` and ``photo_views`` as for :meth:`CatalogIndex.create`."""
+        ``photo_vectors``, ``photo_views`` and ``alt_titles`` as for :meth:`CatalogIndex.create`."""
         from pymilvus import DataType
 
         loc = _location(location)
@@ -225,6 +227,8 @@ class MilvusIndex:
         if not isinstance(fingerprint, str) or not fingerprint:
             raise InputError("create(): fingerprint must name the model (a non-empty string)")
         check_photo_views(photo_views, photo_vectors)
+        if not isinstance(alt_titles, bool):
+            raise InputError(f"create(): alt_titles must be True or False, got {alt_titles!r}")
         client = _connect(loc)
         with _closed_on_error(client, "create()", loc):
             if client.has_collection(loc.collection):
@@ -232,7 +236,7 @@ class MilvusIndex:
                                       "use it, or drop the collection first")
             manifest = {"format_version": FORMAT_VERSION, "dim": dim, "fingerprint": fingerprint,
                         "photo_vectors": bool(photo_vectors), "photo_views": int(photo_views),
-                        "metric": "ip", "index_type": index_type}
+                        "alt_titles": alt_titles, "metric": "ip", "index_type": index_type}
             schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
@@ -316,6 +320,10 @@ class MilvusIndex:
     @property
     def photo_views(self) -> int:
         return self._photo_views
+
+    @property
+    def alt_titles(self) -> bool:
+        return self._alt_titles
 
     @property
     def needs_training(self) -> bool:

@@ -50,15 +50,15 @@ def open_index(location: Location, *, read_only: bool = False, mmap: bool = Fals
 
 
 def create_index(location: Location, dim: int, *, fingerprint: str, factory: str = _EXACT,
-                 gpu: bool = False, photo_vectors: bool = False, photo_views: int = 0
-                 ) -> CatalogIndex | MilvusIndex:
+                 gpu: bool = False, photo_vectors: bool = False, photo_views: int = 0,
+                 alt_titles: bool = False) -> CatalogIndex | MilvusIndex:
     """Create an index at ``location``.  ``factory`` is a FAISS index_factory string for a
     directory; a Milvus collection takes ``Flat`` (exact, Milvus' FLAT) or
     ``milvus:INDEX_TYPE`` (HNSW, IVF_FLAT, AUTOINDEX, ...: built by Milvus with its defaults)."""
     loc = parse_location(location)
     if not isinstance(loc, MilvusLocation):
         return CatalogIndex.create(loc, dim, fingerprint=fingerprint, factory=factory, gpu=gpu,
-                                   photo_vectors=photo_vectors, photo_views=photo_views)
+                                   photo_vectors=photo_vectors, photo_views=photo_views, alt_titles=alt_titles)
     if gpu:
         raise InputError(f"{loc}: --gpu builds a FAISS index on this machine; a Milvus collection "
                          "uses the server's GPUs through a GPU index type (--factory milvus:GPU_CAGRA)")
@@ -70,4 +70,4 @@ def create_index(location: Location, dim: int, *, fingerprint: str, factory: str
         raise InputError(f"{loc}: factory {factory!r} is a FAISS index; a Milvus collection takes "
                          "Flat (exact search) or milvus:INDEX_TYPE (e.g. milvus:HNSW)")
     return MilvusIndex.create(loc, dim, fingerprint=fingerprint, photo_vectors=photo_vectors,
-                              photo_views=photo_views, index_type=index_type)
+                              photo_views=photo_views, alt_titles=alt_titles, index_type=index_type)

@@ -665,7 +665,13 @@ def test_photo_views_setting_is_kept_with_the_index(tmp_path):
     with CatalogIndex.open(tmp_path / "v", read_only=True) as idx:
         assert idx.photo_views == 3 and idx.has_photo_vectors
     with CatalogIndex.create(tmp_path / "plain", 8, fingerprint="f") as idx:
-        assert idx.photo_views == 0
+        assert idx.photo_views == 0 and not idx.alt_titles
+    CatalogIndex.create(tmp_path / "t", 8, fingerprint="f", alt_titles=True).close()
+    with CatalogIndex.open(tmp_path / "t", read_only=True) as idx:
+        assert idx.alt_titles
+    with pytest.raises(InputError, match="alt_titles must be True or False, got 1"):
+        CatalogIndex.create(tmp_path / "u", 8, fingerprint="f", alt_titles=1)
+    assert not (tmp_path / "u").exists()
 
 
 def test_fingerprint_mismatch_is_refused(tmp_path, rng):

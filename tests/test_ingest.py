@@ -413,6 +413,57 @@ def test_a_photo_that_cannot_be_reshot_keeps_its_photo_side_vector(catalogue: Ca
     assert not np.shares_memory(out, given)
 
 
+def test_alt_titles_mix_each_items_other_titles_into_its_vector(catalogue: Catalogue, embedder: Embedder,
+                                                                 reference_index, tmp_path: Path) -> None:
+    """alt_titles=True: each searched vector is normalise(v + ALT_TITLE_WEIGHT * normalise(t_1 +
+    ... + t_n)), v the plain ingest's and t_k the served text-query embedding of the item's k-th
+    other title; photo-side vectors are the plain ones.  The setting is recorded: a resume
+    without it keeps it, the other one is refused without a change."""
+    from xmsearch.catalog import alt_titles
+    from xmsearch.client.ingest import ALT_TITLE_WEIGHT
+
+    out = tmp_path / "titles"
+    report = ingest_catalog(catalogue.path, out, embedder, chunk_size=8, alt_titles=True)
+    assert report.added == N_ITEMS
+    plain_dir = reference_index[0]
+    plain, mixed = stored_vectors(plain_dir), stored_vectors(out)
+    assert sorted(plain) == sorted(mixed)
+    rows = {r.id: r for r in read_catalog(catalogue.path)[0]}
+    with_alts = [i for i in sorted(catalogue.good) if alt_titles(rows[i])]
+    assert len(with_alts) >= 6
+    for item_id in with_alts[:6]:
+        e = embedder.embed_queries(texts=alt_titles(rows[item_id])).sum(0)
+        want = plain[item_id] + ALT_TITLE_WEIGHT * e / np.linalg.norm(e)
+        np.testing.assert_allclose(mixed[item_id], want / np.linalg.norm(want), atol=1e-5, err_msg=item_id)
+    assert all(float(mixed[i] @ plain[i]) < 0.9999 for i in with_alts)
+    photo_plain, photo_mixed = stored_photo_vectors(plain_dir), stored_photo_vectors(out)
+    assert all(np.allclose(photo_mixed[i], photo_plain[i], atol=1e-6) for i in photo_plain)
+    with CatalogIndex.open(out, read_only=True) as idx:
+        assert idx.alt_titles
+    with pytest.raises(IndexStoreError, match="built with the items' other titles"):
+        ingest_catalog(catalogue.path, out, embedder, resume=True, alt_titles=False)
+    again = ingest_catalog(catalogue.path, out, embedder, resume=True)
+    assert again.added == 0 and again.already_indexed == N_ITEMS
+    assert stored_vectors(out).keys() == mixed.keys()
+
+
+def test_an_other_title_the_server_refuses_is_left_out(embedder: Embedder, catalogue: Catalogue,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from xmsearch.catalog import CatalogRow
+    from xmsearch.client.ingest import ALT_TITLE_WEIGHT, mix_in, with_alt_titles
+
+    image = read_catalog(catalogue.path)[0][0].image
+    rows = [CatalogRow(7, "long", "red cap", image, {"alt_titles": ["rode pet", "x" * 5000, " ", 3]}),
+            CatalogRow(8, "none", "blue cap", image, {})]
+    given = np.eye(2, embedder.dim, dtype=np.float32)
+    with caplog.at_level("WARNING", logger="xmsearch.client.ingest"):
+        out = with_alt_titles(embedder, rows, given)
+    assert "line 7 (long): other title 'xxxx" in caplog.text and "left out" in caplog.text
+    want = mix_in(given, [0], embedder.embed_queries(texts=["rode pet"]), ALT_TITLE_WEIGHT)
+    np.testing.assert_allclose(out, want, atol=1e-6)
+    np.testing.assert_array_equal(out[1], given[1])  # no other titles: unchanged
+
+
 @pytest.mark.parametrize("count", [-1, 17, True, 2.0])
 def test_bad_photo_view_counts_are_refused(catalogue: Catalogue, embedder: Embedder, tmp_path: Path,
                                            count) -> None:

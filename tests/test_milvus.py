@@ -185,9 +185,10 @@ def test_writes_reopen_and_read_only(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="photo_views=2 averages re-shots .* keeps none"):
         create_index(views, DIM, fingerprint="fp", photo_views=2)
     assert not index_exists(views)
-    create_index(views, DIM, fingerprint="fp", photo_vectors=True, photo_views=2).close()
+    create_index(views, DIM, fingerprint="fp", photo_vectors=True, photo_views=2, alt_titles=True).close()
     with open_index(views, read_only=True) as m:
-        assert m.photo_views == 2 and m.has_photo_vectors
+        assert m.photo_views == 2 and m.has_photo_vectors and m.alt_titles
+    assert not r.alt_titles
 
 
 def test_open_refuses_what_is_not_an_xmsearch_collection(tmp_path: Path) -> None:

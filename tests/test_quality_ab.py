@@ -98,6 +98,19 @@ def test_quality_ab_evaluates_photo_side_vectors_with_reshots(tiny_demo, tmp_pat
     assert "--photo-views: each count must be from 0 to 16" in capsys.readouterr().err
 
 
+def test_quality_ab_evaluates_stored_vectors_with_and_without_other_titles(tiny_demo, tmp_path):
+    out = tmp_path / "titles.md"
+    argv = ["--catalog", str(tiny_demo), "--text-model", "minilm-l6", "--seeds", "0",
+            "--variant", "plain:epochs=2,group_size=1", "--alt-titles", "off", "on",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
+    assert quality_ab.main(argv) == 0
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| plain")]
+    assert [r[0] for r in rows] == ["| plain @ alt_titles off", "| plain @ alt_titles on"]
+    assert "alt_titles=True" in rows[1][1] and "alt_titles=False" in rows[0][1]
+    # The other titles move the searched vectors: some figure of the two rows differs.
+    assert rows[0][3:7] != rows[1][3:7]
+
+
 @pytest.mark.slow
 def test_train_precision_times_both_precisions(tiny_demo, tmp_path, capsys):
     from xmsearch.catalog import read_catalog

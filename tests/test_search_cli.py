@@ -66,12 +66,16 @@ def test_index_prints_a_summary(xm_server, tmp_path: Path, indexed: Indexed,
     small.write_text("".join(json.dumps({**r, "image": str(indexed.catalog.parent / r["image"])}) + "\n"
                              for r in rows) + '{"id": "x", "title": ""}\n', encoding="utf-8")
     code, out, err = run(capsys, "index", small, "--out", tmp_path / "idx", "--url", indexed.url,
-                         "--factory", "HNSW32", "--ef-search", "24", "--photo-views", "2")
+                         "--factory", "HNSW32", "--ef-search", "24", "--photo-views", "2", "--alt-titles")
     assert code == 0, err
     assert "skipped line 3 (id x): empty title" in out
     assert f"{tmp_path / 'idx'}: 2 items added, 0 already indexed, 1 bad rows skipped" in out
     with CatalogIndex.open(tmp_path / "idx", read_only=True) as idx:
         assert (idx.factory, idx.search_params, len(idx), idx.photo_views) == ("HNSW32", {"efSearch": 24}, 2, 2)
+        assert idx.alt_titles
+    err = one_line_error(capsys, "index", small, "--out", tmp_path / "idx", "--url", indexed.url,
+                         "--resume", "--no-alt-titles")
+    assert "built with the items' other titles in their vectors" in err
     err = one_line_error(capsys, "index", small, "--out", tmp_path / "idx", "--url", indexed.url,
                          "--resume", "--photo-views", "0")
     assert "built with 2 photo views per item, not 0" in err

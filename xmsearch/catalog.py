@@ -33,6 +33,13 @@ class CatalogRow:
         return {"title": self.title, "image": str(self.image), **self.attributes}
 
 
+def alt_titles(row: CatalogRow) -> list[str]:
+    """The row's other titles (its ``alt_titles`` field: translations, synonym wordings), the
+    non-empty strings of it; training reads them as extra text views, ingestion (with
+    ``alt_titles``) into the stored vector."""
+    return [t for t in row.attributes.get("alt_titles", []) or [] if isinstance(t, str) and t.strip()]
+
+
 @dataclass
 class BadRow:
     line: int

@@ -124,7 +124,7 @@ def run(a: argparse.Namespace) -> None:
             if index_dir.exists():
                 shutil.rmtree(index_dir)
             bar = _bar("indexing", a.n)
-            report = ingest_catalog(catalog, index_dir, emb, photo_views=a.photo_views,
+            report = ingest_catalog(catalog, index_dir, emb, photo_views=a.photo_views, alt_titles=a.alt_titles,
                                     progress=lambda d, t: (setattr(bar, "n", d), bar.refresh()))
             bar.close()
             print(report.summary())
@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photo-views", type=int, default=3, metavar="N",
                    help="re-shots of each photo averaged into its photo-side vector at indexing "
                         "(xmsearch index --photo-views; default 3)")
+    p.add_argument("--alt-titles", action=argparse.BooleanOptionalAction, default=True,
+                   help="mix each item's other titles into its vector at indexing "
+                        "(xmsearch index --alt-titles; default on)")
     p.add_argument("--retrain", action="store_true", help="train even if a checkpoint exists")
     p.add_argument("--fresh", action="store_true", help="delete the working folder first")
     a = p.parse_args(argv)

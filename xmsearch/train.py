@@ -55,7 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xmsearch.catalog import CatalogRow, read_catalog
+from xmsearch.catalog import CatalogRow, alt_titles, read_catalog
 from xmsearch.checkpoint import FusionCheckpoint
 from xmsearch.errors import CheckpointError, InputError
 from xmsearch.models.fusion import ITEM_MIX_MAX, AttentionFusion
@@ -266,8 +266,7 @@ class TitleWords:
 
 
 def _all_titles(row: CatalogRow) -> list[str]:
-    alts = [t for t in row.attributes.get("alt_titles", []) or [] if isinstance(t, str) and t.strip()]
-    return [row.title] + alts
+    return [row.title] + alt_titles(row)
 
 
 def catalogue_words(rows: list[CatalogRow]) -> TitleWords:
