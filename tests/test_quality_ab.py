@@ -81,14 +81,20 @@ def test_quality_ab_evaluates_each_trained_model_at_every_item_mix(tiny_demo, tm
     assert "plain @ item_mix 0 seed 0 (eval queries):" in log and "plain @ item_mix 1 seed 0 (dev queries):" in log
 
 
-@pytest.mark.slow
-def test_quality_ab_evaluates_photo_side_vectors_with_reshots(tiny_demo, tmp_path, capsys):
-    out = tmp_path / "views.md"
+def plain_rows(tiny_demo, tmp_path, *options):
+    """quality_ab on the tiny demo with one two-epoch variant, ``plain``, and ``options``: its
+    arguments and the table's ``plain`` rows, split into cells."""
+    out = tmp_path / "rows.md"
     argv = ["--catalog", str(tiny_demo), "--text-model", "minilm-l6", "--seeds", "0",
-            "--variant", "plain:epochs=2,group_size=1", "--photo-views", "0", "2",
+            "--variant", "plain:epochs=2,group_size=1", *options,
             "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     assert quality_ab.main(argv) == 0
-    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| plain")]
+    return argv, [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| plain")]
+
+
+@pytest.mark.slow
+def test_quality_ab_evaluates_photo_side_vectors_with_reshots(tiny_demo, tmp_path, capsys):
+    argv, rows = plain_rows(tiny_demo, tmp_path, "--photo-views", "0", "2")
     assert [r[0] for r in rows] == ["| plain @ photo_views 0", "| plain @ photo_views 2"]
     assert "photo_views=2" in rows[1][1]
     # Only photo queries are ranked by photo-side vectors: the text and text+image columns agree.
@@ -98,13 +104,9 @@ def test_quality_ab_evaluates_photo_side_vectors_with_reshots(tiny_demo, tmp_pat
     assert "--photo-views: each count must be from 0 to 16" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quality_ab_evaluates_stored_vectors_with_and_without_other_titles(tiny_demo, tmp_path):
-    out = tmp_path / "titles.md"
-    argv = ["--catalog", str(tiny_demo), "--text-model", "minilm-l6", "--seeds", "0",
-            "--variant", "plain:epochs=2,group_size=1", "--alt-titles", "off", "on",
-            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
-    assert quality_ab.main(argv) == 0
-    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| plain")]
+    _, rows = plain_rows(tiny_demo, tmp_path, "--alt-titles", "off", "on")
     assert [r[0] for r in rows] == ["| plain @ alt_titles off", "| plain @ alt_titles on"]
     assert "alt_titles=True" in rows[1][1] and "alt_titles=False" in rows[0][1]
     # The other titles move the searched vectors: some figure of the two rows differs.
