@@ -137,10 +137,12 @@ def rank(fusion, f: Features, qf: dict, queries: list[dict], k: int = 10, bs: in
         e = torch.cat([fusion.encode_text(s, m) for s, m in batches])
         z = torch.from_numpy(mix_in(z.numpy(), owners.numpy(), e.numpy(), ALT_TITLE_WEIGHT))
     if view_regions is not None and view_regions.shape[1]:
+        views = view_regions.shape[1]
         shots = torch.cat([torch.stack([fusion.encode_image(view_regions[i:i + bs, v].float())
-                                        for v in range(view_regions.shape[1])], 1).sum(1)
-                           for i in range(0, len(f.ids), bs)])
-        photo = torch.nn.functional.normalize(photo + torch.nn.functional.normalize(shots, dim=-1), dim=-1)
+                                        for v in range(views)], 1)
+                           for i in range(0, len(f.ids), bs)])  # [N, views, D]
+        photo = torch.from_numpy(mix_in(photo.numpy(), torch.arange(len(f.ids)).repeat_interleave(views).numpy(),
+                                        shots.flatten(0, 1).numpy()))
     out = {}
     for q in queries:
         text, image = qf[q["qid"]]

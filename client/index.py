@@ -318,6 +318,13 @@ def check_photo_views(photo_views: Any, photo_vectors: bool | None, where: str =
                          "vectors, and this index keeps none (photo_vectors=False)")
 
 
+def check_alt_titles(alt_titles: Any, where: str = "create()") -> None:
+    """An ``alt_titles`` setting: True or False (whether ingestion mixes each item's other
+    titles into its vector)."""
+    if not isinstance(alt_titles, bool):
+        raise InputError(f"{where}: alt_titles must be True or False, got {alt_titles!r}")
+
+
 def check_additions(ids: Any, vectors: Any, metadata: Any, photo_vectors: Any, *, dim: int,
                     keeps_photo: bool, where: object, normalize: bool = False
                     ) -> tuple[list[str], np.ndarray, np.ndarray | None, list[Any]]:
@@ -601,8 +608,7 @@ class CatalogIndex:
         recorded likewise.
         """
         root = Path(path)
-        if not isinstance(alt_titles, bool):
-            raise InputError(f"create(): alt_titles must be True or False, got {alt_titles!r}")
+        check_alt_titles(alt_titles)
         check_photo_views(photo_views, photo_vectors)
         if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
             raise InputError(f"create(): dim must be a positive integer, got {dim!r}")

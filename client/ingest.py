@@ -39,7 +39,7 @@ import numpy as np
 from xmsearch import spec as S
 from xmsearch.catalog import BadRow, CatalogRow, alt_titles, read_catalog
 from xmsearch.client.embed import Embedder, embed_isolating, stack_rows
-from xmsearch.client.index import CatalogIndex, check_photo_views
+from xmsearch.client.index import CatalogIndex, check_alt_titles, check_photo_views
 from xmsearch.client.milvus import MilvusIndex
 from xmsearch.client.stores import Location, create_index, index_exists, open_index, parse_location
 from xmsearch.errors import IndexStoreError, InputError
@@ -287,8 +287,8 @@ def ingest_catalog(catalog: Path, index_dir: Location | str, embedder: Embedder,
             raise InputError(f"ingest: {name} must be at least 1, got {value}")
     if photo_views is not None:
         check_photo_views(photo_views, None, "ingest")
-    if alt_titles is not None and not isinstance(alt_titles, bool):
-        raise InputError(f"ingest: alt_titles must be True, False or None, got {alt_titles!r}")
+    if alt_titles is not None:
+        check_alt_titles(alt_titles, "ingest")
     t0 = time.time()
     embedder.check_ready()
     rows, bad = read_catalog(Path(catalog))

@@ -61,6 +61,7 @@ from xmsearch.client.index import (
     _item_row,
     _preview,
     check_additions,
+    check_alt_titles,
     check_embeddings,
     check_k,
     check_photo_views,
@@ -227,8 +228,7 @@ class MilvusIndex:
         if not isinstance(fingerprint, str) or not fingerprint:
             raise InputError("create(): fingerprint must name the model (a non-empty string)")
         check_photo_views(photo_views, photo_vectors)
-        if not isinstance(alt_titles, bool):
-            raise InputError(f"create(): alt_titles must be True or False, got {alt_titles!r}")
+        check_alt_titles(alt_titles)
         client = _connect(loc)
         with _closed_on_error(client, "create()", loc):
             if client.has_collection(loc.collection):

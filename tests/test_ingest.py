@@ -472,6 +472,14 @@ def test_bad_photo_view_counts_are_refused(catalogue: Catalogue, embedder: Embed
     assert not (tmp_path / "index").exists()
 
 
+@pytest.mark.parametrize("setting", [1, "yes"])
+def test_a_bad_alt_titles_setting_is_refused(catalogue: Catalogue, embedder: Embedder, tmp_path: Path,
+                                             setting) -> None:
+    with pytest.raises(InputError, match=f"ingest: alt_titles must be True or False, got {setting!r}"):
+        ingest_catalog(catalogue.path, tmp_path / "index", embedder, alt_titles=setting)
+    assert not (tmp_path / "index").exists()
+
+
 @pytest.mark.parametrize("option", ["chunk_size", "save_every", "request_rows", "in_flight"])
 def test_ingest_options_below_one_are_refused(catalogue: Catalogue, embedder: Embedder, tmp_path: Path,
                                               option: str) -> None:

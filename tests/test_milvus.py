@@ -189,6 +189,9 @@ def test_writes_reopen_and_read_only(tmp_path: Path) -> None:
     with open_index(views, read_only=True) as m:
         assert m.photo_views == 2 and m.has_photo_vectors and m.alt_titles
     assert not r.alt_titles
+    with pytest.raises(InputError, match="alt_titles must be True or False, got 'on'"):
+        create_index(f"milvus:{tmp_path / 't.db'}", DIM, fingerprint="fp", alt_titles="on")
+    assert not index_exists(f"milvus:{tmp_path / 't.db'}")
 
 
 def test_open_refuses_what_is_not_an_xmsearch_collection(tmp_path: Path) -> None:
