@@ -14,10 +14,13 @@ replaced.
         --out benchmarks/results/ingest_stream.md
 
 A variant ``ROWSxIN_FLIGHTvN`` also averages N re-shots of each photo into its photo-side
-vector (``photo_views``), whose cost is measured the same way:
+vector (``photo_views``), and one ending in ``t`` mixes each item's other titles into its
+vector (``alt_titles``); their cost is measured the same way:
 
     .venv/bin/python -m benchmarks.ingest_stream --items 1500 --rounds 2 --text-model multilingual-e5-small-q4 \\
         --variant 8x4 --variant 8x4v3 --out benchmarks/results/ingest_photo_views.md
+    .venv/bin/python -m benchmarks.ingest_stream --items 1500 --rounds 2 --text-model multilingual-e5-small-q4 \\
+        --variant 8x4 --variant 8x4t --out benchmarks/results/ingest_alt_titles.md
 """
 
 from __future__ import annotations
@@ -46,24 +49,29 @@ class Variant:
     ingest: Callable  # (catalog, index_dir, embedder) -> IngestReport
 
 
-def parse_shape(text: str) -> tuple[int, int, int]:
-    """``"8x16"`` -> (8 rows per request, 16 requests in flight, 0 photo views); ``"8x4v3"``
-    -> (8, 4, 3): each item's photo-side vector also averages 3 re-shots (``photo_views``)."""
-    m = re.fullmatch(r"(\d+)x(\d+)(?:v(\d+))?", text.lower())
+def parse_shape(text: str) -> tuple[int, int, int, bool]:
+    """``"8x16"`` -> (8 rows per request, 16 requests in flight, 0 photo views, no other titles);
+    ``"8x4v3"`` -> (8, 4, 3, False): each item's photo-side vector also averages 3 re-shots
+    (``photo_views``); ``"8x4t"`` -> (8, 4, 0, True): the other titles go into each item's
+    vector (``alt_titles``)."""
+    m = re.fullmatch(r"(\d+)x(\d+)(?:v(\d+))?(t)?", text.lower())
     if m is None:
-        raise argparse.ArgumentTypeError(f"variant {text!r}: expected ROWSxIN_FLIGHT[vVIEWS], e.g. 8x16 or 8x4v3")
+        raise argparse.ArgumentTypeError(f"variant {text!r}: expected ROWSxIN_FLIGHT[vVIEWS][t], "
+                                         "e.g. 8x16, 8x4v3 or 8x4t")
     rows, in_flight, views = int(m[1]), int(m[2]), int(m[3] or 0)
     if rows < 1 or in_flight < 1:
         raise argparse.ArgumentTypeError(f"variant {text!r}: both numbers must be at least 1")
-    return rows, in_flight, views
+    return rows, in_flight, views, m[4] is not None
 
 
-def shape_variant(rows: int, in_flight: int, chunk_size: int, photo_views: int = 0) -> Variant:
+def shape_variant(rows: int, in_flight: int, chunk_size: int, photo_views: int = 0,
+                  alt_titles: bool = False) -> Variant:
     from xmsearch.client.ingest import ingest_catalog
 
-    name = f"{rows}x{in_flight}" + (f"v{photo_views}" if photo_views else "")
+    name = f"{rows}x{in_flight}" + (f"v{photo_views}" if photo_views else "") + ("t" if alt_titles else "")
     return Variant(name, lambda cat, out, emb: ingest_catalog(
-        cat, out, emb, chunk_size=chunk_size, request_rows=rows, in_flight=in_flight, photo_views=photo_views))
+        cat, out, emb, chunk_size=chunk_size, request_rows=rows, in_flight=in_flight, photo_views=photo_views,
+        alt_titles=alt_titles))
 
 
 def baseline_variant(rev: str, chunk_size: int, workdir: Path) -> Variant:
@@ -158,16 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items", type=int, default=1800, help="demo catalogue size (default: 1800)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--chunk-size", type=int, default=256, help="rows per index chunk (default: 256)")
-    p.add_argument("--variant", action="append", type=parse_shape, dest="shapes", metavar="ROWSxIN_FLIGHT[vVIEWS]",
-                   help="request shape of the current ingest, and photo views per item after a v "
-                        "(repeat; default: 8x4, ingest_catalog's)")
+    p.add_argument("--variant", action="append", type=parse_shape, dest="shapes", metavar="ROWSxIN_FLIGHT[vVIEWS][t]",
+                   help="request shape of the current ingest, photo views per item after a v, and a t "
+                        "for the other titles (repeat; default: 8x4, ingest_catalog's)")
     p.add_argument("--baseline-rev", metavar="REV", help="also run the ingest of this git commit, first")
     p.add_argument("--text-model", default="minilm-l6")
     p.add_argument("--out", type=Path, help="also write the result here, under the command")
     a = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         variants = [baseline_variant(a.baseline_rev, a.chunk_size, Path(tmp))] if a.baseline_rev else []
-        variants += [shape_variant(r, f, a.chunk_size, v) for r, f, v in (a.shapes or [(8, 4, 0)])]
+        variants += [shape_variant(r, f, a.chunk_size, v, t) for r, f, v, t in (a.shapes or [(8, 4, 0, False)])]
         publish(run(variants, a.items, a.rounds, a.text_model), a.out, "benchmarks.ingest_stream", argv)
     return 0
 

@@ -1058,10 +1058,13 @@ def test_ingest_stream_parses_shapes_and_loads_an_earlier_ingest(tmp_path: Path)
 
     from benchmarks import ingest_stream
 
-    assert ingest_stream.parse_shape("8x16") == (8, 16, 0)
-    assert ingest_stream.parse_shape("8x4v3") == (8, 4, 3)
+    assert ingest_stream.parse_shape("8x16") == (8, 16, 0, False)
+    assert ingest_stream.parse_shape("8x4v3") == (8, 4, 3, False)
+    assert ingest_stream.parse_shape("8x4t") == (8, 4, 0, True)
+    assert ingest_stream.parse_shape("8x4v3t") == (8, 4, 3, True)
     assert ingest_stream.shape_variant(8, 4, 256, 3).name == "8x4v3"
-    for bad in ("8", "8x", "axb", "0x4", "8x0", "8x4v", "8x4x3"):
+    assert ingest_stream.shape_variant(8, 4, 256, 0, True).name == "8x4t"
+    for bad in ("8", "8x", "axb", "0x4", "8x0", "8x4v", "8x4x3", "8x4tv3", "8x4tt"):
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(bad))):
             ingest_stream.parse_shape(bad)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
